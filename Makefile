@@ -5,7 +5,7 @@ PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.lagbias_installed
 NP      ?= 2
 MPIRUN  := mpirun --allow-run-as-root --oversubscribe
-PYTEST  := $(PY) -m pytest -p no:cacheprovider --with-mpi
+PYTEST  := $(PY) -m pytest -p no:cacheprovider --color=no --with-mpi
 export OMP_NUM_THREADS := 1
 export OPENBLAS_NUM_THREADS := 1
 export MKL_NUM_THREADS := 1

@@ -56,6 +56,8 @@ def exchange(comm, columns: dict[str, np.ndarray], dest: np.ndarray, what: str =
     n = len(packed)
     if len(dest) != n:
         raise ValueError(f"dest has {len(dest)} entries for {n} rows")
+    if n and dest.dtype.kind not in "iu":
+        raise ValueError(f"destination ranks must be integers, got dtype {dest.dtype}")
     if n and (dest.min() < 0 or dest.max() >= comm.size):
         raise ValueError(f"destination ranks outside [0, {comm.size}): {dest.min()}..{dest.max()}")
     order = np.argsort(dest, kind="stable")

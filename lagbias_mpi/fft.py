@@ -111,17 +111,19 @@ class SlabFFT:
             raise ValueError(f"Fourier slab has shape {cplx.shape}, expected {self.complex_shape}")
         return self._backend.backward(cplx.astype(self.cdtype, copy=False))
 
-    def local_k(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Broadcastable (kx, ky, kz) of the local Fourier slab in h/Mpc (dtype of the field)."""
+    def local_k(self, dtype=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Broadcastable (kx, ky, kz) of the local Fourier slab in h/Mpc (``dtype``, default that
+        of the field)."""
         n = self.n
-        k_full = (np.fft.fftfreq(n, d=1.0 / n) * self.kf).astype(self.dtype)
-        k_half = (np.arange(n // 2 + 1) * self.kf).astype(self.dtype)
+        dtype = self.dtype if dtype is None else dtype
+        k_full = (np.fft.fftfreq(n, d=1.0 / n) * self.kf).astype(dtype)
+        k_half = (np.arange(n // 2 + 1) * self.kf).astype(dtype)
         sx, sy, sz = self.complex_slab
         return k_full[sx][:, None, None], k_full[sy][None, :, None], k_half[sz][None, None, :]
 
-    def local_k2(self) -> np.ndarray:
-        """|k|^2 of the local Fourier slab in (h/Mpc)^2."""
-        kx, ky, kz = self.local_k()
+    def local_k2(self, dtype=None) -> np.ndarray:
+        """|k|^2 of the local Fourier slab in (h/Mpc)^2 (``dtype``, default that of the field)."""
+        kx, ky, kz = self.local_k(dtype)
         return kx**2 + ky**2 + kz**2
 
     def hermitian_weights(self) -> np.ndarray:

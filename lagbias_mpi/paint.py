@@ -46,36 +46,113 @@ def route_to_slabs(comm, pos: np.ndarray, columns: dict[str, np.ndarray], nmesh:
     return exchange(comm, cols, np.asarray(dest, dtype=np.int64), what=what)
 
 
-@njit(cache=True)
-def _paint_cic_kernel(grid, u, w, start):
-    """Add CIC weights into ``grid`` (planes [start, start + grid.shape[0]) ). ``u`` in grid units."""
-    nx, ny, nz = grid.shape
-    for p in range(u.shape[0]):
-        fx, fy, fz = np.floor(u[p, 0]), np.floor(u[p, 1]), np.floor(u[p, 2])
-        dx, dy, dz = u[p, 0] - fx, u[p, 1] - fy, u[p, 2] - fz
-        ix = int(fx) - start
-        iy = int(fy) % ny
-        iz = int(fz) % nz
-        iy1 = (iy + 1) % ny
-        iz1 = (iz + 1) % nz
-        wp = w[p]
-        for a in range(2):
-            wa = wp * (dx if a else 1.0 - dx)
-            x = ix + a
-            grid[x, iy, iz] += wa * (1.0 - dy) * (1.0 - dz)
-            grid[x, iy, iz1] += wa * (1.0 - dy) * dz
-            grid[x, iy1, iz] += wa * dy * (1.0 - dz)
-            grid[x, iy1, iz1] += wa * dy * dz
+_CHUNK = 1 << 23  # particles bucketed and painted at a time (bounds the sort's extra memory)
+_ROW_BLOCKS = 8  # buckets per plane along axis 1 (keeps the painted part of the grid in cache)
+
+
+@njit(cache=True, inline="always")
+def _wrap(x, half, scale, nmesh):
+    """Grid coordinate in [0, nmesh) of position ``x``: the arithmetic of :func:`grid_coordinates`."""
+    u = (x + half) * scale
+    if u < 0.0 or u >= nmesh:
+        u = u % nmesh
+        if u >= nmesh:
+            u = 0.0
+    return u
+
+
+@njit(cache=True, inline="always")
+def _cic_deposit(grid, ux, uy, uz, wp, start):
+    ny, nz = grid.shape[1], grid.shape[2]
+    fx, fy, fz = np.floor(ux), np.floor(uy), np.floor(uz)
+    dx, dy, dz = ux - fx, uy - fy, uz - fz
+    ix = int(fx) - start
+    iy, iz = int(fy), int(fz)
+    iy1 = iy + 1 if iy + 1 < ny else 0
+    iz1 = iz + 1 if iz + 1 < nz else 0
+    for a in range(2):
+        wa = wp * (dx if a else 1.0 - dx)
+        x = ix + a
+        w0 = wa * (1.0 - dy)
+        w1 = wa * dy
+        grid[x, iy, iz] += w0 * (1.0 - dz)
+        grid[x, iy, iz1] += w0 * dz
+        grid[x, iy1, iz] += w1 * (1.0 - dz)
+        grid[x, iy1, iz1] += w1 * dz
 
 
 @njit(cache=True)
-def _paint_ngp_kernel(grid, u, w, start):
-    nx, ny, nz = grid.shape
-    for p in range(u.shape[0]):
-        ix = int(np.floor(u[p, 0])) - start
-        iy = int(np.floor(u[p, 1])) % ny
-        iz = int(np.floor(u[p, 2])) % nz
-        grid[ix, iy, iz] += w[p]
+def _bucket_chunk(pos, w, lo, hi, start, nplanes, nmesh, box, scalar_w):
+    """Counting-sort particles ``lo:hi`` by (local plane, block of axis-1 rows) into copies of
+    their positions and weights. Returns (pos, w, number of particles outside the slab)."""
+    half, scale = 0.5 * box, nmesh / box
+    per = (nmesh + _ROW_BLOCKS - 1) // _ROW_BLOCKS
+    n = hi - lo
+    key = np.empty(n, np.int32)
+    counts = np.zeros(nplanes * _ROW_BLOCKS + 1, np.int64)
+    bad = 0
+    for p in range(n):
+        b = int(np.floor(_wrap(pos[lo + p, 0], half, scale, nmesh))) - start
+        if b < 0 or b >= nplanes:
+            bad += 1
+            b = 0
+        b = b * _ROW_BLOCKS + int(np.floor(_wrap(pos[lo + p, 1], half, scale, nmesh))) // per
+        key[p] = b
+        counts[b + 1] += 1
+    for b in range(nplanes * _ROW_BLOCKS):
+        counts[b + 1] += counts[b]
+    sp = np.empty((n, 3), pos.dtype)
+    sw = np.empty(1 if scalar_w else n, w.dtype)
+    if scalar_w:
+        sw[0] = w[0]
+    for p in range(n):
+        q = counts[key[p]]
+        counts[key[p]] = q + 1
+        sp[q, 0] = pos[lo + p, 0]
+        sp[q, 1] = pos[lo + p, 1]
+        sp[q, 2] = pos[lo + p, 2]
+        if not scalar_w:
+            sw[q] = w[lo + p]
+    return sp, sw, bad
+
+
+@njit(cache=True)
+def _paint_cic_kernel(grid, pos, w, start, nmesh, box):
+    """CIC of positions ``pos`` (Mpc/h) with weights ``w`` (length n, or 1 for a common weight)
+    into ``grid`` = planes [start, start + grid.shape[0]) incl. the ghost plane. Particles are
+    painted in chunks sorted by cell block (memory locality). Returns the number of particles
+    outside the slab (nothing painted then)."""
+    half, scale = 0.5 * box, nmesh / box
+    scalar_w = w.shape[0] == 1 and pos.shape[0] != 1
+    nplanes = grid.shape[0] - 1
+    for lo in range(0, pos.shape[0], _CHUNK):
+        hi = min(lo + _CHUNK, pos.shape[0])
+        sp, sw, bad = _bucket_chunk(pos, w, lo, hi, start, nplanes, nmesh, box, scalar_w)
+        if bad:
+            return bad
+        for p in range(hi - lo):
+            wp = sw[0] if scalar_w else sw[p]
+            _cic_deposit(grid, _wrap(sp[p, 0], half, scale, nmesh), _wrap(sp[p, 1], half, scale, nmesh),
+                         _wrap(sp[p, 2], half, scale, nmesh), wp, start)
+    return 0
+
+
+@njit(cache=True)
+def _paint_ngp_kernel(grid, pos, w, start, nmesh, box):
+    """NGP analogue of :func:`_paint_cic_kernel` (no sorting: one update per particle)."""
+    half, scale = 0.5 * box, nmesh / box
+    scalar_w = w.shape[0] == 1 and pos.shape[0] != 1
+    nplanes = grid.shape[0] - 1
+    for p in range(pos.shape[0]):
+        ix = int(np.floor(_wrap(pos[p, 0], half, scale, nmesh))) - start
+        if ix < 0 or ix >= nplanes:
+            return 1
+    for p in range(pos.shape[0]):
+        ix = int(np.floor(_wrap(pos[p, 0], half, scale, nmesh))) - start
+        iy = int(np.floor(_wrap(pos[p, 1], half, scale, nmesh)))
+        iz = int(np.floor(_wrap(pos[p, 2], half, scale, nmesh)))
+        grid[ix, iy, iz] += w[0] if scalar_w else w[p]
+    return 0
 
 
 @njit(cache=True)
@@ -141,36 +218,40 @@ def paint(comm, pos: np.ndarray, weight: np.ndarray | float | None, nmesh: int, 
           method: str = "cic", routed: bool = False, dtype=np.float64, check: bool = True) -> np.ndarray:
     """Paint particles at ``pos`` (Mpc/h) with ``weight`` onto the local slab of an ``nmesh``^3 grid.
 
-    Returns the local slab ``(stop - start, nmesh, nmesh)`` holding the summed weights (not yet an
-    overdensity). ``routed=True`` says the particles already sit on the owner of their cell plane
-    (see :func:`route_to_slabs`); otherwise they are routed here. Collective.
+    ``weight``: one value per particle, a common scalar, or None (1). Returns the local slab
+    ``(stop - start, nmesh, nmesh)`` holding the summed weights (not yet an overdensity).
+    ``routed=True`` says the particles already sit on the owner of their cell plane (see
+    :func:`route_to_slabs`); otherwise they are routed here. Works with ``nmesh < comm.size``
+    (ranks without planes return an empty slab). Collective.
     """
     if method not in METHODS:
         raise ValueError(f"unknown paint method {method!r}; choose one of {METHODS}")
     pos = np.asarray(pos)
     n = len(pos)
-    if weight is None:
-        weight = np.ones(n)
-    weight = np.broadcast_to(np.asarray(weight, dtype=np.float64), (n,))
+    if n and (pos.ndim != 2 or pos.shape[1] != 3):
+        raise ValueError(f"paint: positions must have shape (n, 3), got {pos.shape}")
+    pos = pos.reshape(n, 3)
+    if pos.dtype not in (np.float32, np.float64):
+        pos = pos.astype(np.float64)
+    weight = np.asarray(1.0 if weight is None else weight, dtype=np.float64)
+    if weight.ndim and weight.shape != (n,):
+        raise ValueError(f"paint: {weight.shape[0]} weights for {n} particles")
     if not routed:
-        got = route_to_slabs(comm, pos, {"weight": np.ascontiguousarray(weight)}, nmesh, box, what="paint")
-        pos, weight = got["pos"], got["weight"]
+        cols = {"weight": weight} if weight.ndim else {}
+        got = route_to_slabs(comm, pos, cols, nmesh, box, what="paint")
+        pos = got["pos"]
+        weight = got["weight"] if weight.ndim else weight
+        n = len(pos)
     start, stop = slab_bounds(nmesh, comm.size, comm.rank)
-    u = grid_coordinates(pos, nmesh, box)
-    if len(u):
-        planes = np.floor(u[:, 0]).astype(np.int64)
-        if planes.min() < start or planes.max() >= stop:
-            raise ValueError("paint: particles outside this rank's slab; route them first")
     grid = np.zeros((stop - start + 1, nmesh, nmesh), dtype=dtype)
-    w = np.ascontiguousarray(weight, dtype=np.float64)
-    if method == "cic":
-        _paint_cic_kernel(grid, u, w, start)
-        local = _add_ghost_plane(comm, grid, nmesh)
-    else:
-        _paint_ngp_kernel(grid, u, w, start)
-        local = grid[:-1]
+    w = np.ascontiguousarray(weight).reshape(-1)
+    kernel = _paint_cic_kernel if method == "cic" else _paint_ngp_kernel
+    if n and kernel(grid, np.ascontiguousarray(pos), w, start, int(nmesh), float(box)):
+        raise ValueError("paint: particles outside this rank's slab; route them first")
+    local = _add_ghost_plane(comm, grid, nmesh) if method == "cic" else grid[:-1]
     if check:
-        check_sum(comm, float(w.sum()), float(local.sum(dtype=np.float64)), f"{method} paint", rtol=1e-5)
+        total = float(w.sum(dtype=np.float64)) if weight.ndim else n * float(weight)
+        check_sum(comm, total, float(local.sum(dtype=np.float64)), f"{method} paint", rtol=1e-5)
     return local
 
 

@@ -36,8 +36,8 @@ def default_edges(n: int, box: float, dk: float | None = None, kmax: float | Non
 def _window(fft: SlabFFT, order: int) -> np.ndarray:
     """Assignment window |W(k)| = prod_i sinc(k_i cell / 2)^order on the local Fourier slab."""
     w = np.ones(fft.complex_shape)
-    for k in fft.local_k():
-        w = w * np.sinc(k.astype(np.float64) * fft.cell / (2 * np.pi)) ** order
+    for k in fft.local_k(np.float64):
+        w = w * np.sinc(k * fft.cell / (2 * np.pi)) ** order
     return w
 
 
@@ -57,7 +57,7 @@ def power_spectrum(fft: SlabFFT, field_a: np.ndarray, field_b: np.ndarray | None
     prod = (ak.real.astype(np.float64) * bk.real + ak.imag.astype(np.float64) * bk.imag)
     if compensate is not None:
         prod = prod / _window(fft, 1 if compensate == "ngp" else 2) ** 2
-    kmag = np.sqrt(fft.local_k2().astype(np.float64))
+    kmag = np.sqrt(fft.local_k2(np.float64))
     herm = np.broadcast_to(fft.hermitian_weights(), prod.shape)
     which = np.digitize(kmag, edges).ravel()  # 0: below the first edge; len(edges): above the last
     nb = len(edges) + 1

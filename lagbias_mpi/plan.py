@@ -1,0 +1,462 @@
+"""Resource planner: memory per rank and time per stage of a training job, before it is submitted.
+
+``python -m lagbias_mpi.plan --config FILE.yaml --nodes N --cores-per-node C --mem-per-node GB
+[--gpus-per-node G] [--ranks-per-node R] [--set key=value ...] [--out plan.json]``
+
+From the sizes in the training config (box, ppd, IC grid, particles after sub-sampling, training and
+evaluation grids, scales and feature kinds, ensemble, epochs) it predicts, per stage, the resident
+memory of the busiest rank and the wall time, says whether the job fits the nodes, and finds the
+smallest node count that fits. Sizes come from the simulate config (built-in simulation), the
+simulation files' metadata (``train_files``) or the AbacusSummit header of ``sim_name``
+(``abacusnbody.metadata``), so no data has to be present.
+
+Memory model (bytes per rank; P ranks, n_p particles per rank, c cells of each grid per rank, F raw
+features, m = 2 n_scales + 1 network inputs). Every array the pipeline holds at the peak of a stage
+is counted with its dtype (see ``BYTES``): the exchange of ``k``-byte records holds the input columns,
+the packed array, its sorted copy, the receive buffer and the unpacked columns (~5 k per particle);
+FFTs in float64 with the mpi4py-fft work arrays; features in float64 (plus the temporaries of the
+moments and of standardisation); training batches as float32 tensors plus the activations of one
+batch (depth x width x 4 B x ``ACT_COPIES``); evaluation grids in float64. On top: the measured
+import baseline of Python + numpy + torch + mpi4py + numba + h5py (``BASELINE_MB``). The training
+simulation's particles stay in memory while the validation simulations are processed.
+
+Time model: per-unit costs measured on this machine (``DEFAULT_COSTS``; ``python -m
+lagbias_mpi.bench --save-costs`` writes ``lagbias_mpi/data/costs.json``, which is preferred when
+present) times the work per rank: FFT cost per N^3 log2 N^3 / P, routing cost per particle moved,
+training cost per selected particle per epoch, evaluation cost per particle. Communication beyond
+this machine is not modelled: treat times at many nodes as lower bounds.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .config import apply_overrides, load_yaml
+from .logs import get_logger
+
+log = get_logger("plan")
+
+GiB = 1024**3
+MB = 1024**2
+
+# Measured here (Python 3.11, torch 2.13 CPU, Open MPI 4.1): resident memory of a training process
+# once its modules are imported and MPI is up (BASELINE_MB), and the run-time growth on top of it by
+# the end of each stage, independent of the problem size (torch autograd and thread pools, numba
+# kernels, matplotlib figures): sampled from /proc/self/status during a 32^3-particle run.
+BASELINE_MB = 370.0
+RUNTIME_MB = {"load": 0.0, "features": 20.0, "routing": 40.0, "orthogonalise": 40.0, "train": 90.0,
+              "evaluate": 170.0}
+
+BYTES = {
+    "load_particle": 24,      # lagr_index int32 x3 + pos float32 x3
+    "ic_cell": 4,             # the IC slab, float32
+    "fft_work_cell": 130,     # float64 r2c/c2r: k-slab, k^2, window, tidal kernel + temporaries, FFT copies
+    "feature_copies": 3,      # raw + float64 copy + (x - mean)^2 in global moments (numpy elides the 2nd temporary)
+    "exchange_copies": 5,     # input columns + packed + sorted copy + receive buffer + unpacked
+    "act_copies": 6,          # activations kept per hidden layer for backward (linear, GELU, grads)
+    "eval_cell": 56,          # model + true fields float64, their r2c slabs, paint ghost planes
+    "halo": 28,               # pos float32 x3 + npart int64 + mass float64
+}
+
+# Seconds per unit per rank on this machine (2-core VM, Open MPI 4.1, torch 2.13 CPU, float64 FFTs),
+# fitted to the stage times of a 96^3-particle, 192^3-IC training run (docs/supercomputer.md);
+# replaced key by key by lagbias_mpi/data/costs.json from the benchmark when present.
+DEFAULT_COSTS = {
+    "fft_s_per_cell_log2": 3.3e-9,       # one r2c or c2r of N^3 (+ its share of the feature arithmetic)
+    "route_s_per_particle": 4.0e-7,      # one exchange (hash, sort, pack, Alltoallv, unpack) per particle
+    "orth_s_per_particle_feature2": 2e-9,  # covariance + projection, per particle per F^2
+    "train_s_per_particle_epoch": 3.0e-6,  # forward + backward + Adam per selected particle per epoch
+    "build_s_per_particle": 2.5e-6,      # per-cell sub-sampling and batch construction, per particle
+    "eval_s_per_particle_member": 1.0e-5,  # network, CIC paint and spectra per particle per member
+    "eval_fixed_s": 2.0,                 # figures and spectra files
+    "comm_s_per_byte_internode": 1.0e-10,  # ~10 GB/s injection bandwidth per node (not measured here)
+    "source": "plan.py defaults, measured on the development VM",
+}
+
+STAGES = ("load", "features", "routing", "orthogonalise", "train", "evaluate")
+
+
+@dataclass(frozen=True)
+class ProblemSize:
+    """The sizes that drive memory and time (all global)."""
+
+    box: float  # Mpc/h
+    ppd: int  # particles per dimension of the full lattice
+    n_ic: int  # IC grid cells per side
+    n_particles: int  # particles loaded per simulation (after AbacusSummit sub-sampling)
+    n_scales: int
+    n_kinds: int
+    train_nmesh: int  # training grid cells per side
+    eval_nmesh: int  # evaluation grid cells per side
+    frac: float  # selected fraction per training cell
+    batch_size: int  # selected particles per batch
+    epochs: int
+    ensemble: int
+    width: int
+    depth: int
+    n_val: int  # validation simulations (same size as the training one)
+    n_halos: int
+    source: str  # builtin | file | abacus
+
+    @property
+    def n_raw(self) -> int:
+        return self.n_scales * self.n_kinds
+
+    @property
+    def n_inputs(self) -> int:
+        return 2 * self.n_scales + 1 if self.n_kinds == 3 else self.n_raw
+
+    @property
+    def n_selected(self) -> int:
+        """Selected training particles: max(int(frac n), 1) per occupied cell (mean occupancy)."""
+        cells = self.train_nmesh**3
+        occ = self.n_particles / cells
+        occupied = cells * (1.0 - math.exp(-occ))
+        return int(max(self.frac * self.n_particles, min(occupied, self.n_particles)))
+
+
+# ---- sizes from configs -------------------------------------------------------------------------
+
+ABACUS_SUBSAMPLE_FRACTION = {"A": 0.03, "B": 0.07, "AB": 0.10}
+
+
+def _abacus_header(sim_name: str, redshift: float) -> dict:
+    """BoxSize and NP of an AbacusSummit simulation from the abacusutils metadata (no data needed)."""
+    try:
+        from abacusnbody.metadata import get_meta
+        meta = get_meta(sim_name, redshift=redshift)
+        return {"box": float(meta["BoxSize"]), "ppd": int(round(float(meta["NP"]) ** (1 / 3)))}
+    except Exception as exc:  # noqa: BLE001 - any failure of the metadata lookup
+        if "_base_" in sim_name:
+            return {"box": 2000.0, "ppd": 6912}
+        if "_small_" in sim_name:
+            return {"box": 500.0, "ppd": 1728}
+        raise ValueError(f"cannot size AbacusSummit simulation {sim_name!r}: {exc}") from None
+
+
+def _halo_estimate(n_particles_full: float, box: float) -> int:
+    """Rough halo count (~ 3e-3 (h/Mpc)^3 for >~ 20-particle haloes at 2e9 Msun/h): only sizes a
+    small array."""
+    return int(3e-3 * box**3 * min(1.0, n_particles_full / (1728**3 / 500**3) / box**3 + 0.1))
+
+
+def sizes_from_dict(data: dict, base_dir: Path | None = None) -> ProblemSize:
+    """:class:`ProblemSize` of a training config dict (after overrides)."""
+    from .features import resolve_scales
+
+    sim = data.get("simulation") or {}
+    if not isinstance(sim, dict):
+        raise ValueError("config: 'simulation' must be a section")
+    base_dir = Path(base_dir) if base_dir is not None else Path.cwd()
+    root = Path(__file__).resolve().parent.parent
+
+    def find(p):
+        p = Path(p)
+        for cand in (p, base_dir / p, root / p):
+            if cand.is_file():
+                return cand
+        return None
+
+    n_val = 1
+    if sim.get("abacus"):
+        ab = sim["abacus"]
+        header = _abacus_header(ab.get("train") or ab.get("sim_name"), float(ab.get("redshift", 0.5)))
+        fraction = ABACUS_SUBSAMPLE_FRACTION[ab.get("subsamples", "AB")]
+        box, ppd = header["box"], header["ppd"]
+        n_ic = int(ab.get("n_ic") or 576)
+        n_particles = int(round(fraction * ppd**3))
+        n_val = len(ab.get("validate", ()) or ())
+        source = "abacus"
+    elif sim.get("simulate"):
+        from .config import load_yaml as _load
+        path = find(sim["simulate"])
+        if path is None:
+            raise ValueError(f"simulation.simulate: config file not found: {sim['simulate']}")
+        sdata = apply_overrides(_load(path), list(sim.get("simulate_set") or ()))
+        box, ppd, n_ic = _builtin_sizes(sdata)
+        n_particles = ppd**3
+        n_val = len(sim.get("val_realisations", [1]) or ())
+        source = "builtin"
+    elif sim.get("train_files"):
+        from .simdata import read_meta
+        path = find(sim["train_files"][0])
+        if path is None:
+            raise ValueError(f"simulation.train_files: file not found: {sim['train_files'][0]}")
+        meta = read_meta(path)
+        box, ppd, n_ic, n_particles = meta.box, meta.ppd, meta.n_ic, meta.n_particles
+        n_val = len(sim.get("val_files") or ())
+        source = "file"
+    else:
+        raise ValueError("config: simulation section gives neither simulate, train_files nor abacus")
+    feats = data.get("features") or {}
+    scales = resolve_scales(feats.get("scales", "3Rf coarse"))
+    kinds = feats.get("kinds", ("delta", "lap", "g2"))
+    grid = data.get("grid") or {}
+    cell = float(grid.get("cell", 5.0))
+    train_nmesh = max(int(round(box / cell)), 1)
+    if grid.get("eval_cell") is not None:
+        eval_nmesh = int(round(box / float(grid["eval_cell"])))
+    else:
+        eval_nmesh = int(grid.get("eval_nmesh", 256) or 256)
+    smp = data.get("sampling") or {}
+    tr = data.get("train") or {}
+    mdl = data.get("model") or {}
+    return ProblemSize(
+        box=float(box), ppd=int(ppd), n_ic=int(n_ic), n_particles=int(n_particles),
+        n_scales=len(scales), n_kinds=len(kinds), train_nmesh=train_nmesh, eval_nmesh=eval_nmesh,
+        frac=float(smp.get("frac", 0.1)), batch_size=int(smp.get("batch_size", 100_000)),
+        epochs=int(tr.get("epochs", 50)), ensemble=int(tr.get("ensemble", 5)),
+        width=int(mdl.get("width", 64)), depth=int(mdl.get("depth", 5)), n_val=int(n_val),
+        n_halos=_halo_estimate(float(ppd) ** 3, float(box)), source=source)
+
+
+BUILTIN_KEYS = {"box": ("box", "boxsize", "box_size"), "ppd": ("ppd", "n_particles_per_dim", "npart"),
+                "n_ic": ("n_ic", "nmesh_ic", "ic_nmesh")}
+
+
+def _search(d: dict, names: tuple[str, ...]):
+    """Value of the first key in ``names`` found in ``d`` or one level of sub-sections."""
+    for n in names:
+        if n in d and not isinstance(d[n], dict):
+            return d[n]
+    for v in d.values():
+        if isinstance(v, dict):
+            for n in names:
+                if n in v and not isinstance(v[n], dict):
+                    return v[n]
+    return None
+
+
+def _builtin_sizes(sdata: dict) -> tuple[float, int, int]:
+    """(box, ppd, n_ic) of a simulate config dict (n_ic defaults to ppd)."""
+    box = _search(sdata, BUILTIN_KEYS["box"])
+    ppd = _search(sdata, BUILTIN_KEYS["ppd"])
+    n_ic = _search(sdata, BUILTIN_KEYS["n_ic"])
+    if box is None or ppd is None:
+        raise ValueError("simulate config: cannot find box and ppd")
+    return float(box), int(ppd), int(n_ic if n_ic is not None else ppd)
+
+
+def load_sizes(config_path: str, overrides: list[str] | None = None) -> ProblemSize:
+    """:class:`ProblemSize` of a training config file (+ ``--set`` overrides)."""
+    data = apply_overrides(load_yaml(config_path), overrides)
+    return sizes_from_dict(data, Path(config_path).resolve().parent)
+
+
+# ---- the model -----------------------------------------------------------------------------------
+
+def load_costs(path: str | None = None) -> dict:
+    """Per-unit costs: ``path``, else the benchmark's lagbias_mpi/data/costs.json, else defaults.
+    Keys missing from a file keep their default."""
+    costs = dict(DEFAULT_COSTS)
+    cand = Path(path) if path else Path(__file__).resolve().parent / "data" / "costs.json"
+    if cand.is_file():
+        got = json.loads(cand.read_text())
+        got = got.get("plan", got) if isinstance(got, dict) else {}
+        used = {k: float(v) for k, v in got.items() if k in DEFAULT_COSTS and k != "source"}
+        if used:
+            costs.update(used)
+            costs["source"] = f"{cand} ({', '.join(sorted(used))}); others: plan.py defaults"
+    elif path:
+        raise FileNotFoundError(f"costs file not found: {path}")
+    return costs
+
+
+def memory_per_rank(size: ProblemSize, ranks: int, imbalance: float | None = None) -> dict:
+    """Predicted peak resident memory (bytes) of the busiest rank in each stage, and the total peak.
+
+    Follows ``lagbias_mpi.train``: the training and validation simulations (S of them, all of the
+    training one's size) are loaded together and processed stage by stage, so S copies of most
+    arrays are alive. ``imbalance``: max/mean particles per rank after Eulerian routing (default 1
+    on one rank, else 1 + 0.05 log2 P, a guess for clustered z ~ 0.5 particles in thin slabs).
+    """
+    P = int(ranks)
+    if P < 1:
+        raise ValueError("ranks must be >= 1")
+    if imbalance is None:
+        imbalance = 1.0 if P == 1 else 1.0 + 0.05 * math.log2(P)
+    B = BYTES
+    F, m, S = size.n_raw, size.n_inputs, 1 + size.n_val
+    n_p = size.n_particles / P  # after loading and Lagrangian routing (uniform lattice)
+    n_e = n_p * imbalance  # after Eulerian routing
+    c_ic = math.ceil(size.n_ic / P) * size.n_ic**2
+    c_ev = math.ceil(size.eval_nmesh / P) * size.eval_nmesh**2
+    c_tr = math.ceil(size.train_nmesh / P) * size.train_nmesh**2
+    base = BASELINE_MB * MB
+    loaded = S * (B["load_particle"] * n_p + B["ic_cell"] * c_ic + B["halo"] * size.n_halos / P)
+    slab = 8 * F * c_ic  # one standardised float64 feature slab
+    features = max(8 * F + B["fft_work_cell"], B["feature_copies"] * 8 * F) * c_ic
+    lag_part = (8 * F + 8 + 12) * n_p  # raw features + pid + pos after Lagrangian routing
+    rec_l = 48  # lagr_index int32 x3 + pos float32 x3 + ic_index int64 x3
+    lag_exchange = (B["exchange_copies"] * rec_l + 16 + 16 * F) * n_p  # + readout copy of the rows
+    rec_e = 8 * F + 8 + 12 + 8  # raw + pid + pos + cell
+    eul_part = rec_e * n_e
+    theta = 8 * m * n_e
+    eul_exchange = (B["exchange_copies"] - 1) * rec_e * n_e  # the inputs are the Lagrangian columns
+    sel = size.n_selected / P * imbalance
+    batches = (4 * m + 8) * sel + 16 * c_tr  # inputs + cell index per particle; scale, target per cell
+    acts = size.batch_size / P * imbalance * size.depth * size.width * 4 * B["act_copies"]
+    truth = 8 * c_tr * S
+    stages = {
+        "load": base + loaded,
+        "features": base + loaded + (S - 1) * slab + features,
+        "routing": base + loaded + max(S * slab + (S - 1) * lag_part + lag_exchange,
+                                       S * lag_part + (S - 1) * (eul_part + theta) + eul_exchange + truth),
+        "orthogonalise": base + loaded + S * lag_part + 8 * F * n_p,
+        "train": base + loaded + S * (eul_part + theta + batches) + truth + acts,
+        "evaluate": base + loaded + S * (eul_part + theta) + batches + truth
+                    + (size.ensemble + 2) * 8 * n_e + 5 * 20 * n_e + B["eval_cell"] * c_ev,
+    }
+    stages = {k: v + RUNTIME_MB[k] * MB for k, v in stages.items()}
+    return {"bytes": stages, "peak_bytes": max(stages.values()), "peak_stage": max(stages, key=stages.get),
+            "imbalance": imbalance, "particles_per_rank": n_p, "ic_cells_per_rank": c_ic,
+            "eval_cells_per_rank": c_ev, "baseline_bytes": base}
+
+
+def time_per_stage(size: ProblemSize, ranks: int, nodes: int = 1, costs: dict | None = None,
+                   gpus: int = 0) -> dict:
+    """Predicted wall time (s) of each stage on ``ranks`` ranks (lower bounds across nodes: only
+    the injection bandwidth of the routing traffic is counted)."""
+    c = dict(DEFAULT_COSTS, **(costs or {}))
+    P = int(ranks)
+    F, S = size.n_raw, 1 + size.n_val
+    n_p = size.n_particles / P
+    n_transforms = 1 + size.n_scales * (1 + (size.n_kinds >= 2) + 6 * (size.n_kinds >= 3))
+    n3 = float(size.n_ic) ** 3
+    features = S * c["fft_s_per_cell_log2"] * n3 * math.log2(n3) / P * n_transforms
+    off_node = 0.0 if nodes <= 1 else (1 - 1 / nodes)
+    route_bytes = (48 + 8 * F + 36) * n_p * P / max(nodes, 1)  # bytes leaving one node
+    routing = S * (2 * c["route_s_per_particle"] * n_p + off_node * route_bytes * c["comm_s_per_byte_internode"])
+    orth = c["orth_s_per_particle_feature2"] * n_p * F * F
+    per_epoch = c["train_s_per_particle_epoch"] * size.n_selected / P * (1 + 0.3 * size.n_val)
+    if gpus:
+        per_epoch /= 20.0  # estimate: an A100 runs this MLP ~20x faster than one CPU core
+    train = size.ensemble * (size.epochs * per_epoch + c["build_s_per_particle"] * n_p * S)
+    evaluate = S * c["eval_s_per_particle_member"] * n_p * size.ensemble + c["eval_fixed_s"]
+    stages = {"features": features, "routing": routing, "orthogonalise": orth, "train": train,
+              "evaluate": evaluate}
+    return {"seconds": stages, "total_s": sum(stages.values()), "epoch_s": per_epoch}
+
+
+def max_ranks(size: ProblemSize) -> int:
+    """Most ranks the slab decomposition allows: one plane per rank of the IC and evaluation FFTs."""
+    return min(size.n_ic, size.eval_nmesh)
+
+
+def plan_job(size: ProblemSize, nodes: int, cores_per_node: int, mem_per_node_gb: float,
+             gpus_per_node: int = 0, ranks_per_node: int | None = None, costs: dict | None = None,
+             mem_reserve: float = 0.1) -> dict:
+    """Memory and time of the job on ``nodes`` nodes and whether it fits (``mem_reserve`` of the
+    node memory is left to the OS and MPI). Without ``ranks_per_node``: one rank per core (per GPU
+    on GPU nodes), fewer when the slab FFTs allow fewer ranks in total (idle cores then give their
+    memory to the ranks of the node)."""
+    if nodes < 1 or cores_per_node < 1 or mem_per_node_gb <= 0:
+        raise ValueError("nodes, cores per node and memory per node must be positive")
+    slots = gpus_per_node if gpus_per_node else cores_per_node
+    rpn = ranks_per_node or max(1, min(slots, max_ranks(size) // nodes))
+    ranks = nodes * rpn
+    limits = []
+    if ranks > max_ranks(size):
+        limits.append(f"{ranks} ranks > {max_ranks(size)} planes of the IC / evaluation grid (slab FFT limit)")
+    mem = memory_per_rank(size, ranks)
+    if mem["particles_per_rank"] * mem["imbalance"] >= 2**31:
+        limits.append("more than 2^31 particles per rank in one exchange")
+    avail = mem_per_node_gb * GiB * (1 - mem_reserve) / rpn
+    t = time_per_stage(size, ranks, nodes, costs, gpus_per_node)
+    fits = mem["peak_bytes"] <= avail and not limits
+    return {"nodes": nodes, "ranks_per_node": rpn, "ranks": ranks, "memory": mem,
+            "available_bytes_per_rank": avail, "time": t, "fits": fits, "limits": limits}
+
+
+def smallest_fit(size: ProblemSize, cores_per_node: int, mem_per_node_gb: float, gpus_per_node: int = 0,
+                 ranks_per_node: int | None = None, costs: dict | None = None, max_nodes: int = 8192):
+    """Plan of the smallest node count that fits (doubling, then bisection), or None."""
+    def plan(n):
+        return plan_job(size, n, cores_per_node, mem_per_node_gb, gpus_per_node, ranks_per_node, costs)
+
+    lo, hi = 0, 1
+    while not plan(hi)["fits"]:
+        lo, hi = hi, hi * 2
+        if hi > max_nodes:
+            return None
+    while hi - lo > 1:  # memory per node falls with the node count: bisection is safe
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if plan(mid)["fits"] else (mid, hi)
+    return plan(hi)
+
+
+def format_table(size: ProblemSize, plan: dict, best: dict | None) -> str:
+    """Human-readable table of a plan."""
+    gb = 1e9
+    mem, t = plan["memory"], plan["time"]
+    lines = [f"problem: box {size.box:g} Mpc/h, {size.ppd}^3 lattice, {size.n_particles:.4g} particles loaded, "
+             f"IC {size.n_ic}^3, training grid {size.train_nmesh}^3, eval grid {size.eval_nmesh}^3, "
+             f"{size.n_scales} scales x {size.n_kinds} kinds, {size.n_selected:.4g} selected, "
+             f"{size.n_val} validation sim(s), ensemble {size.ensemble} x {size.epochs} epochs",
+             f"job: {plan['nodes']} node(s) x {plan['ranks_per_node']} ranks = {plan['ranks']} ranks; "
+             f"available {plan['available_bytes_per_rank'] / gb:.2f} GB per rank",
+             "", f"| stage | memory per rank [GB] | time [s] |", "|---|---|---|"]
+    for st in STAGES:
+        tt = t["seconds"].get(st)
+        lines.append(f"| {st} | {mem['bytes'][st] / gb:.3f} | {'—' if tt is None else f'{tt:.4g}'} |")
+    lines.append(f"| **peak / total** | **{mem['peak_bytes'] / gb:.3f}** ({mem['peak_stage']}) | "
+                 f"**{t['total_s']:.4g}** |")
+    lines.append("")
+    lines.append(f"fits: {'YES' if plan['fits'] else 'NO'}" + (f" ({'; '.join(plan['limits'])})" if plan['limits'] else ""))
+    lines.append(f"time per epoch: {t['epoch_s']:.4g} s")
+    if best is None:
+        lines.append("smallest node count that fits: none up to the search limit")
+    else:
+        lines.append(f"smallest node count that fits: {best['nodes']} ({best['ranks']} ranks, peak "
+                     f"{best['memory']['peak_bytes'] / gb:.2f} GB per rank, ~{best['time']['total_s'] / 3600:.3g} h)")
+    return "\n".join(lines) + "\n"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m lagbias_mpi.plan", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--config", required=True, help="training config (YAML)")
+    ap.add_argument("--nodes", type=int, required=True)
+    ap.add_argument("--cores-per-node", type=int, required=True)
+    ap.add_argument("--mem-per-node", type=float, required=True, help="GB (GiB) of memory per node")
+    ap.add_argument("--gpus-per-node", type=int, default=0, help="GPU nodes: one rank per GPU")
+    ap.add_argument("--ranks-per-node", type=int, default=None, help="default: cores (or GPUs) per node")
+    ap.add_argument("--costs", default=None, help="costs JSON (default: lagbias_mpi/data/costs.json, else built-in)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
+    ap.add_argument("--out", default=None, help="write the plan as JSON here")
+    return ap
+
+
+def main(argv=None) -> dict:
+    """Entry point (one process; no MPI needed)."""
+    from mpi4py import MPI
+
+    from .logs import setup_logging
+    from .output import write_json
+
+    args = build_parser().parse_args(argv)
+    setup_logging(MPI.COMM_SELF)
+    size = load_sizes(args.config, args.set)
+    costs = load_costs(args.costs)
+    plan = plan_job(size, args.nodes, args.cores_per_node, args.mem_per_node, args.gpus_per_node,
+                    args.ranks_per_node, costs)
+    best = smallest_fit(size, args.cores_per_node, args.mem_per_node, args.gpus_per_node,
+                        args.ranks_per_node, costs)
+    sys.stdout.write(format_table(size, plan, best))
+    result = {"config": str(Path(args.config).resolve()), "overrides": args.set, "size": asdict(size),
+              "n_selected": size.n_selected, "n_inputs": size.n_inputs, "plan": plan,
+              "smallest_fit": None if best is None else {"nodes": best["nodes"], "ranks": best["ranks"],
+                                                         "peak_bytes": best["memory"]["peak_bytes"],
+                                                         "total_s": best["time"]["total_s"]},
+              "costs": costs, "model": {"baseline_mb": BASELINE_MB, "bytes": BYTES}}
+    if args.out:
+        write_json(args.out, result)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,70 @@
+"""Where simulations come from: one small dispatch so that new sources (AbacusSummit) slot in.
+
+A *spec* is ``{"kind": "file", "path": ...}`` (a lagbias_mpi HDF5 simulation, e.g. one written by
+the built-in simulation). :func:`resolve` turns the ``simulation`` section of a training config into
+the training spec and the validation specs, generating built-in simulations when they are missing;
+:func:`load` reads one spec into a :class:`~lagbias_mpi.simdata.LocalSimulation`.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .simdata import LocalSimulation, SimulationFileError, load_simulation, read_meta
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def file_spec(path) -> dict:
+    return {"kind": "file", "path": str(path)}
+
+
+def check(spec: dict):
+    """Cheap check that a spec can be loaded (file present and readable); returns its metadata."""
+    if spec["kind"] == "file":
+        return read_meta(spec["path"])
+    raise SimulationFileError(f"unknown simulation source kind {spec['kind']!r}")
+
+
+def load(comm, spec: dict) -> LocalSimulation:
+    """Load one simulation spec (collective)."""
+    if spec["kind"] == "file":
+        return load_simulation(comm, spec["path"])
+    raise SimulationFileError(f"unknown simulation source kind {spec['kind']!r}")
+
+
+def resolve(comm, sim_cfg, base_dir: Path | None = None) -> tuple[dict, list[dict]]:
+    """(training spec, validation specs) of a :class:`SimulationConfig` (collective when it has to
+    generate built-in simulations). Relative paths are taken from ``base_dir`` (default: the project
+    root)."""
+    base = Path(base_dir) if base_dir is not None else PROJECT_ROOT
+
+    def absolute(p):
+        p = Path(p)
+        return p if p.is_absolute() else base / p
+
+    if sim_cfg.simulate is None:
+        train = file_spec(absolute(sim_cfg.train_files[0]))
+        val = [file_spec(absolute(p)) for p in sim_cfg.val_files]
+    else:
+        from . import simulate  # the built-in simulation (imported only when used)
+
+        cfg_path = absolute(sim_cfg.simulate)
+        if not cfg_path.is_file():
+            raise SimulationFileError(f"simulation.simulate: config file not found: {cfg_path}")
+        scfg = simulate.load_simulate_config(cfg_path, list(sim_cfg.simulate_set))
+        cache = absolute(sim_cfg.cache_dir) if sim_cfg.cache_dir else PROJECT_ROOT / "data" / "sims"
+        paths = simulate.ensure_simulations(comm, scfg, cache)
+        need = [sim_cfg.train_realisation, *sim_cfg.val_realisations]
+        if max(need) >= len(paths):
+            raise SimulationFileError(f"simulation: realisation {max(need)} requested but the simulate "
+                                      f"config gives {len(paths)} realisation(s)")
+        train = file_spec(paths[sim_cfg.train_realisation])
+        val = [file_spec(paths[r]) for r in sim_cfg.val_realisations]
+    for spec in [train, *val]:
+        check(spec)
+    return train, val
+
+
+def spec_name(spec: dict) -> str:
+    """Short label of a spec for logs and tables."""
+    return Path(spec.get("path", spec.get("kind", "sim"))).stem

@@ -1,0 +1,188 @@
+"""Configuration of ``python -m lagbias_mpi.train``: frozen dataclasses with the paper's defaults.
+
+Every key can be overridden on the command line by its dotted name (``--set train.epochs=3``).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal, Optional, Union
+
+from .features import KINDS, resolve_scales
+
+
+@dataclass(frozen=True)
+class SimulationConfig:
+    """Where the training and validation simulations come from.
+
+    Either ``simulate`` (a simulate config YAML, generated via ``simulate.ensure_simulations`` into
+    ``cache_dir``, default ``data/sims`` under the project root; realisation ``train_realisation``
+    trains, ``val_realisations`` validate) or explicit files ``train_files`` / ``val_files``.
+    """
+
+    simulate: Optional[str] = None
+    simulate_set: tuple[str, ...] = ()
+    cache_dir: Optional[str] = None
+    train_realisation: int = 0
+    val_realisations: tuple[int, ...] = (1,)
+    train_files: tuple[str, ...] = ()
+    val_files: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if self.simulate is None and not self.train_files:
+            raise ValueError("simulation: give either simulate (a simulate config) or train_files")
+        if self.simulate is not None and (self.train_files or self.val_files):
+            raise ValueError("simulation: give simulate or train_files/val_files, not both")
+        if len(self.train_files) > 1:
+            raise ValueError("simulation.train_files: training on one simulation is supported")
+        if self.train_realisation < 0 or any(r < 0 for r in self.val_realisations):
+            raise ValueError("simulation: realisation indices must be >= 0")
+        if self.train_realisation in self.val_realisations:
+            raise ValueError("simulation: the training realisation is also a validation realisation")
+
+
+@dataclass(frozen=True)
+class FeatureConfig:
+    """Smoothing scales (a Table-1 name or radii in Mpc/h) and feature kinds."""
+
+    scales: Union[str, tuple[float, ...]] = "3Rf coarse"
+    kinds: tuple[str, ...] = ("delta", "lap", "g2")
+
+    def __post_init__(self):
+        resolve_scales(self.scales)
+        bad = [k for k in self.kinds if k not in KINDS]
+        if bad or not self.kinds:
+            raise ValueError(f"features.kinds: {bad or 'empty'}; choose from {KINDS}")
+        if len(set(self.kinds)) != len(self.kinds):
+            raise ValueError("features.kinds has duplicates")
+
+    @property
+    def radii(self) -> tuple[float, ...]:
+        return resolve_scales(self.scales)
+
+
+@dataclass(frozen=True)
+class HaloConfig:
+    """True field: halos with min_npart <= N (< max_npart), or by mass in Msun/h; weighted by mass
+    (N) or number. Planted simulations use their f_true instead."""
+
+    min_npart: Optional[int] = 150
+    max_npart: Optional[int] = None
+    min_mass: Optional[float] = None
+    max_mass: Optional[float] = None
+    weighting: Literal["mass", "number"] = "mass"
+
+    def __post_init__(self):
+        if self.min_npart is not None and self.min_mass is not None:
+            raise ValueError("halos: give min_npart or min_mass, not both")
+        if self.max_npart is not None and self.max_mass is not None:
+            raise ValueError("halos: give max_npart or max_mass, not both")
+        if self.min_npart is not None and self.min_npart < 1:
+            raise ValueError("halos.min_npart must be >= 1")
+        lo = self.min_npart if self.min_npart is not None else self.min_mass
+        hi = self.max_npart if self.max_npart is not None else self.max_mass
+        if (self.min_npart is None) == (self.max_npart is None) and lo is not None and hi is not None and hi <= lo:
+            raise ValueError(f"halos: empty range [{lo}, {hi})")
+
+
+@dataclass(frozen=True)
+class GridConfig:
+    """Training grid (NGP) cell size in Mpc/h and evaluation grid (CIC) size."""
+
+    cell: float = 5.0
+    eval_nmesh: Optional[int] = 256
+    eval_cell: Optional[float] = None
+    kmax_lowk: float = 0.1  # h/Mpc, bins below enter pk_ratio_lowk
+
+    def __post_init__(self):
+        if self.cell <= 0:
+            raise ValueError("grid.cell must be > 0 Mpc/h")
+        if (self.eval_nmesh is None) == (self.eval_cell is None):
+            raise ValueError("grid: give exactly one of eval_nmesh and eval_cell")
+        if self.eval_nmesh is not None and self.eval_nmesh < 2:
+            raise ValueError("grid.eval_nmesh must be >= 2")
+        if self.eval_cell is not None and self.eval_cell <= 0:
+            raise ValueError("grid.eval_cell must be > 0")
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """Sub-sample fraction per cell and batch size in selected particles."""
+
+    frac: float = 0.1
+    batch_size: int = 100_000
+
+    def __post_init__(self):
+        if not 0 < self.frac <= 1:
+            raise ValueError(f"sampling.frac must be in (0, 1], got {self.frac}")
+        if self.batch_size < 1:
+            raise ValueError("sampling.batch_size must be >= 1")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    width: int = 64
+    depth: int = 5
+    activation: Literal["gelu", "relu", "tanh", "silu"] = "gelu"
+
+    def __post_init__(self):
+        if self.width < 1 or self.depth < 1:
+            raise ValueError("model.width and model.depth must be >= 1")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Adam with lr * lr_decay^(epoch-1); integral constraint from epoch ``constraint_from``:
+    eps = max(10^(eps_a + eps_b log10 epoch), eps_min)."""
+
+    epochs: int = 50
+    ensemble: int = 5
+    lr: float = 0.02
+    lr_decay: float = 0.9
+    seed: int = 1234
+    dtype: Literal["float32", "float64"] = "float32"
+    constraint_from: int = 2
+    eps_a: float = -1.0
+    eps_b: float = -3.0
+    eps_min: float = 1e-4
+    guard_y: float = -5.0
+    threads: Optional[int] = None  # torch threads per rank (default 1 under MPI)
+    bare_steps: int = 5
+
+    def __post_init__(self):
+        if self.epochs < 1:
+            raise ValueError(f"train.epochs must be >= 1, got {self.epochs}")
+        if self.ensemble < 1:
+            raise ValueError(f"train.ensemble must be >= 1, got {self.ensemble}")
+        if not self.lr > 0 or not 0 < self.lr_decay <= 1:
+            raise ValueError("train.lr must be > 0 and train.lr_decay in (0, 1]")
+        if self.seed < 0:
+            raise ValueError("train.seed must be >= 0")
+        if self.eps_min <= 0 or self.constraint_from < 1:
+            raise ValueError("train.eps_min must be > 0 and train.constraint_from >= 1")
+
+    def eps(self, epoch: int) -> float | None:
+        """Integral-constraint tolerance of ``epoch`` (from 1), or None when it is off."""
+        if epoch < self.constraint_from:
+            return None
+        return max(10.0 ** (self.eps_a + self.eps_b * math.log10(epoch)), self.eps_min)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    name: Optional[str] = None  # run directory runs/<name>; default: the config file's stem
+    log_level: str = "INFO"
+    figures: bool = True  # write run/figures/*.png
+    fail_on_rank: Optional[int] = None  # fault injection for tests: raise on this rank
+
+
+@dataclass(frozen=True)
+class TrainRunConfig:
+    simulation: SimulationConfig
+    features: FeatureConfig = field(default_factory=FeatureConfig)
+    halos: HaloConfig = field(default_factory=HaloConfig)
+    grid: GridConfig = field(default_factory=GridConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    run: RunConfig = field(default_factory=RunConfig)

@@ -1,0 +1,270 @@
+"""Distributed training of one ensemble member: batches, the grid-sum loss, DDP steps, checkpoints.
+
+Loss of a batch (a fixed set of cells, DESIGN.md section 1), sums over the whole batch (all ranks):
+
+    L = sum_j (delta_model[j] - delta_true[j])^2 + sum_i (y_i - y_g)^4 [y_i < y_g]
+        + (S / N - 1)^2 / eps^2,   S = sum_i f_i, N = selected particles of the batch
+
+with 1 + delta_model[j] = (N_cells / N_part) (n[j] / n_sel[j]) sum_{selected i in j} f_i. A cell and
+its particles live on one rank, so the first two terms are local sums. DDP averages gradients over
+the P ranks, so each rank back-propagates P times its local part, where the constraint enters through
+the surrogate 2 (S/N - 1) / (eps^2 N) * S_local with S the (detached) global sum from one reduction:
+the summed gradients equal the gradient of the whole-batch loss on one rank.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from mpi4py import MPI
+
+from . import ddp
+from .logs import Progress, get_logger
+from .model import build_model, f_of_y
+from .output import atomic_path
+from .parallel import global_sum
+from .sampling import batch_of_cells, batch_order, n_batches_for, select_in_cells
+
+log = get_logger("trainer")
+
+
+class TrainingDiverged(FloatingPointError):
+    """The loss became NaN or infinite."""
+
+
+class StopRequested(Exception):
+    """Training was asked to stop early (``--stop-after-epochs``, simulating a killed job)."""
+
+
+@dataclass
+class Batch:
+    """This rank's part of one global batch, as contiguous tensors."""
+
+    x: torch.Tensor  # (n_b, n_in) inputs of the selected particles
+    idx: torch.Tensor  # (n_b,) cell of each particle, local to the batch
+    scale: torch.Tensor  # (n_cells_b,) N_cells/N_part * n/n_sel
+    target: torch.Tensor  # (n_cells_b,) delta_true
+    n_global: int  # selected particles of the batch over all ranks
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.element_size() * t.nelement() for t in (self.x, self.idx, self.scale, self.target))
+
+
+@dataclass
+class BatchSet:
+    batches: list[Batch]
+    n_selected: int  # global
+    n_cells_local: int
+
+    def __len__(self):
+        return len(self.batches)
+
+
+def build_batches(comm, theta: np.ndarray, cell: np.ndarray, pid: np.ndarray, target_of_cells,
+                  n_cells_total: int, n_part: int, frac: float, batch_size: int, seed: int, member: int,
+                  dtype=torch.float32, device="cpu") -> BatchSet:
+    """Sub-sample the particles per cell and split the cells into batches (collective).
+
+    ``target_of_cells(cells) -> delta_true`` of local cells; ``n_cells_total`` and ``n_part`` are the
+    global numbers of grid cells and particles of the simulation.
+    """
+    selected, cells, n, n_sel = select_in_cells(cell, pid, frac, seed, member)
+    total = int(global_sum(comm, np.int64(n_sel.sum())))
+    nb = n_batches_for(total, batch_size)
+    bcell = batch_of_cells(cells, seed, member, nb)
+    scale = (n_cells_total / n_part) * n / n_sel
+    target = target_of_cells(cells) if len(cells) else np.zeros(0)
+    sel = np.nonzero(selected)[0]
+    pc = cell[sel]
+    pb = bcell[np.searchsorted(cells, pc)]
+    porder = sel[np.lexsort((pid[sel], pc, pb))]
+    p_edges = np.searchsorted(np.sort(pb), np.arange(nb + 1))
+    corder = np.lexsort((cells, bcell))
+    c_edges = np.searchsorted(bcell[corder], np.arange(nb + 1))
+    counts = global_sum(comm, np.diff(p_edges).astype(np.int64))
+    batches = []
+    for b in range(nb):
+        pidx = porder[p_edges[b]:p_edges[b + 1]]
+        cidx = corder[c_edges[b]:c_edges[b + 1]]
+        local_cell = np.searchsorted(cells[cidx], cell[pidx])
+        batches.append(Batch(
+            x=torch.as_tensor(np.ascontiguousarray(theta[pidx]), dtype=dtype, device=device),
+            idx=torch.as_tensor(local_cell, dtype=torch.long, device=device),
+            scale=torch.as_tensor(scale[cidx], dtype=dtype, device=device),
+            target=torch.as_tensor(target[cidx], dtype=dtype, device=device),
+            n_global=int(counts[b])))
+    return BatchSet(batches, total, len(cells))
+
+
+def batch_terms(model, batch: Batch, guard_y: float):
+    """Local (grid term, guard term, S_local) tensors of one batch."""
+    y = model(batch.x)
+    f = f_of_y(y)
+    cellsum = torch.zeros(batch.scale.shape, dtype=f.dtype, device=f.device).index_add_(0, batch.idx, f)
+    dm = batch.scale * cellsum - 1.0
+    grid = ((dm - batch.target) ** 2).sum()
+    guard = (torch.clamp(y - guard_y, max=0.0) ** 4).sum()
+    return grid, guard, f.sum()
+
+
+def reduce_terms(comm, grid, guard, s_local) -> np.ndarray:
+    """Global (grid, guard, S) of a batch: one Allreduce of three float64."""
+    local = np.array([float(grid), float(guard), float(s_local)], dtype=np.float64)
+    out = np.empty(3)
+    comm.Allreduce(local, out, op=MPI.SUM)
+    return out
+
+
+def whole_loss(totals: np.ndarray, n_global: int, eps: float | None) -> float:
+    """Whole-batch loss value from the reduced terms."""
+    loss = totals[0] + totals[1]
+    if eps is not None and n_global > 0:
+        loss += (totals[2] / n_global - 1.0) ** 2 / eps**2
+    return float(loss)
+
+
+def local_objective(comm, model, batch: Batch, eps: float | None, guard_y: float):
+    """(tensor to back-propagate on this rank, whole-batch loss value, global S)."""
+    grid, guard, s_local = batch_terms(model, batch, guard_y)
+    totals = reduce_terms(comm, grid.detach(), guard.detach(), s_local.detach())
+    obj = grid + guard
+    if eps is not None and batch.n_global > 0:
+        n = batch.n_global
+        obj = obj + (2.0 * (totals[2] / n - 1.0) / (eps**2 * n)) * s_local
+    return obj * comm.size, whole_loss(totals, batch.n_global, eps), float(totals[2])
+
+
+def evaluate_loss(comm, model, batches: BatchSet, eps: float | None, guard_y: float) -> tuple[float, float]:
+    """Mean whole-batch loss over ``batches`` and the mean f of their particles (no gradient)."""
+    losses, s_tot = [], 0.0
+    with torch.no_grad():
+        for batch in batches.batches:
+            totals = reduce_terms(comm, *batch_terms(model, batch, guard_y))
+            losses.append(whole_loss(totals, batch.n_global, eps))
+            s_tot += totals[2]
+    return float(np.mean(losses)), s_tot / max(batches.n_selected, 1)
+
+
+@dataclass
+class MemberResult:
+    state: dict
+    history: dict
+
+
+def _empty_history() -> dict:
+    return {"epoch": [], "train_loss": [], "val_loss": [], "mean_f": [], "val_mean_f": [], "eps": [],
+            "lr": [], "epoch_wall_s": [], "step_wall_s": []}
+
+
+def checkpoint_path(ckpt_dir, member: int):
+    return ckpt_dir / f"member_{member}.pt"
+
+
+def save_checkpoint(comm, path, payload: dict) -> None:
+    """Rank 0 writes ``payload`` atomically (write, rename); everybody waits."""
+    if comm.rank == 0:
+        with atomic_path(path) as tmp:
+            torch.save(payload, tmp)
+    comm.Barrier()
+
+
+def load_checkpoint(comm, path) -> dict | None:
+    """Rank 0 reads a checkpoint (None if absent) and broadcasts it."""
+    payload = None
+    if comm.rank == 0 and path.is_file():
+        payload = torch.load(path, map_location="cpu", weights_only=False)
+    return comm.bcast(payload, root=0)
+
+
+def train_member(comm, member: int, shape: dict, train_set: BatchSet, val_sets: list[BatchSet], tcfg,
+                 ckpt_dir, config_hash: str, dtype=torch.float32, device="cpu", resume: bool = False,
+                 epoch_budget: list | None = None) -> MemberResult:
+    """Train member ``member`` for ``tcfg.epochs`` epochs (collective); checkpoint every epoch.
+
+    ``epoch_budget``: a one-element list counting epochs this process may still run before raising
+    :class:`StopRequested` (simulates a job killed after an epoch).
+    """
+    model = build_model(shape, seed=tcfg.seed * 1000 + member, dtype=dtype).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=tcfg.lr)
+    sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=tcfg.lr_decay)
+    history, start = _empty_history(), 1
+    path = checkpoint_path(ckpt_dir, member)
+    ckpt = load_checkpoint(comm, path) if resume else None
+    if ckpt is not None:
+        if ckpt["config_hash"] != config_hash:
+            raise ValueError(f"{path} was written with a different configuration (hash "
+                             f"{ckpt['config_hash']} != {config_hash}); cannot resume")
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["scheduler"])
+        history, start = ckpt["history"], ckpt["epoch"] + 1
+        torch.random.set_rng_state(ckpt["torch_rng"])
+        log.info(f"member {member}: resumed from {path} after epoch {ckpt['epoch']}")
+    dmodel = ddp.wrap(model, comm)
+    for epoch in range(start, tcfg.epochs + 1):
+        if epoch_budget is not None and epoch_budget[0] <= 0:
+            raise StopRequested(f"stopped before member {member} epoch {epoch}")
+        eps = tcfg.eps(epoch)
+        lr = opt.param_groups[0]["lr"]
+        t0 = time.perf_counter()
+        losses, s_tot = [], 0.0
+        prog = Progress(comm, len(train_set), f"member {member} epoch {epoch}")
+        for i, b in enumerate(batch_order(len(train_set), tcfg.seed, member, epoch)):
+            batch = train_set.batches[b]
+            opt.zero_grad(set_to_none=False)
+            obj, loss, s_glob = local_objective(comm, dmodel, batch, eps, tcfg.guard_y)
+            if not np.isfinite(loss):
+                good = f"{path} (epoch {epoch - 1})" if epoch > 1 else "none (first epoch)"
+                raise TrainingDiverged(f"loss is {loss} at member {member}, epoch {epoch}, step {i}: "
+                                       f"training stopped; last good checkpoint: {good}")
+            obj.backward()
+            opt.step()
+            losses.append(loss)
+            s_tot += s_glob
+            prog.update(i + 1)
+        sched.step()
+        t_train = time.perf_counter() - t0
+        val = [evaluate_loss(comm, model, vs, eps, tcfg.guard_y) for vs in val_sets]
+        history["epoch"].append(epoch)
+        history["train_loss"].append(float(np.mean(losses)))
+        history["val_loss"].append(float(np.mean([v[0] for v in val])) if val else float("nan"))
+        history["mean_f"].append(s_tot / max(train_set.n_selected, 1))
+        history["val_mean_f"].append(float(np.mean([v[1] for v in val])) if val else float("nan"))
+        history["eps"].append(eps if eps is not None else float("nan"))
+        history["lr"].append(lr)
+        history["epoch_wall_s"].append(comm.allreduce(time.perf_counter() - t0, op=MPI.MAX))
+        history["step_wall_s"].append(comm.allreduce(t_train, op=MPI.MAX))
+        save_checkpoint(comm, path, {
+            "member": member, "epoch": epoch, "done": epoch == tcfg.epochs, "model": model.state_dict(),
+            "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "history": history,
+            "torch_rng": torch.random.get_rng_state(), "config_hash": config_hash, "shape": shape})
+        log.info(f"member {member} epoch {epoch}/{tcfg.epochs}: train loss {history['train_loss'][-1]:.6g} "
+                 f"val loss {history['val_loss'][-1]:.6g} mean f {history['mean_f'][-1]:.5f} "
+                 f"eps {eps if eps is not None else 'off'} lr {lr:.4g} "
+                 f"({history['epoch_wall_s'][-1]:.2f} s)")
+        if epoch_budget is not None:
+            epoch_budget[0] -= 1
+    return MemberResult({k: v.detach().cpu().clone() for k, v in model.state_dict().items()}, history)
+
+
+def bare_mlp_rate(comm, shape: dict, n_particles_global: int, tcfg, dtype=torch.float32, device="cpu") -> float:
+    """Particles per second of a plain forward + backward + Adam step of the same network, each rank
+    on its share of ``n_particles_global`` particles (no DDP, no loss structure)."""
+    n_local = max(n_particles_global // comm.size, 1)
+    model = build_model(shape, seed=tcfg.seed + 99991, dtype=dtype).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    x = torch.randn(n_local, shape["n_in"], generator=torch.Generator().manual_seed(7), dtype=dtype).to(device)
+    times = []
+    for _ in range(tcfg.bare_steps + 1):
+        t0 = time.perf_counter()
+        opt.zero_grad()
+        y = model(x)
+        (y * y).mean().backward()
+        opt.step()
+        times.append(time.perf_counter() - t0)
+    t = float(np.median(times[1:])) if len(times) > 1 else times[0]
+    t = comm.allreduce(t, op=MPI.MAX)
+    return n_local * comm.size / t

@@ -1,0 +1,57 @@
+"""Slab layout arithmetic (pure functions): exhaustive over small N and P."""
+import numpy as np
+import pytest
+
+from lagbias_mpi.layout import next_nonempty_rank, plane_owner, slab_bounds, slab_counts, slab_starts
+
+
+@pytest.mark.parametrize("n", range(0, 14))
+@pytest.mark.parametrize("size", range(1, 9))
+def test_slabs_tile_the_grid(n, size):
+    bounds = [slab_bounds(n, size, r) for r in range(size)]
+    assert bounds[0][0] == 0 and bounds[-1][1] == n
+    for (a0, b0), (a1, _) in zip(bounds[:-1], bounds[1:]):
+        assert b0 == a1  # contiguous, in rank order
+    counts = [b - a for a, b in bounds]
+    assert max(counts) - min(counts) <= 1  # balanced
+    assert counts == sorted(counts, reverse=True)  # the first n % size ranks hold one more
+    assert sum(c == 0 for c in counts) == max(size - n, 0)  # P > N: exactly P - N empty ranks
+    np.testing.assert_array_equal(slab_starts(n, size), [a for a, _ in bounds] + [n])
+    np.testing.assert_array_equal(slab_counts(n, size), counts)
+
+
+@pytest.mark.parametrize("n", range(1, 14))
+@pytest.mark.parametrize("size", range(1, 9))
+def test_plane_owner_consistent_with_slab_bounds(n, size):
+    planes = np.arange(n)
+    owners = plane_owner(planes, n, size)
+    for rank in range(size):
+        start, stop = slab_bounds(n, size, rank)
+        np.testing.assert_array_equal(np.flatnonzero(owners == rank), np.arange(start, stop))
+        for p in range(start, stop):
+            assert plane_owner(p, n, size) == rank  # scalar form gives the same
+            assert isinstance(plane_owner(p, n, size), int)
+    # periodic: plane indices are taken modulo n
+    np.testing.assert_array_equal(plane_owner(planes + n, n, size), owners)
+    np.testing.assert_array_equal(plane_owner(planes - n, n, size), owners)
+
+
+@pytest.mark.parametrize("n,size", [(5, 2), (7, 3), (2, 3), (1, 4), (8, 8), (4, 1)])
+def test_next_nonempty_rank(n, size):
+    for rank in range(size):
+        start, stop = slab_bounds(n, size, rank)
+        nxt = next_nonempty_rank(n, size, rank)
+        if stop > start:
+            assert slab_bounds(n, size, nxt)[0] == stop % n
+
+
+def test_uneven_example():
+    # 10 planes over 3 ranks: 4, 3, 3 (mpi4py-fft's distribution)
+    assert [slab_bounds(10, 3, r) for r in range(3)] == [(0, 4), (4, 7), (7, 10)]
+    assert list(plane_owner([0, 3, 4, 6, 7, 9, 10, -1], 10, 3)) == [0, 0, 1, 1, 2, 2, 0, 2]
+
+
+@pytest.mark.parametrize("args", [(-1, 2, 0), (4, 0, 0), (4, 2, 2), (4, 2, -1)])
+def test_bad_queries_refused(args):
+    with pytest.raises(ValueError, match="bad slab query"):
+        slab_bounds(*args)

@@ -1,0 +1,163 @@
+"""python -m lagbias_mpi.plan: sizes from configs, the memory and time model, the smallest node count,
+and the memory model against real training runs on 1 and 2 ranks (run with
+``python -m lagbias_mpi.scaling local --ranks 1 2``, which also checks that the loss histories agree)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lagbias_mpi import plan, scaling
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_sizes_builtin_and_abacus():
+    s = plan.load_sizes(str(REPO / "configs/abacus_base_c000_2gpc.yaml"), ["simulation.abacus.n_ic=1152"])
+    assert (s.box, s.ppd, s.n_ic, s.source) == (2000.0, 6912, 1152, "abacus")
+    assert s.n_particles == round(0.1 * 6912**3)
+    assert (s.n_scales, s.n_kinds, s.n_inputs, s.train_nmesh, s.eval_nmesh, s.n_val) == (3, 3, 7, 400, 1024, 1)
+    small = plan.load_sizes(str(REPO / "configs/abacus_small_c000.yaml"))
+    assert (small.box, small.ppd, small.n_ic, small.n_val, small.train_nmesh) == (500.0, 1728, 576, 4, 100)
+    b = plan.sizes_from_dict({"simulation": {"simulate": "configs/simulate_default.yaml",
+                                             "simulate_set": ["ppd=64", "n_ic=128"]},
+                              "features": {"scales": [2.0, 4.0]}, "sampling": {"frac": 0.1}}, REPO)
+    assert (b.box, b.ppd, b.n_ic, b.n_particles, b.n_raw, b.n_inputs, b.train_nmesh) == (200.0, 64, 128, 64**3, 6, 5, 40)
+    # about 4 particles per cell: every occupied cell keeps one particle (max(int(0.4), 1))
+    assert b.n_selected == pytest.approx(40**3 * (1 - 2.718281828**-4.096), rel=1e-3)
+    dense = plan.sizes_from_dict({"simulation": {"simulate": "configs/simulate_default.yaml",
+                                                 "simulate_set": ["ppd=64", "n_ic=128"]},
+                                  "grid": {"cell": 20.0}, "sampling": {"frac": 0.1}}, REPO)
+    assert dense.train_nmesh == 10 and dense.n_selected == int(0.1 * 64**3)
+    with pytest.raises(ValueError, match="not found"):
+        plan.sizes_from_dict({"simulation": {"simulate": "nowhere.yaml"}}, REPO)
+
+
+def _size(**kw) -> plan.ProblemSize:
+    base = dict(box=500.0, ppd=512, n_ic=512, n_particles=512**3, n_scales=3, n_kinds=3, train_nmesh=100,
+                eval_nmesh=256, frac=0.1, batch_size=100_000, epochs=50, ensemble=5, width=64, depth=5,
+                n_val=1, n_halos=100_000, source="builtin")
+    base.update(kw)
+    return plan.ProblemSize(**base)
+
+
+def test_memory_model_scales_with_ranks():
+    s = _size()
+    m1, m2, m8 = (plan.memory_per_rank(s, p, imbalance=1.0) for p in (1, 2, 8))
+    base = plan.BASELINE_MB * plan.MB
+    for st in plan.STAGES:
+        d1, d2, d8 = (m["bytes"][st] - base - plan.RUNTIME_MB[st] * plan.MB for m in (m1, m2, m8))
+        assert d2 < d1 and d8 < d2  # the data part falls with the rank count ...
+        assert d8 == pytest.approx(d1 / 8, rel=0.15)  # ... about as 1/P (batch activations do too)
+    assert m1["peak_bytes"] == max(m1["bytes"].values())
+    more = plan.memory_per_rank(_size(n_val=3), 8)
+    assert more["peak_bytes"] > m8["peak_bytes"]  # validation sims are held together with training
+
+
+def test_fit_and_smallest_fit():
+    s = _size()
+    p = plan.plan_job(s, 1, 4, 8.0)
+    assert not p["fits"] and p["ranks"] == 4
+    best = plan.smallest_fit(s, 4, 64.0)
+    assert best is not None and best["fits"]
+    if best["nodes"] > 1:
+        assert not plan.plan_job(s, best["nodes"] - 1, 4, 64.0)["fits"]
+    # slab limit: never more ranks than IC / evaluation planes; ranks per node shrink to fit
+    q = plan.plan_job(s, 4, 128, 512.0)
+    assert q["ranks"] <= 256 and q["ranks_per_node"] == 64
+    r = plan.plan_job(s, 4, 128, 512.0, ranks_per_node=128)
+    assert not r["fits"] and "slab" in r["limits"][0]
+    t1, t4 = (plan.time_per_stage(s, p)["seconds"]["train"] for p in (1, 4))
+    assert t4 == pytest.approx(t1 / 4)
+
+
+def test_abacus_base_prediction():
+    """The 2 Gpc/h base box with the 1152^3 IC grid (the prediction quoted in docs/supercomputer.md)."""
+    s = plan.load_sizes(str(REPO / "configs/abacus_base_c000_2gpc.yaml"), ["simulation.abacus.n_ic=1152"])
+    best = plan.smallest_fit(s, 128, 512.0)
+    assert best is not None and best["ranks"] <= 1024
+    assert best["memory"]["peak_bytes"] <= best["available_bytes_per_rank"]
+    assert 40 <= best["nodes"] <= 120  # ~3.3e10 particles at ~1 kB per particle over 512 GB nodes
+    best256 = plan.smallest_fit(s, 128, 256.0)
+    assert best256["nodes"] > best["nodes"]
+
+
+def test_costs_file(tmp_path):
+    f = tmp_path / "costs.json"
+    f.write_text(json.dumps({"plan": {"train_s_per_particle_epoch": 1e-5, "unrelated": 3}}))
+    c = plan.load_costs(str(f))
+    assert c["train_s_per_particle_epoch"] == 1e-5 and "unrelated" not in c
+    assert c["fft_s_per_cell_log2"] == plan.DEFAULT_COSTS["fft_s_per_cell_log2"]
+    with pytest.raises(FileNotFoundError):
+        plan.load_costs(str(tmp_path / "none.json"))
+
+
+def test_cli(tmp_path, capsys):
+    out = tmp_path / "plan.json"
+    res = plan.main(["--config", str(REPO / "configs/abacus_small_c000.yaml"), "--nodes", "2",
+                     "--cores-per-node", "128", "--mem-per-node", "512", "--out", str(out)])
+    text = capsys.readouterr().out
+    assert "| routing |" in text and "smallest node count that fits" in text
+    js = json.loads(out.read_text())
+    assert js["plan"]["nodes"] == 2 and js["smallest_fit"]["nodes"] == res["smallest_fit"]["nodes"]
+
+
+def test_import_baseline():
+    """BASELINE_MB is the measured resident memory of an idle training process (within 30%)."""
+    code = ("import resource; from mpi4py import MPI; import lagbias_mpi.train; "
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    measured = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                                    check=True).stdout.split()[-1])
+    assert abs(plan.BASELINE_MB - measured) <= 0.3 * measured, measured
+
+
+# ---- against real runs ----------------------------------------------------------------------------
+
+TINY_SIM = ["ppd=32", "n_ic=64", "box=100.0", "n_realisations=2", "pm.n_steps=8", "halos.min_members=10",
+            "output.figures=false"]
+TINY_TRAIN = ["features.scales=[2.0, 4.0]", "halos.min_npart=20", "grid.cell=10.0", "grid.eval_nmesh=32",
+              "sampling.frac=0.2", "sampling.batch_size=4000", "train.epochs=2", "train.ensemble=1"]
+
+
+def _builtin_base() -> Path:
+    """The built-in training config (configs/default.yaml, or the simulate default before it exists)."""
+    return REPO / "configs" / "default.yaml"
+
+
+@pytest.fixture(scope="module")
+def local_runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("local")
+    base = _builtin_base()
+    if base.is_file():
+        cfg = base
+    else:
+        cfg = tmp / "train.yaml"
+        cfg.write_text(yaml.safe_dump({"simulation": {"simulate": str(REPO / "configs/simulate_default.yaml")}}))
+    overrides = [f"simulation.simulate_set={json.dumps(TINY_SIM)}", f"simulation.cache_dir={tmp / 'sims'}",
+                 "simulation.val_realisations=[1]", "simulation.train_realisation=0", *TINY_TRAIN]
+    res = scaling.run_local(str(cfg), [1, 2], tmp / "series", overrides, timeout_s=300)
+    return cfg, overrides, res
+
+
+def test_local_series_agrees(local_runs):
+    _, _, res = local_runs
+    assert [r["ranks"] for r in res["runs"]] == [1, 2]
+    agree = res["loss_agreement"]
+    assert agree["agree"], agree
+    assert agree["max_rel_diff"]["2"] < 1e-4
+    assert Path(res["report"]["png"]).is_file() and Path(res["report"]["markdown"]).is_file()
+
+
+def test_memory_prediction_within_30_percent(local_runs):
+    cfg, overrides, res = local_runs
+    size = plan.load_sizes(str(cfg), overrides)
+    for run in res["runs"]:
+        summary = json.loads((Path(run["run_dir"]) / "summary.json").read_text())
+        pred = plan.memory_per_rank(size, summary["n_ranks"])["peak_bytes"] / plan.MB
+        assert abs(pred - summary["peak_rss_mb"]) <= 0.3 * summary["peak_rss_mb"], (run, pred, summary["peak_rss_mb"])

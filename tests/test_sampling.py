@@ -1,0 +1,69 @@
+"""Sub-sampling and batches are pure functions of global ids and the seed."""
+import numpy as np
+import pytest
+
+from lagbias_mpi import sampling
+
+
+def _particles(n=5000, n_cells=300, seed=0):
+    rng = np.random.default_rng(seed)
+    pid = rng.permutation(10 * n)[:n].astype(np.uint64)
+    cell = rng.integers(0, n_cells, n)
+    return pid, cell
+
+
+def test_select_counts_and_partition_independence():
+    pid, cell = _particles()
+    sel, cells, n, n_sel = sampling.select_in_cells(cell, pid, 0.1, seed=5, member=0)
+    assert np.array_equal(n, np.bincount(cell)[cells])
+    assert np.array_equal(n_sel, np.maximum((0.1 * n).astype(int), 1))
+    assert np.array_equal(np.bincount(cell[sel], minlength=cells.max() + 1)[cells], n_sel)
+    chosen = set(pid[sel].tolist())
+    # any split of the cells over "ranks" and any particle order selects the same particles
+    rng = np.random.default_rng(1)
+    owner = rng.integers(0, 3, cell.max() + 1)
+    again = set()
+    for r in range(3):
+        mine = np.nonzero(owner[cell] == r)[0]
+        mine = mine[rng.permutation(len(mine))]
+        s, *_ = sampling.select_in_cells(cell[mine], pid[mine], 0.1, seed=5, member=0)
+        again |= set(pid[mine][s].tolist())
+    assert again == chosen
+    # another member or seed selects differently
+    other, *_ = sampling.select_in_cells(cell, pid, 0.1, seed=5, member=1)
+    assert set(pid[other].tolist()) != chosen
+
+
+def test_batches_deterministic_and_balanced():
+    cells = np.arange(20000)
+    b = sampling.batch_of_cells(cells, seed=3, member=2, n_batches=8)
+    assert b.min() == 0 and b.max() == 7
+    counts = np.bincount(b)
+    assert np.all(np.abs(counts - 2500) < 5 * np.sqrt(2500))
+    assert np.array_equal(b[::-1], sampling.batch_of_cells(cells[::-1], seed=3, member=2, n_batches=8))
+    assert not np.array_equal(b, sampling.batch_of_cells(cells, seed=4, member=2, n_batches=8))
+    o1 = sampling.batch_order(8, 3, 0, 1)
+    assert sorted(o1) == list(range(8))
+    assert np.array_equal(o1, sampling.batch_order(8, 3, 0, 1))
+    assert not np.array_equal(o1, sampling.batch_order(8, 3, 0, 2))
+    assert sampling.n_batches_for(250_000, 100_000) == 2
+    assert sampling.n_batches_for(10, 100_000) == 1
+
+
+def test_hash_uniform_range():
+    u = sampling.hash_uniform(np.arange(100000), 1, 0, 7)
+    assert 0 <= u.min() and u.max() < 1
+    assert abs(u.mean() - 0.5) < 0.01
+    assert sampling.n_selected(np.array([0, 1, 9, 10, 25]), 0.1).tolist() == [0, 1, 1, 1, 2]
+
+
+@pytest.mark.mpi
+def test_selection_same_on_any_rank_count(comm):
+    """Particles spread over the ranks by cell plane select the same set as on one rank."""
+    pid, cell = _particles(n=4000, n_cells=512, seed=2)
+    plane = cell // 64  # 8 "planes" of 64 cells
+    mine = np.nonzero(plane % comm.size == comm.rank)[0]
+    sel, *_ = sampling.select_in_cells(cell[mine], pid[mine], 0.25, seed=9, member=1)
+    got = sorted(sum(comm.allgather(pid[mine][sel].tolist()), []))
+    ref, *_ = sampling.select_in_cells(cell, pid, 0.25, seed=9, member=1)
+    assert got == sorted(pid[ref].tolist())

@@ -1,0 +1,126 @@
+"""End-to-end training: rank-count invariance, outputs, checkpoint/resume, mass conservation."""
+import json
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from mpi4py import MPI
+
+from lagbias_mpi.ensemble import load_ensemble
+from lagbias_mpi.train import run
+from simfixtures import make_simulation, write_config
+
+WORLD = MPI.COMM_WORLD
+
+
+@pytest.fixture(scope="module")
+def sims(tmp_path_factory):
+    """(train file, val file) of a 32^3-particle planted simulation, 128 Mpc/h."""
+    d = Path(WORLD.bcast(str(tmp_path_factory.mktemp("sims")) if WORLD.rank == 0 else None))
+    return make_simulation(d / "a.h5", seed=1), make_simulation(d / "b.h5", seed=2), d
+
+
+def _wait_for_rank0(comm):
+    """Barrier that does not spin (so that rank 0 gets the CPU while the others wait)."""
+    req = comm.Ibarrier()
+    while not req.Test():
+        time.sleep(0.01)
+
+
+def _self_run(comm, cfg, out, **kw):
+    """Run the same config on MPI.COMM_SELF on rank 0 (others wait); summary broadcast."""
+    summary = run(MPI.COMM_SELF, cfg, out=out, **kw) if comm.rank == 0 else None
+    _wait_for_rank0(comm)
+    return comm.bcast(summary, root=0)
+
+
+def _probe_raw(n=200):
+    return np.random.default_rng(0).standard_normal((n, 6)) * 0.2
+
+
+@pytest.mark.mpi
+def test_rank_count_invariance_and_outputs(comm, sims):
+    a, b, d = sims
+    cfg = write_config(d / f"inv{comm.size}.yaml", a, [b],
+                       train={"epochs": 3, "ensemble": 2, "dtype": "float64", "seed": 7, "bare_steps": 2},
+                       run={"log_level": "WARNING", "figures": comm.size == 2})
+    out = d / f"inv_run{comm.size}"
+    s = run(comm, cfg, out=out)
+    ref = _self_run(comm, cfg, d / f"inv_ref{comm.size}", overrides=["run.figures=false"])
+    for h, r in zip(s["loss_history"], ref["loss_history"]):
+        assert np.allclose(h["train_loss"], r["train_loss"], rtol=1e-4, atol=0)
+        assert np.allclose(h["val_loss"], r["val_loss"], rtol=1e-4, atol=0)
+        assert len(h["train_loss"]) == 3
+    f_p = load_ensemble(out).predict_f(_probe_raw())
+    f_1 = load_ensemble(d / f"inv_ref{comm.size}").predict_f(_probe_raw())
+    assert np.allclose(f_p, f_1, rtol=1e-3)
+    assert np.isclose(s["pk_ratio_lowk_val"], ref["pk_ratio_lowk_val"], rtol=1e-3)
+    assert s["n_selected"] == ref["n_selected"] and s["n_batches"] == ref["n_batches"]
+    # run directory contents and summary keys
+    for key in ("n_ranks", "n_particles", "n_selected", "n_batches", "epochs", "final_train_loss",
+                "final_val_loss", "mean_f", "pk_ratio_lowk_train", "pk_ratio_lowk_val", "stage_wall_s",
+                "peak_rss_mb", "bytes_per_particle", "train_particles_per_s", "bare_mlp_particles_per_s",
+                "exchange_bytes", "particles_per_rank", "cells_per_rank", "epoch_wall_s", "environment", "config"):
+        assert key in s, key
+    assert s["n_ranks"] == comm.size and s["n_particles"] == 32**3
+    assert set(s["stage_wall_s"]) >= {"features", "routing", "orthogonalise", "train", "evaluate"}
+    if comm.rank == 0:
+        on_disk = json.loads((out / "summary.json").read_text())
+        assert on_disk["n_batches"] == s["n_batches"]
+        for name in ("config.yaml", "model.pt", "spectra.h5", "train.log", "checkpoints/member_1.pt"):
+            assert (out / name).is_file(), name
+        if comm.size == 2:
+            for name in ("pk_ratio.png", "loss.png", "f_vs_theta0.png"):
+                assert (out / "figures" / name).stat().st_size > 1000
+        with h5py.File(out / "spectra.h5") as f:
+            assert set(f) == {"train", "val"}
+            assert f["val/ratio_members"].shape[0] == 2
+            assert np.allclose(f["val/uncorr_avg"][:], f["val/P_model_avg"][:] - f["val/P_hm_avg"][:] ** 2 / f["val/P_h"][:],
+                               equal_nan=True)
+    comm.Barrier()
+
+
+@pytest.mark.mpi
+def test_resume_gives_same_model(comm, sims):
+    a, b, d = sims
+    cfg = write_config(d / f"res{comm.size}.yaml", a, [b],
+                       train={"epochs": 2, "ensemble": 2, "dtype": "float64", "seed": 3, "bare_steps": 1},
+                       run={"log_level": "WARNING", "figures": False})
+    full = run(comm, cfg, out=d / f"res_full{comm.size}")
+    part_dir = d / f"res_part{comm.size}"
+    assert run(comm, cfg, out=part_dir, stop_after_epochs=3) is None  # "killed" in member 1, epoch 2
+    if comm.rank == 0:
+        ck = torch.load(part_dir / "checkpoints" / "member_1.pt", weights_only=False)
+        assert ck["epoch"] == 1 and not ck["done"]
+        assert not (part_dir / "model.pt").exists()
+        assert not list((part_dir / "checkpoints").glob(".*tmp"))  # atomic: no temporary left
+    comm.Barrier()
+    resumed = run(comm, cfg, out=part_dir, resume=True)
+    assert resumed["loss_history"] == full["loss_history"] or all(
+        np.allclose(h1["train_loss"], h2["train_loss"], rtol=1e-12)
+        for h1, h2 in zip(resumed["loss_history"], full["loss_history"]))
+    m_full, m_res = load_ensemble(d / f"res_full{comm.size}"), load_ensemble(part_dir)
+    for p, q in zip(m_full.members, m_res.members):
+        for (k, v), (k2, v2) in zip(p.state_dict().items(), q.state_dict().items()):
+            assert k == k2 and torch.allclose(v, v2, rtol=1e-12, atol=1e-14), k
+    # resuming with another configuration is refused
+    with pytest.raises(ValueError, match="different configuration"):
+        run(comm, cfg, out=part_dir, resume=True, overrides=["train.lr=0.5"])
+
+
+@pytest.mark.mpi
+def test_mass_conservation(comm, sims):
+    """One batch holding all particles (frac 1): the eps schedule (1e-4 from epoch 10) and the lr decay (0.9^epoch) drive the
+    global mean f over the training particles to 1 within 1e-3."""
+    a, _, d = sims
+    cfg = write_config(d / f"mass{comm.size}.yaml", a, [],
+                       sampling={"frac": 1.0, "batch_size": 10**6},
+                       train={"epochs": 40, "ensemble": 1, "lr": 0.01, "bare_steps": 1},
+                       run={"log_level": "WARNING", "figures": False})
+    s = run(comm, cfg, out=d / f"mass_run{comm.size}")
+    assert s["n_batches"] == 1 and s["n_selected"] == 32**3
+    assert abs(s["mean_f"] - 1) < 1e-3
+    assert s["loss_history"][0]["eps"][-1] == pytest.approx(1e-4)

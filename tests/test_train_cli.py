@@ -1,0 +1,102 @@
+"""The command: bad input stops before any work, NaN stops training, a failing rank ends the job."""
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from mpi4py import MPI
+
+from lagbias_mpi import trainer
+from lagbias_mpi.train import main, run
+from lagbias_mpi.trainer import TrainingDiverged
+from simfixtures import make_simulation, write_config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli")
+    sim = make_simulation(d / "a.h5", ppd=16, box=64.0, seed=3)
+    return sim, d
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.foo=1", "train.foo"),
+    ("train.epochs=abc", "train.epochs"),
+    ("train.epochs=0", "train.epochs must be >= 1"),
+    ("features.scales=[1.0, 8.0]", "below the IC grid spacing"),
+    ("features.scales=7Rf", "unknown smoothing-scale set"),
+    ("simulation.train_files=[/nonexistent/sim.h5]", "not found"),
+    ("sampling.frac=1.5", "sampling.frac"),
+    ("halos.min_npart=0", "halos.min_npart"),
+])
+def test_bad_config_stops_before_work(small, capsys, override, message):
+    sim, d = small
+    cfg = write_config(d / "bad.yaml", sim)
+    out = d / "bad_run"
+    assert main(["--config", str(cfg), "--set", override, "--out", str(out)]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_missing_config_file(small, capsys):
+    assert main(["--config", str(small[1] / "nope.yaml")]) == 2
+    assert "config file not found" in capsys.readouterr().err
+
+
+def test_nan_loss_stops_and_keeps_checkpoint(small, monkeypatch):
+    sim, d = small
+    cfg = write_config(d / "nan.yaml", sim, run={"log_level": "ERROR", "figures": False})
+    out = d / "nan_run"
+    ckpt = out / "checkpoints" / "member_0.pt"
+    real = trainer.batch_terms
+
+    def poisoned(model, batch, guard_y):
+        grid, guard, s = real(model, batch, guard_y)
+        return (grid * float("nan"), guard, s) if ckpt.exists() else (grid, guard, s)
+
+    monkeypatch.setattr(trainer, "batch_terms", poisoned)
+    with pytest.raises(TrainingDiverged, match="last good checkpoint: .*member_0.pt \\(epoch 1\\)"):
+        run(MPI.COMM_SELF, cfg, out=out)
+    kept = torch.load(ckpt, weights_only=False)
+    assert kept["epoch"] == 1 and all(torch.isfinite(v).all() for v in kept["model"].values())
+    assert not (out / "model.pt").exists()
+
+
+def _mpirun(args, timeout):
+    mpirun = shutil.which("mpirun")
+    if mpirun is None:
+        pytest.skip("mpirun not available")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OMPI_", "PMIX_", "PMI_"))}
+    env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", OMP_NUM_THREADS="1")
+    cmd = [mpirun, "--oversubscribe", "-n", "2", sys.executable, "-m", "lagbias_mpi.train", *args]
+    return subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.skipif(MPI.COMM_WORLD.size > 1, reason="launches its own mpirun")
+def test_cli_under_mpirun(small):
+    sim, d = small
+    cfg = write_config(d / "cli.yaml", sim, run={"figures": False})
+    out = d / "cli_run"
+    res = _mpirun(["--config", str(cfg), "--set", "train.epochs=1", "--set", "train.ensemble=1",
+                   "--out", str(out)], timeout=240)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert (out / "summary.json").is_file() and (out / "model.pt").is_file()
+    import json
+    s = json.loads((out / "summary.json").read_text())
+    assert s["n_ranks"] == 2 and s["epochs"] == 1 and np.isfinite(s["final_train_loss"])
+
+
+@pytest.mark.skipif(MPI.COMM_WORLD.size > 1, reason="launches its own mpirun")
+def test_exception_on_one_rank_ends_job(small):
+    sim, d = small
+    cfg = write_config(d / "fail.yaml", sim)
+    res = _mpirun(["--config", str(cfg), "--set", "run.fail_on_rank=1", "--out", str(d / "fail_run")],
+                  timeout=120)
+    assert res.returncode != 0
+    assert "injected failure on rank 1" in res.stderr
