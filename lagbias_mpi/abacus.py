@@ -269,7 +269,7 @@ def _header_values(path: Path) -> dict:
         raise AbacusError(f"{path}: header lacks {missing}")
     keep = {}
     for k, v in header.items():
-        if isinstance(v, (bool, int, float, str)) and not isinstance(v, np.ndarray):
+        if isinstance(v, (bool, int, float, str)):
             keep[k] = v
         elif isinstance(v, (np.integer, np.floating)):
             keep[k] = v.item()
@@ -576,7 +576,8 @@ def load_abacus(comm, source: AbacusSource, plan: AbacusPlan | None = None) -> L
     total = global_sum(comm, ic.sum(dtype=np.float64))
     mean = float(total) / plan.n_ic ** 3
     ic -= np.float32(mean)
-    std = float(np.sqrt(global_sum(comm, np.sum(ic.astype(np.float64) ** 2)) / plan.n_ic ** 3))
+    sum_sq = sum(float(np.square(plane, dtype=np.float64).sum()) for plane in ic)  # no full float64 copy
+    std = float(np.sqrt(global_sum(comm, sum_sq) / plan.n_ic ** 3))
     log.info(f"IC density: global mean {mean:.4g} subtracted, std {std:.4g} (z_ic = {plan.z_ic})")
     log.info(f"loaded {n_particles} particles ({n_particles / ppd ** 3:.4f} of the lattice, nominal "
              f"{meta.particle_fraction}), {n_halos} halos; peak RSS "

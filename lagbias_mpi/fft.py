@@ -43,7 +43,9 @@ class _Mpi4pyFFTBackend(FFTBackend):
         from mpi4py_fft import PFFT
 
         self.version = mpi4py_fft.__version__
-        self._fft = PFFT(comm, (n, n, n), axes=(0, 1, 2), dtype=dtype, grid=(-1,))
+        # On one rank nothing is cut: one collapsed 3-D FFTW plan (no transposes) is ~2x faster
+        # than three 1-D stages. On more ranks collapsing would cut k_z instead of k_y: not used.
+        self._fft = PFFT(comm, (n, n, n), axes=(0, 1, 2), dtype=dtype, grid=(-1,), collapse=comm.size == 1)
         self.real_slab = tuple(self._fft.local_slice(False))
         self.complex_slab = tuple(self._fft.local_slice(True))
 

@@ -36,10 +36,12 @@ def uniforms(seed: int, index: np.ndarray, stream: int) -> np.ndarray:
 
 def white_noise(seed: int, n: int, start: int, stop: int) -> np.ndarray:
     """Unit Gaussian white noise of planes [start, stop) of an n^3 grid, keyed by global index."""
-    with np.errstate(over="ignore"):
-        idx = (np.arange(start * n * n, stop * n * n, dtype=np.uint64))
+    out = np.empty((stop - start, n, n), dtype=np.float64)
+    for plane in range(start, stop):  # plane by plane: bounded temporary memory
+        idx = np.arange(plane * n * n, (plane + 1) * n * n, dtype=np.uint64)
         u1, u2 = uniforms(seed, idx, 0), uniforms(seed, idx, 1)
-    return (np.sqrt(-2.0 * np.log(u1)) * np.cos(2 * np.pi * u2)).reshape(stop - start, n, n)
+        out[plane - start] = (np.sqrt(-2.0 * np.log(u1)) * np.cos(2 * np.pi * u2)).reshape(n, n)
+    return out
 
 
 def gaussian_field_k(fft: SlabFFT, power, seed: int) -> np.ndarray:

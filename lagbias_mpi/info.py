@@ -66,7 +66,7 @@ def collect(comm) -> dict:
         "torch_cuda_available": None,
         "torch_cuda_devices": 0,
         "mpi4py": mpi4py.__version__,
-        "mpi_library": MPI.Get_library_version().splitlines()[0].strip(),
+        "mpi_library": MPI.Get_library_version().replace("\x00", "").splitlines()[0].strip(),
         "mpi_standard": "{}.{}".format(*MPI.Get_version()),
         "fft_backend": BACKENDS[0],
         "fft_backend_version": _version("mpi4py_fft", "mpi4py-fft"),

@@ -63,8 +63,9 @@ def environment_info(comm) -> dict:
     import mpi4py
     from mpi4py import MPI
 
+    library = MPI.Get_library_version().replace("\x00", "")  # Open MPI pads it with a NUL
     info = {"lagbias_mpi": __version__, "python": sys.version.split()[0], "numpy": np.__version__,
-            "mpi4py": mpi4py.__version__, "mpi_library": MPI.Get_library_version().splitlines()[0].strip(),
+            "mpi4py": mpi4py.__version__, "mpi_library": library.splitlines()[0].strip(),
             "n_ranks": comm.size, "host": platform.node()}
     try:
         import torch

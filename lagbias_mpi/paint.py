@@ -9,6 +9,11 @@ A particle is painted by the rank owning plane ``i0`` of its first coordinate (`
 sends it there); CIC's contribution to plane ``stop`` of a slab lands in a ghost plane that is
 sent to the neighbouring rank and added there. The sum of the weights is conserved exactly up to
 float rounding (checked globally when ``check=True``).
+
+Speed (docs/benchmarks.md): the numba kernels take the positions as they are (float32 or float64,
+no converted copy), and CIC paints chunks of particles counting-sorted by (plane, block of rows),
+so that the part of the grid being updated stays in cache: about 2e7 particles/s per core for
+random positions into 256^3, against 4e6 unsorted.
 """
 from __future__ import annotations
 
@@ -82,16 +87,15 @@ def _cic_deposit(grid, ux, uy, uz, wp, start):
 
 
 @njit(cache=True)
-def _bucket_chunk(pos, w, lo, hi, start, nplanes, nmesh, box, scalar_w):
-    """Counting-sort particles ``lo:hi`` by (local plane, block of axis-1 rows) into copies of
-    their positions and weights. Returns (pos, w, number of particles outside the slab)."""
+def _bucket_chunk(pos, w, lo, hi, start, nplanes, nmesh, box, scalar_w, key, sp, sw):
+    """Counting-sort particles ``lo:hi`` by (local plane, block of axis-1 rows) into the buffers
+    ``sp``/``sw`` (positions, weights; ``key`` is scratch). Returns the number of particles
+    outside the slab."""
     half, scale = 0.5 * box, nmesh / box
     per = (nmesh + _ROW_BLOCKS - 1) // _ROW_BLOCKS
-    n = hi - lo
-    key = np.empty(n, np.int32)
     counts = np.zeros(nplanes * _ROW_BLOCKS + 1, np.int64)
     bad = 0
-    for p in range(n):
+    for p in range(hi - lo):
         b = int(np.floor(_wrap(pos[lo + p, 0], half, scale, nmesh))) - start
         if b < 0 or b >= nplanes:
             bad += 1
@@ -101,11 +105,7 @@ def _bucket_chunk(pos, w, lo, hi, start, nplanes, nmesh, box, scalar_w):
         counts[b + 1] += 1
     for b in range(nplanes * _ROW_BLOCKS):
         counts[b + 1] += counts[b]
-    sp = np.empty((n, 3), pos.dtype)
-    sw = np.empty(1 if scalar_w else n, w.dtype)
-    if scalar_w:
-        sw[0] = w[0]
-    for p in range(n):
+    for p in range(hi - lo):
         q = counts[key[p]]
         counts[key[p]] = q + 1
         sp[q, 0] = pos[lo + p, 0]
@@ -113,7 +113,7 @@ def _bucket_chunk(pos, w, lo, hi, start, nplanes, nmesh, box, scalar_w):
         sp[q, 2] = pos[lo + p, 2]
         if not scalar_w:
             sw[q] = w[lo + p]
-    return sp, sw, bad
+    return bad
 
 
 @njit(cache=True)
@@ -121,17 +121,22 @@ def _paint_cic_kernel(grid, pos, w, start, nmesh, box):
     """CIC of positions ``pos`` (Mpc/h) with weights ``w`` (length n, or 1 for a common weight)
     into ``grid`` = planes [start, start + grid.shape[0]) incl. the ghost plane. Particles are
     painted in chunks sorted by cell block (memory locality). Returns the number of particles
-    outside the slab (nothing painted then)."""
+    outside the slab (nothing more is painted then)."""
     half, scale = 0.5 * box, nmesh / box
-    scalar_w = w.shape[0] == 1 and pos.shape[0] != 1
+    n = pos.shape[0]
+    scalar_w = w.shape[0] == 1 and n != 1
     nplanes = grid.shape[0] - 1
-    for lo in range(0, pos.shape[0], _CHUNK):
-        hi = min(lo + _CHUNK, pos.shape[0])
-        sp, sw, bad = _bucket_chunk(pos, w, lo, hi, start, nplanes, nmesh, box, scalar_w)
+    size = min(n, _CHUNK)
+    key = np.empty(size, np.int32)
+    sp = np.empty((size, 3), pos.dtype)
+    sw = np.empty(1 if scalar_w else size, w.dtype)
+    for lo in range(0, n, _CHUNK):
+        hi = min(lo + _CHUNK, n)
+        bad = _bucket_chunk(pos, w, lo, hi, start, nplanes, nmesh, box, scalar_w, key, sp, sw)
         if bad:
             return bad
         for p in range(hi - lo):
-            wp = sw[0] if scalar_w else sw[p]
+            wp = w[0] if scalar_w else sw[p]
             _cic_deposit(grid, _wrap(sp[p, 0], half, scale, nmesh), _wrap(sp[p, 1], half, scale, nmesh),
                          _wrap(sp[p, 2], half, scale, nmesh), wp, start)
     return 0

@@ -1,34 +1,32 @@
 """Resource planner: memory per rank and time per stage of a training job, before it is submitted.
 
-``python -m lagbias_mpi.plan --config FILE.yaml --nodes N --cores-per-node C --mem-per-node GB
-[--gpus-per-node G] [--ranks-per-node R] [--set key=value ...] [--out plan.json]``
+``python -m lagbias_mpi.plan --config FILE.yaml --nodes N --cores-per-node C --mem-per-node GIB
+[--gpus-per-node G] [--ranks-per-node R] [--set key=value ...] [--costs FILE] [--out plan.json]``
 
 From the sizes in the training config (box, ppd, IC grid, particles after sub-sampling, training and
-evaluation grids, scales and feature kinds, ensemble, epochs) it predicts, per stage, the resident
-memory of the busiest rank and the wall time, says whether the job fits the nodes, and finds the
-smallest node count that fits. Sizes come from the simulate config (built-in simulation), the
-simulation files' metadata (``train_files``) or the AbacusSummit header of ``sim_name``
-(``abacusnbody.metadata``), so no data has to be present.
+evaluation grids, scales and feature kinds, ensemble, epochs, validation boxes) it predicts, per
+stage, the resident memory of the busiest rank and the wall time, says whether the job fits the
+nodes, and finds the smallest node count that fits. Sizes come from the simulate config (built-in
+simulation), the simulation files' metadata (``train_files``) or the AbacusSummit box class of
+``simulation.abacus.train``, so no data has to be present.
 
-Memory model (bytes per rank; P ranks, n_p particles per rank, c cells of each grid per rank, F raw
-features, m = 2 n_scales + 1 network inputs). Every array the pipeline holds at the peak of a stage
-is counted with its dtype (see ``BYTES``): the exchange of ``k``-byte records holds the input columns,
-the packed array, its sorted copy, the receive buffer and the unpacked columns (~5 k per particle);
-FFTs in float64 with the mpi4py-fft work arrays; features in float64 (plus the temporaries of the
-moments and of standardisation); training batches as float32 tensors plus the activations of one
-batch (depth x width x 4 B x ``ACT_COPIES``); evaluation grids in float64. On top: the measured
-import baseline of Python + numpy + torch + mpi4py + numba + h5py (``BASELINE_MB``). The training
-simulation's particles stay in memory while the validation simulations are processed.
+Memory model (``memory_per_rank``): every array ``lagbias_mpi.train`` holds at the peak of each stage,
+with its dtype (``BYTES``): all S = 1 + n_val simulations are loaded together and kept; float64
+feature slabs and FFT work arrays; an exchange of k-byte records holds ~5 k per particle (input
+columns, packed array, sorted copy, receive buffer, unpacked columns); float32 batch tensors of all
+selected particles plus the activations of one batch; float64 evaluation grids. On top: the measured
+resident memory of an idle training process (``BASELINE_MB``) and its size-independent growth during
+the run (``RUNTIME_MB``). Checked against real runs in docs/supercomputer.md and tests/test_plan.py.
 
-Time model: per-unit costs measured on this machine (``DEFAULT_COSTS``; ``python -m
-lagbias_mpi.bench --save-costs`` writes ``lagbias_mpi/data/costs.json``, which is preferred when
-present) times the work per rank: FFT cost per N^3 log2 N^3 / P, routing cost per particle moved,
-training cost per selected particle per epoch, evaluation cost per particle. Communication beyond
-this machine is not modelled: treat times at many nodes as lower bounds.
+Time model (``time_per_stage``): per-unit costs measured on this machine (``DEFAULT_COSTS``;
+``python -m lagbias_mpi.bench --save-costs`` writes ``lagbias_mpi/data/costs.json``, whose matching
+keys are preferred) times the work per rank. Inter-node communication is only counted as injection
+bandwidth: treat times at many nodes as lower bounds.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import sys
@@ -57,7 +55,7 @@ BYTES = {
     "fft_work_cell": 130,     # float64 r2c/c2r: k-slab, k^2, window, tidal kernel + temporaries, FFT copies
     "feature_copies": 3,      # raw + float64 copy + (x - mean)^2 in global moments (numpy elides the 2nd temporary)
     "exchange_copies": 5,     # input columns + packed + sorted copy + receive buffer + unpacked
-    "act_copies": 6,          # activations kept per hidden layer for backward (linear, GELU, grads)
+    "act_copies": 6,          # per hidden layer and batch particle: linear, GELU, their grads, Adam
     "eval_cell": 56,          # model + true fields float64, their r2c slabs, paint ghost planes
     "halo": 28,               # pos float32 x3 + npart int64 + mass float64
 }
@@ -73,6 +71,7 @@ DEFAULT_COSTS = {
     "build_s_per_particle": 2.5e-6,      # per-cell sub-sampling and batch construction, per particle
     "eval_s_per_particle_member": 1.0e-5,  # network, CIC paint and spectra per particle per member
     "eval_fixed_s": 2.0,                 # figures and spectra files
+    "train_fixed_s": 2.0,                # torch start-up and the bare-MLP rate measurement
     "comm_s_per_byte_internode": 1.0e-10,  # ~10 GB/s injection bandwidth per node (not measured here)
     "source": "plan.py defaults, measured on the development VM",
 }
@@ -124,17 +123,24 @@ class ProblemSize:
 ABACUS_SUBSAMPLE_FRACTION = {"A": 0.03, "B": 0.07, "AB": 0.10}
 
 
+# AbacusSummit box classes (box in Mpc/h, particles per dimension), from the simulation headers
+ABACUS_CLASSES = {"base": (2000.0, 6912), "small": (500.0, 1728), "highbase": (1000.0, 3456),
+                  "hugebase": (2000.0, 2304), "huge": (7500.0, 8640)}
+
+
+@functools.lru_cache(maxsize=32)
 def _abacus_header(sim_name: str, redshift: float) -> dict:
-    """BoxSize and NP of an AbacusSummit simulation from the abacusutils metadata (no data needed)."""
+    """BoxSize and particles per dimension of an AbacusSummit simulation: from its class in the
+    name (AbacusSummit_<class>_c<cosm>_ph<phase>), else from the abacusutils metadata (slow)."""
+    parts = str(sim_name).split("_")
+    if len(parts) >= 2 and parts[0] == "AbacusSummit" and parts[1] in ABACUS_CLASSES:
+        box, ppd = ABACUS_CLASSES[parts[1]]
+        return {"box": box, "ppd": ppd}
     try:
         from abacusnbody.metadata import get_meta
         meta = get_meta(sim_name, redshift=redshift)
         return {"box": float(meta["BoxSize"]), "ppd": int(round(float(meta["NP"]) ** (1 / 3)))}
     except Exception as exc:  # noqa: BLE001 - any failure of the metadata lookup
-        if "_base_" in sim_name:
-            return {"box": 2000.0, "ppd": 6912}
-        if "_small_" in sim_name:
-            return {"box": 500.0, "ppd": 1728}
         raise ValueError(f"cannot size AbacusSummit simulation {sim_name!r}: {exc}") from None
 
 
@@ -172,12 +178,10 @@ def sizes_from_dict(data: dict, base_dir: Path | None = None) -> ProblemSize:
         n_val = len(ab.get("validate", ()) or ())
         source = "abacus"
     elif sim.get("simulate"):
-        from .config import load_yaml as _load
         path = find(sim["simulate"])
         if path is None:
             raise ValueError(f"simulation.simulate: config file not found: {sim['simulate']}")
-        sdata = apply_overrides(_load(path), list(sim.get("simulate_set") or ()))
-        box, ppd, n_ic = _builtin_sizes(sdata)
+        box, ppd, n_ic = builtin_sizes(path, sim.get("simulate_set"))
         n_particles = ppd**3
         n_val = len(sim.get("val_realisations", [1]) or ())
         source = "builtin"
@@ -214,31 +218,12 @@ def sizes_from_dict(data: dict, base_dir: Path | None = None) -> ProblemSize:
         n_halos=_halo_estimate(float(ppd) ** 3, float(box)), source=source)
 
 
-BUILTIN_KEYS = {"box": ("box", "boxsize", "box_size"), "ppd": ("ppd", "n_particles_per_dim", "npart"),
-                "n_ic": ("n_ic", "nmesh_ic", "ic_nmesh")}
+def builtin_sizes(simulate_config, simulate_set=()) -> tuple[float, int, int]:
+    """(box, ppd, n_ic) of the built-in simulation of a simulate config file + overrides."""
+    from .simulate import load_simulate_config
 
-
-def _search(d: dict, names: tuple[str, ...]):
-    """Value of the first key in ``names`` found in ``d`` or one level of sub-sections."""
-    for n in names:
-        if n in d and not isinstance(d[n], dict):
-            return d[n]
-    for v in d.values():
-        if isinstance(v, dict):
-            for n in names:
-                if n in v and not isinstance(v[n], dict):
-                    return v[n]
-    return None
-
-
-def _builtin_sizes(sdata: dict) -> tuple[float, int, int]:
-    """(box, ppd, n_ic) of a simulate config dict (n_ic defaults to ppd)."""
-    box = _search(sdata, BUILTIN_KEYS["box"])
-    ppd = _search(sdata, BUILTIN_KEYS["ppd"])
-    n_ic = _search(sdata, BUILTIN_KEYS["n_ic"])
-    if box is None or ppd is None:
-        raise ValueError("simulate config: cannot find box and ppd")
-    return float(box), int(ppd), int(n_ic if n_ic is not None else ppd)
+    cfg = load_simulate_config(simulate_config, list(simulate_set or ()))
+    return cfg.box, cfg.ppd, cfg.n_ic
 
 
 def load_sizes(config_path: str, overrides: list[str] | None = None) -> ProblemSize:
@@ -335,7 +320,7 @@ def time_per_stage(size: ProblemSize, ranks: int, nodes: int = 1, costs: dict | 
     per_epoch = c["train_s_per_particle_epoch"] * size.n_selected / P * (1 + 0.3 * size.n_val)
     if gpus:
         per_epoch /= 20.0  # estimate: an A100 runs this MLP ~20x faster than one CPU core
-    train = size.ensemble * (size.epochs * per_epoch + c["build_s_per_particle"] * n_p * S)
+    train = size.ensemble * (size.epochs * per_epoch + c["build_s_per_particle"] * n_p * S) + c["train_fixed_s"]
     evaluate = S * c["eval_s_per_particle_member"] * n_p * size.ensemble + c["eval_fixed_s"]
     stages = {"features": features, "routing": routing, "orthogonalise": orth, "train": train,
               "evaluate": evaluate}
@@ -391,15 +376,15 @@ def smallest_fit(size: ProblemSize, cores_per_node: int, mem_per_node_gb: float,
 
 def format_table(size: ProblemSize, plan: dict, best: dict | None) -> str:
     """Human-readable table of a plan."""
-    gb = 1e9
+    gb = GiB
     mem, t = plan["memory"], plan["time"]
     lines = [f"problem: box {size.box:g} Mpc/h, {size.ppd}^3 lattice, {size.n_particles:.4g} particles loaded, "
              f"IC {size.n_ic}^3, training grid {size.train_nmesh}^3, eval grid {size.eval_nmesh}^3, "
              f"{size.n_scales} scales x {size.n_kinds} kinds, {size.n_selected:.4g} selected, "
              f"{size.n_val} validation sim(s), ensemble {size.ensemble} x {size.epochs} epochs",
              f"job: {plan['nodes']} node(s) x {plan['ranks_per_node']} ranks = {plan['ranks']} ranks; "
-             f"available {plan['available_bytes_per_rank'] / gb:.2f} GB per rank",
-             "", f"| stage | memory per rank [GB] | time [s] |", "|---|---|---|"]
+             f"available {plan['available_bytes_per_rank'] / gb:.2f} GiB per rank",
+             "", f"| stage | memory per rank [GiB] | time [s] |", "|---|---|---|"]
     for st in STAGES:
         tt = t["seconds"].get(st)
         lines.append(f"| {st} | {mem['bytes'][st] / gb:.3f} | {'—' if tt is None else f'{tt:.4g}'} |")
@@ -412,7 +397,7 @@ def format_table(size: ProblemSize, plan: dict, best: dict | None) -> str:
         lines.append("smallest node count that fits: none up to the search limit")
     else:
         lines.append(f"smallest node count that fits: {best['nodes']} ({best['ranks']} ranks, peak "
-                     f"{best['memory']['peak_bytes'] / gb:.2f} GB per rank, ~{best['time']['total_s'] / 3600:.3g} h)")
+                     f"{best['memory']['peak_bytes'] / gb:.2f} GiB per rank, ~{best['time']['total_s'] / 3600:.3g} h)")
     return "\n".join(lines) + "\n"
 
 
@@ -422,7 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--config", required=True, help="training config (YAML)")
     ap.add_argument("--nodes", type=int, required=True)
     ap.add_argument("--cores-per-node", type=int, required=True)
-    ap.add_argument("--mem-per-node", type=float, required=True, help="GB (GiB) of memory per node")
+    ap.add_argument("--mem-per-node", type=float, required=True, help="memory per node in GiB")
     ap.add_argument("--gpus-per-node", type=int, default=0, help="GPU nodes: one rank per GPU")
     ap.add_argument("--ranks-per-node", type=int, default=None, help="default: cores (or GPUs) per node")
     ap.add_argument("--costs", default=None, help="costs JSON (default: lagbias_mpi/data/costs.json, else built-in)")

@@ -62,8 +62,7 @@ def _simulate_sizes(data: dict, base_dir: Path) -> dict:
     path = Path(sim["simulate"])
     for cand in (path, base_dir / path, REPO / path):
         if cand.is_file():
-            sdata = apply_overrides(load_yaml(cand), list(sim.get("simulate_set") or ()))
-            box, ppd, n_ic = plan._builtin_sizes(sdata)
+            box, ppd, n_ic = plan.builtin_sizes(cand, sim.get("simulate_set"))
             return {"box": box, "ppd": ppd, "n_ic": n_ic}
     raise ValueError(f"simulation.simulate: config file not found: {sim['simulate']}")
 
@@ -296,7 +295,7 @@ def run_local(config_path: str, ranks: list[int], out: Path, overrides: list[str
     cores = os.cpu_count() or 1
     runs, histories = [], {}
     for p in ranks:
-        data = grow_config(base, p / ranks[0], Path(config_path).resolve().parent)[0] if kind == "weak" else base
+        data = grow_config(base, p / ranks[0], Path.cwd())[0] if kind == "weak" else base
         cfg = out / "configs" / f"{kind}_r{p}.yaml"
         cfg.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(cfg) as tmp:

@@ -135,6 +135,11 @@ def test_config_files_parse(name):
     data = yaml.safe_load(path.read_text())
     s = from_dict(AbacusSet, data["simulation"]["abacus"], "simulation.abacus")
     assert s.redshift == 0.5 and s.train.startswith("AbacusSummit_")
+    # the other sections follow the training config schema
+    from lagbias_mpi.train_config import TrainRunConfig
+
+    cfg = from_dict(TrainRunConfig, dict(data, simulation={"train_files": ["unused.h5"]}))
+    assert cfg.halos.min_npart == 151 and cfg.features.radii == (1.0, 2.83, 8.0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -262,7 +267,8 @@ def test_rv_pid_mismatch(tmp_path):
 
 
 def test_bad_ic_files(ic_root, tmp_path):
-    with pytest.raises(AbacusError, match=r"IC file not found: .*ic_dens_N128.asdf \(present in .*\['ic_dens_N64.asdf'\]"):
+    with pytest.raises(AbacusError,
+                       match=r"IC file not found: .*ic_dens_N128.asdf \(present in .*\['ic_dens_N64.asdf'\]"):
         validate_abacus_source(source(ic_root, n_ic=128))
     write_ic(tmp_path / "ic_dens_N32.asdf", n=32)
     with pytest.raises(AbacusError, match=r"ic_dens_N32.asdf: density grid is 32\^3 but the config says n_ic = 64"):
@@ -361,27 +367,44 @@ def abacus_dispatch(monkeypatch, train_src, val_srcs):
 
 @pytest.mark.mpi
 def test_train_two_epochs_on_mini(comm, ic_root, monkeypatch):
+    """``lagbias_mpi.train`` on the Mini simulation (a second name of it validates). Uses the
+    ``simulation.abacus`` config section when the training config has it, else routes
+    lagbias_mpi.sources to AbacusSummit specs for this test only."""
+    import dataclasses
     import json
 
     import yaml
 
     from lagbias_mpi import train
+    from lagbias_mpi.train_config import SimulationConfig
 
-    abacus_dispatch(monkeypatch, source(ic_root), [source(ic_root, subsamples="A")])
-    cfg = {"simulation": {"train_files": ["abacus_Mini_N64_L32"]},
+    val_name = "abacus_Mini_val"
+    if comm.rank == 0:
+        os.symlink(DATA / SIM, ic_root / val_name)
+        (ic_root / "ic" / val_name).mkdir()
+        os.symlink(ic_root / "ic" / SIM / "ic_dens_N64.asdf", ic_root / "ic" / val_name / "ic_dens_N64.asdf")
+    comm.Barrier()
+    section = {"abacus_root": str(ic_root), "train": SIM, "validate": [val_name], "redshift": 0.0,
+               "cleaned": False, "n_ic": N_IC}
+    if "abacus" in {f.name for f in dataclasses.fields(SimulationConfig)}:
+        simulation = {"abacus": section}
+    else:
+        abacus_set = from_dict(AbacusSet, section)
+        abacus_dispatch(monkeypatch, abacus_set.train_source(), abacus_set.val_sources())
+        simulation = {"train_files": [SIM]}
+    cfg = {"simulation": simulation,
            "features": {"scales": "1Rf"},
-           "halos": {"min_npart": 150, "weighting": "mass"},
+           "halos": {"min_npart": 151, "weighting": "mass"},
            "grid": {"cell": 4.0, "eval_nmesh": 16, "kmax_lowk": 0.5},
            "sampling": {"frac": 1.0, "batch_size": 30000},
            "train": {"epochs": 2, "ensemble": 1, "bare_steps": 1},
            "run": {"name": "abacus_mini", "log_level": "WARNING"}}
-    path = ic_root / f"train_mini_{comm.size}.yaml"
+    path = ic_root / "train_mini.yaml"
     if comm.rank == 0:
         path.write_text(yaml.safe_dump(cfg))
     comm.Barrier()
-    out = ic_root / f"run_{comm.size}"
+    out = ic_root / "run"
     summary = train.run(comm, path, out=out, base_dir=ic_root)
-    print("STAGES", summary["stage_wall_s"], flush=True)
     assert summary["n_particles"] == 26284 and summary["n_ranks"] == comm.size
     assert len(summary["loss_history"][0]["epoch"]) == 2
     assert np.isfinite(summary["final_train_loss"]) and np.isfinite(summary["final_val_loss"])

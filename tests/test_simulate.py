@@ -231,3 +231,17 @@ def test_config_files():
     assert diff == {"name", "halos"} and planted.halos.kind == "planted"
     big = load_simulate_config(ROOT / "configs" / "simulate_500.yaml")
     assert (big.box, big.n_ic, big.n_ic % big.ppd) == (500.0, 576, 0)
+
+
+def test_command_line(tmp_path):
+    out = tmp_path / "cli"
+    tiny = ["name=tiny", "box=32.0", "ppd=8", "n_ic=16", "pm.n_steps=2", "n_realisations=1"]
+    argv = ["--config", str(DEFAULT_CONFIG), "--out", str(out)]
+    for item in tiny:
+        argv += ["--set", item]
+    assert main(argv) == 0
+    assert (out / "realisation_0.h5").is_file() and (out / "simulate_checks.png").is_file()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["config"]["ppd"] == 8 and summary["n_particles"] == 512
+    assert main(argv) == 0  # the same config again into the same directory is fine
+    assert main(argv[:-1] + ["n_realisations=2"]) == 2  # a different one is refused

@@ -1,0 +1,87 @@
+"""The ``info`` and ``bench`` commands: they run (also under mpirun) and report what they promise."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lagbias_mpi import bench, info
+
+REPO = Path(__file__).resolve().parents[1]
+INFO_KEYS = {"python", "numpy", "scipy", "numba", "torch", "torch_cuda_available", "torch_cuda_devices", "mpi4py",
+             "mpi_library", "mpi_standard", "fft_backend", "fft_backend_version", "fftw", "h5py", "abacusutils",
+             "n_ranks"}
+
+
+def clean_env():
+    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", OMP_NUM_THREADS="1",
+               PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return {k: v for k, v in env.items() if not k.startswith(("OMPI_COMM_WORLD", "OMPI_MCA_ess", "PMIX_", "OMPI_MCA_orte"))}
+
+
+@pytest.mark.mpi
+def test_info_in_process(comm, capsys):
+    got = info.main(["--json"])
+    assert INFO_KEYS <= set(got)
+    assert got["n_ranks"] == comm.size and got["fft_backend"] == "mpi4py-fft"
+    assert got["numpy"] and got["mpi4py"] and got["fft_backend_version"]
+    assert "\x00" not in got["mpi_library"]
+    out = capsys.readouterr().out
+    if comm.rank == 0:
+        assert json.loads(out)["n_ranks"] == comm.size
+    else:
+        assert out == ""
+    assert "mpi_standard" in info.format_info(got)
+
+
+@pytest.mark.skipif(shutil.which("mpirun") is None, reason="mpirun not found")
+def test_info_command_under_mpirun(tmp_path):
+    proc = subprocess.run(["mpirun", "--oversubscribe", "-n", "2", sys.executable, "-m", "lagbias_mpi.info"],
+                          env=clean_env(), cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    lines = {k.strip(): v.strip() for k, v in (line.split(" : ", 1) for line in proc.stdout.splitlines())}
+    assert set(lines) >= INFO_KEYS
+    assert lines["n_ranks"] == "2"
+    assert lines["fft_backend"] == "mpi4py-fft"  # printed once, by rank 0
+    assert proc.stdout.count("fft_backend ") == 1
+
+
+@pytest.mark.parametrize("text,value", [("16", 16), ("2**24", 2**24), ("2^10", 1024), ("4e6", 4_000_000)])
+def test_count_parser(text, value):
+    assert bench.count(text) == value
+
+
+@pytest.mark.parametrize("text", ["0", "abc", "2**x"])
+def test_count_parser_refuses(text):
+    with pytest.raises(Exception, match="count"):
+        bench.count(text)
+
+
+@pytest.mark.mpi
+def test_bench_small(comm, shared_tmp):
+    costs = shared_tmp / "costs.json"
+    summary = bench.main(["--out", str(shared_tmp / "bench"), "--n", "16", "--particles", "5000", "--repeat", "2",
+                          "--exchange-particles", "3000", "--save-costs", str(costs), "--log-level", "WARNING"])
+    comm.Barrier()
+    on_disk = json.loads((shared_tmp / "bench" / "summary.json").read_text())
+    for key in ("fft_s", "fft_scipy_s", "fft_ratio_vs_scipy", "paint_cic_particles_per_s", "paint_ratio_vs_numpy",
+                "exchange_MB_per_s", "n_ranks", "versions", "stage_s"):
+        assert key in on_disk, key
+    assert on_disk["n_ranks"] == comm.size == summary["n_ranks"]
+    assert on_disk["fft_ratio_vs_scipy"] == pytest.approx(on_disk["fft_s"] / on_disk["fft_scipy_s"])
+    assert on_disk["exchange_bytes"] == 3000 * 32  # pos float32 x3 + lagr int32 x3 + weight float64
+    assert on_disk["versions"]["fft_backend"]["name"] == "mpi4py-fft"
+    assert all(on_disk[k] > 0 for k in ("fft_s", "paint_cic_particles_per_s", "exchange_MB_per_s"))
+    plan_costs = json.loads(costs.read_text())
+    assert plan_costs["plan"]["route_s_per_particle"] > 0 and plan_costs["paint_cic_s_per_particle"] > 0
+    from lagbias_mpi.plan import load_costs
+    assert load_costs(str(costs))["route_s_per_particle"] == plan_costs["plan"]["route_s_per_particle"]
+
+
+def test_plane_field_independent_of_ranks():
+    full = bench.plane_field(6, 0, 6, seed=3)
+    assert full.dtype.name == "float32"
+    assert (bench.plane_field(6, 2, 5, seed=3) == full[2:5]).all()
