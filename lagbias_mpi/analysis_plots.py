@@ -66,9 +66,10 @@ def plot_pc_planes(pcs: np.ndarray, f: np.ndarray, path: Path, n_show: int = 200
     pcs, f = pcs[:n_show], f[:n_show]
     logf = np.log10(np.maximum(f, 1e-4))
     ncol = max(len(others), 1)
-    fig, axes = plt.subplots(2, ncol, figsize=(4.3 * ncol, 7.6), squeeze=False)
+    fig, axes = plt.subplots(2, ncol, figsize=(5.2 * ncol, 8), squeeze=False, constrained_layout=True)
+    vmin, vmax = np.percentile(logf, [2, 99.5]) if len(logf) else (-2, 1)
     for c, j in enumerate(others):
-        sc = axes[0, c].scatter(pcs[:, 0], pcs[:, j], c=logf, s=1, cmap="magma", vmin=-2, vmax=max(logf.max(), 0))
+        sc = axes[0, c].scatter(pcs[:, 0], pcs[:, j], c=logf, s=1, cmap="magma", vmin=vmin, vmax=vmax)
         axes[0, c].set_xlabel("PC0")
         axes[0, c].set_ylabel(f"PC{j}")
         axes[0, c].set_title(f"f in the PC0-PC{j} plane")
@@ -92,7 +93,7 @@ def plot_pc_coefficients(coef: np.ndarray, names: list[str], path: Path, n_pc: i
     kinds = sorted({n.split("_R")[0] for n in names}, key=lambda k: ["delta", "lap", "g2", "s2"].index(k)
                    if k in ("delta", "lap", "g2", "s2") else 9)
     pretty = {"delta": r"$\delta$", "lap": r"$\nabla^2\delta$", "g2": r"$\mathcal{G}_2$", "s2": "$s^2$"}
-    fig, axes = plt.subplots(1, n_pc, figsize=(5 * n_pc, 4), squeeze=False)
+    fig, axes = plt.subplots(1, n_pc, figsize=(5.5 * n_pc, 4), squeeze=False, constrained_layout=True)
     for p in range(n_pc):
         ax = axes[0, p]
         for c, kind in enumerate(kinds):
@@ -101,8 +102,11 @@ def plot_pc_coefficients(coef: np.ndarray, names: list[str], path: Path, n_pc: i
             ax.plot(r, coef[p, idx], "o-", color=f"C{c}", label=pretty.get(kind, kind))
         ax.axhline(0.0, color="grey", lw=0.5)
         ax.set_xscale("log")
+        radii = sorted({float(n.split("_R")[1]) for n in names})
+        ax.set_xticks(radii, [f"{r:g}" for r in radii])
+        ax.minorticks_off()
         ax.set_xlabel(r"$R_f$ [Mpc/h]")
-        ax.set_ylabel(f"coefficient of PC{p} on the standardised raw feature")
+        ax.set_ylabel(f"coefficient of PC{p} (standardised features)")
         ax.set_title(f"PC{p} = sum of coefficients x features")
         ax.legend(fontsize=8)
     _save(fig, path)
@@ -132,5 +136,69 @@ def plot_retrain(orig: dict, new: dict, path: Path, k_pcs: int, kmax: float = 0.
         _ratio_band(axes[0, c], orig[lab], "C0", "-", "original")
         _ratio_band(axes[0, c], new[lab], "C3", "--", f"re-trained on {k_pcs} PCs")
         _ratio_axes(axes[0, c], kmax, f"{lab} simulation")
+    _save(fig, path)
+    plt.close(fig)
+
+
+def plot_study_spectra(labels: list[str], spectra: list[dict], path: Path, kmax: float = 0.1) -> None:
+    """Fig. 4: P_model/P_h and P_uncorr/P_h on the validation simulation for every smoothing-scale set
+    (average f as a line, members' min-max as a band)."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
+    for i, (label, sp) in enumerate(zip(labels, spectra)):
+        key = next((k for k in sp if k != "train"), "train")
+        r, c = sp[key], f"C{i}"
+        for ax, q in zip(axes, ("ratio", "uncorr_ratio")):
+            ax.fill_between(r["k"], np.nanmin(r[f"{q}_members"], axis=0), np.nanmax(r[f"{q}_members"], axis=0),
+                            color=c, alpha=0.2)
+            ax.plot(r["k"], r[f"{q}_avg"], "-", color=c, label=f"{label} ({key}: {r['pk_ratio_lowk']:.3f})")
+    for ax, q in zip(axes, (r"$P_{\rm model}/P_h$", r"$P_{\rm uncorr}/P_h$")):
+        ax.axvline(kmax, color="grey", lw=0.5, ls=":")
+        ax.set_xscale("log")
+        ax.set_xlabel("k [h/Mpc]")
+        ax.set_ylabel(q)
+    axes[0].axhline(1.0, color="grey", lw=0.5)
+    avg = np.concatenate([sp[next((k for k in sp if k != "train"), "train")]["ratio_avg"] for sp in spectra])
+    if np.nanmin(avg) > 0.8 and np.nanmax(avg) < 1.2:
+        axes[0].set_ylim(0.8, 1.2)
+    axes[0].legend(fontsize=7, title=f"set (mean ratio at k < {kmax:g} h/Mpc)", title_fontsize=7)
+    axes[1].set_yscale("log")
+    axes[0].set_title("model / halo power (validation), band: members min-max")
+    axes[1].set_title("uncorrelated part")
+    _save(fig, path)
+    plt.close(fig)
+
+
+def plot_slices(labels: list[str], data: dict, path: Path) -> None:
+    """Fig. 10: true halo overdensity slice, model minus true per set, and each set minus the first."""
+    plt = _plt()
+    n_sets = len(labels)
+    ext = [-data["box"] / 2, data["box"] / 2, -data["box"] / 2, data["box"] / 2]
+    fig, axes = plt.subplots(2, n_sets + 1, figsize=(3.4 * (n_sets + 1), 6.6), squeeze=False, constrained_layout=True)
+    true = data["true"]
+    lim = float(np.percentile(np.abs(true), 99)) or 1.0
+    kw = {"origin": "lower", "extent": ext, "cmap": "RdBu_r", "vmin": -lim, "vmax": lim}
+    im = axes[0, 0].imshow(true.T, **kw)
+    axes[0, 0].set_title(r"true $\delta_h$")
+    fig.colorbar(im, ax=axes[0, 0], shrink=0.8)
+    axes[1, 0].axis("off")
+    axes[1, 0].text(0.05, 0.5, f"slice {data['thickness']:.1f} Mpc/h thick\nthrough the box centre\n"
+                    "top: model - true\nbottom: set - first set", transform=axes[1, 0].transAxes, fontsize=9)
+    for j, (label, m) in enumerate(zip(labels, data["models"])):
+        im = axes[0, j + 1].imshow((m - true).T, **kw)
+        axes[0, j + 1].set_title(f"{label}: model - true", fontsize=9)
+        if j > 0:
+            d = m - data["models"][0]
+            dl = float(np.percentile(np.abs(d), 99)) or 1.0
+            im2 = axes[1, j + 1].imshow(d.T, **{**kw, "vmin": -dl, "vmax": dl})
+            axes[1, j + 1].set_title(f"{label} - {labels[0]}", fontsize=9)
+            fig.colorbar(im2, ax=axes[1, j + 1], shrink=0.8)
+        else:
+            axes[1, j + 1].axis("off")
+    fig.colorbar(im, ax=axes[0, -1], shrink=0.8, label=r"$\delta$")
+    for ax in axes.ravel():
+        if ax.axison:
+            ax.set_xlabel("x [Mpc/h]")
+            ax.set_ylabel("y [Mpc/h]")
     _save(fig, path)
     plt.close(fig)

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from mpi4py import MPI
 
 from .logs import get_logger, setup_logging
 
@@ -67,15 +68,9 @@ def _timed(comm, func, repeat: int) -> tuple[float, float]:
         func()
         c1 = time.process_time()
         comm.Barrier()
-        wall.append(comm.allreduce(time.perf_counter() - t0, op=_max()))
-        cpu.append(comm.allreduce(c1 - c0, op=_max()))
+        wall.append(comm.allreduce(time.perf_counter() - t0, op=MPI.MAX))
+        cpu.append(comm.allreduce(c1 - c0, op=MPI.MAX))
     return float(np.median(wall)), float(np.median(cpu))
-
-
-def _max():
-    from mpi4py import MPI
-
-    return MPI.MAX
 
 
 def bench_fft(comm, n: int, repeat: int, seed: int = 1) -> dict:
@@ -96,8 +91,6 @@ def bench_fft(comm, n: int, repeat: int, seed: int = 1) -> dict:
     res = {"fft_n": n, "fft_s": wall, "fft_cpu_s": cpu, "fft_forward_s": forward, "fft_backend": fft.backend}
     scipy_s = (None, None)
     if comm.rank == 0:
-        from mpi4py import MPI
-
         full = local if comm.size == 1 else plane_field(n, 0, n, seed)
 
         def scipy_pair():
@@ -136,8 +129,6 @@ def bench_paint(comm, n: int, n_particles: int, repeat: int, seed: int = 2) -> d
            "paint_cic_unit_weight_particles_per_s": n_particles / t_u}
     ratio = (None, None, None)
     if comm.rank == 0:
-        from mpi4py import MPI
-
         # rank 0's particles: numpy reference against our paint of the same particles on one rank
         ref = _timed(MPI.COMM_SELF, lambda: cic_numpy_reference(pos, weight, n, BOX), 1)
         mine = _timed(MPI.COMM_SELF, lambda: paint(MPI.COMM_SELF, pos, weight, n, BOX, routed=True), 1)
@@ -219,7 +210,7 @@ def run(comm, out: Path, n: int, n_particles: int, repeat: int, exchange_particl
     versions.update(fft_backend=summary.pop("fft_backend"), fftw=fftw_version())
     for name in ("scipy", "numba"):
         versions[name] = __import__(name).__version__
-    rss = comm.allreduce(peak_rss_mb(), op=_max())
+    rss = comm.allreduce(peak_rss_mb(), op=MPI.MAX)
     summary["load_average"]["end"] = os.getloadavg()[0]  # > number of cores: the timings are inflated
     summary.update(n_ranks=comm.size, versions=versions, peak_rss_mb=rss, stage_s=timer.summary(),
                    date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -249,9 +240,6 @@ def main(argv=None) -> dict:
                         help="also write per-unit costs for the planner to this path")
     parser.add_argument("--log-level", default="INFO", help="logging level")
     args = parser.parse_args(argv)
-
-    from mpi4py import MPI
-
     from .parallel import abort_on_exception
 
     comm = MPI.COMM_WORLD

@@ -3,10 +3,14 @@
 ``process_group(comm)`` initialises the default process group over the ranks of ``comm`` (gloo on
 CPU, nccl when CUDA is present) and destroys it on exit. With one rank nothing is initialised and
 ``wrap`` returns the plain model: a one-process DDP is the identity.
+
+Free every DDP wrapper (``del`` + ``gc.collect()``) before leaving ``process_group``: a wrapper
+freed after ``destroy_process_group`` destroys the gloo group from Python and can deadlock on the GIL.
 """
 from __future__ import annotations
 
 import contextlib
+import gc
 import socket
 from datetime import timedelta
 
@@ -57,6 +61,7 @@ def process_group(comm, backend: str | None = None, timeout_s: float = 600.0):
     try:
         yield dist.group.WORLD
     finally:
+        gc.collect()  # DDP wrappers still alive past destroy_process_group can deadlock when freed
         dist.destroy_process_group()
 
 

@@ -62,7 +62,7 @@ class LstsqConfig:
     scale: Optional[float] = None  # Mpc/h; default: the single scale of features.scales
     n_delta: int = 20
     n_lap: int = 5
-    delta_range: tuple[float, float] = (-3.0, 4.0)  # inner delta edges span this; outer bins open
+    delta_range: tuple[float, ...] = (-3.0, 4.0)  # inner delta edges span this; outer bins open
     fine_bins: int = 2048  # histogram bins per delta bin for the lap percentiles
     constraint_weight: float = 1e6  # weight of the <f> = 1 row relative to trace(A^T A) / n_bins
 

@@ -52,7 +52,7 @@ RUNTIME_MB = {"load": 0.0, "features": 20.0, "routing": 40.0, "orthogonalise": 4
 BYTES = {
     "load_particle": 24,      # lagr_index int32 x3 + pos float32 x3
     "ic_cell": 4,             # the IC slab, float32
-    "fft_work_cell": 130,     # float64 r2c/c2r: k-slab, k^2, window, tidal kernel + temporaries, FFT copies
+    "fft_work_cell": 110,     # float64 r2c/c2r: k-slab, k^2, window, tidal kernel + temporaries, FFT copies
     "feature_copies": 3,      # raw + float64 copy + (x - mean)^2 in global moments (numpy elides the 2nd temporary)
     "exchange_copies": 5,     # input columns + packed + sorted copy + receive buffer + unpacked
     "act_copies": 6,          # per hidden layer and batch particle: linear, GELU, their grads, Adam
@@ -67,7 +67,7 @@ DEFAULT_COSTS = {
     "fft_s_per_cell_log2": 3.3e-9,       # one r2c or c2r of N^3 (+ its share of the feature arithmetic)
     "route_s_per_particle": 4.0e-7,      # one exchange (hash, sort, pack, Alltoallv, unpack) per particle
     "orth_s_per_particle_feature2": 2e-9,  # covariance + projection, per particle per F^2
-    "train_s_per_particle_epoch": 3.0e-6,  # forward + backward + Adam per selected particle per epoch
+    "train_s_per_particle_epoch": 6.0e-6,  # forward + backward + Adam per selected particle per epoch
     "build_s_per_particle": 2.5e-6,      # per-cell sub-sampling and batch construction, per particle
     "eval_s_per_particle_member": 1.0e-5,  # network, CIC paint and spectra per particle per member
     "eval_fixed_s": 2.0,                 # figures and spectra files
@@ -144,10 +144,10 @@ def _abacus_header(sim_name: str, redshift: float) -> dict:
         raise ValueError(f"cannot size AbacusSummit simulation {sim_name!r}: {exc}") from None
 
 
-def _halo_estimate(n_particles_full: float, box: float) -> int:
-    """Rough halo count (~ 3e-3 (h/Mpc)^3 for >~ 20-particle haloes at 2e9 Msun/h): only sizes a
-    small array."""
-    return int(3e-3 * box**3 * min(1.0, n_particles_full / (1728**3 / 500**3) / box**3 + 0.1))
+def _halo_estimate(box: float) -> int:
+    """Rough halo count, 3e-3 (h/Mpc)^3 x volume (FoF / CompaSO haloes of >~ 20 particles at
+    AbacusSummit resolution): it only sizes a small array."""
+    return int(3e-3 * box**3)
 
 
 def sizes_from_dict(data: dict, base_dir: Path | None = None) -> ProblemSize:
@@ -215,7 +215,7 @@ def sizes_from_dict(data: dict, base_dir: Path | None = None) -> ProblemSize:
         frac=float(smp.get("frac", 0.1)), batch_size=int(smp.get("batch_size", 100_000)),
         epochs=int(tr.get("epochs", 50)), ensemble=int(tr.get("ensemble", 5)),
         width=int(mdl.get("width", 64)), depth=int(mdl.get("depth", 5)), n_val=int(n_val),
-        n_halos=_halo_estimate(float(ppd) ** 3, float(box)), source=source)
+        n_halos=_halo_estimate(float(box)), source=source)
 
 
 def builtin_sizes(simulate_config, simulate_set=()) -> tuple[float, int, int]:
@@ -255,9 +255,11 @@ def memory_per_rank(size: ProblemSize, ranks: int, imbalance: float | None = Non
     """Predicted peak resident memory (bytes) of the busiest rank in each stage, and the total peak.
 
     Follows ``lagbias_mpi.train``: the training and validation simulations (S of them, all of the
-    training one's size) are loaded together and processed stage by stage, so S copies of most
-    arrays are alive. ``imbalance``: max/mean particles per rank after Eulerian routing (default 1
-    on one rank, else 1 + 0.05 log2 P, a guess for clustered z ~ 0.5 particles in thin slabs).
+    training one's size) are loaded one after the other; each gets its features and its Lagrangian
+    routing, then its IC slab and feature slab are dropped while its particles (lattice index,
+    position and routed copies with their features) stay, so the later stages hold S sets of
+    particles. ``imbalance``: max/mean particles per rank after Eulerian routing (default 1 on one
+    rank, else 1 + 0.05 log2 P, a guess for clustered z ~ 0.5 particles in thin slabs).
     """
     P = int(ranks)
     if P < 1:
@@ -272,9 +274,9 @@ def memory_per_rank(size: ProblemSize, ranks: int, imbalance: float | None = Non
     c_ev = math.ceil(size.eval_nmesh / P) * size.eval_nmesh**2
     c_tr = math.ceil(size.train_nmesh / P) * size.train_nmesh**2
     base = BASELINE_MB * MB
-    loaded = S * (B["load_particle"] * n_p + B["ic_cell"] * c_ic + B["halo"] * size.n_halos / P)
-    slab = 8 * F * c_ic  # one standardised float64 feature slab
-    features = max(8 * F + B["fft_work_cell"], B["feature_copies"] * 8 * F) * c_ic
+    kept = B["load_particle"] * n_p + B["halo"] * size.n_halos / P  # per simulation, to the end
+    ic = B["ic_cell"] * c_ic  # IC slab of the simulation being prepared
+    slab = 8 * F * c_ic  # its standardised float64 feature slab
     lag_part = (8 * F + 8 + 12) * n_p  # raw features + pid + pos after Lagrangian routing
     rec_l = 48  # lagr_index int32 x3 + pos float32 x3 + ic_index int64 x3
     lag_exchange = (B["exchange_copies"] * rec_l + 16 + 16 * F) * n_p  # + readout copy of the rows
@@ -286,14 +288,19 @@ def memory_per_rank(size: ProblemSize, ranks: int, imbalance: float | None = Non
     batches = (4 * m + 8) * sel + 16 * c_tr  # inputs + cell index per particle; scale, target per cell
     acts = size.batch_size / P * imbalance * size.depth * size.width * 4 * B["act_copies"]
     truth = 8 * c_tr * S
+    done = (S - 1) * (kept + lag_part)  # simulations prepared before the last one
+    # features: the training box computes its moments (3 feature-sized arrays); every box needs the
+    # FFT work on top of its feature array
+    feat_work = (8 * F + B["fft_work_cell"]) * c_ic
+    features = max(max(B["feature_copies"] * 8 * F * c_ic, feat_work), done + feat_work)
     stages = {
-        "load": base + loaded,
-        "features": base + loaded + (S - 1) * slab + features,
-        "routing": base + loaded + max(S * slab + (S - 1) * lag_part + lag_exchange,
-                                       S * lag_part + (S - 1) * (eul_part + theta) + eul_exchange + truth),
-        "orthogonalise": base + loaded + S * lag_part + 8 * F * n_p,
-        "train": base + loaded + S * (eul_part + theta + batches) + truth + acts,
-        "evaluate": base + loaded + S * (eul_part + theta) + batches + truth
+        "load": base + done + kept + ic,
+        "features": base + kept + ic + features,
+        "routing": base + max(done + kept + ic + slab + lag_exchange,
+                              S * (kept + lag_part) + (S - 1) * (eul_part + theta) + eul_exchange + truth),
+        "orthogonalise": base + S * (kept + lag_part) + 8 * F * n_p,
+        "train": base + S * (kept + eul_part + theta + batches) + truth + acts,
+        "evaluate": base + S * (kept + eul_part + theta) + batches + truth
                     + (size.ensemble + 2) * 8 * n_e + 5 * 20 * n_e + B["eval_cell"] * c_ev,
     }
     stages = {k: v + RUNTIME_MB[k] * MB for k, v in stages.items()}

@@ -43,7 +43,9 @@ def plot_spectra(results: dict[str, dict], path: Path, kmax: float = 0.1) -> Non
             if key == "ratio":
                 ax.axhline(1.0, color="grey", lw=0.5)
                 ax.set_title(label)
-                ax.set_ylim(0.8, 1.2)
+                finite = np.concatenate([mem[np.isfinite(mem)], r["ratio_avg"][np.isfinite(r["ratio_avg"])]])
+                lo, hi = (finite.min(), finite.max()) if finite.size else (1.0, 1.0)
+                ax.set_ylim(min(0.8, 0.95 * lo), max(1.2, 1.05 * hi))
                 ax.legend(fontsize=7)
             else:
                 ax.set_xlabel("k [h/Mpc]")

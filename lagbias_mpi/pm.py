@@ -123,15 +123,21 @@ class ForceMesh:
 def _fd_gradient(ext, inv12h, gx, gy, gz):
     """4-point periodic finite differences of ``ext`` (2 extra planes on each side along axis 0)."""
     nx, ny, nz = gx.shape
+    c8 = 8.0 * inv12h
     for i in range(nx):
         e = i + 2
         for j in range(ny):
             jp1, jm1, jp2, jm2 = (j + 1) % ny, (j - 1) % ny, (j + 2) % ny, (j - 2) % ny
             for k in range(nz):
-                kp1, km1, kp2, km2 = (k + 1) % nz, (k - 1) % nz, (k + 2) % nz, (k - 2) % nz
-                gx[i, j, k] = (8.0 * (ext[e + 1, j, k] - ext[e - 1, j, k]) - (ext[e + 2, j, k] - ext[e - 2, j, k])) * inv12h
-                gy[i, j, k] = (8.0 * (ext[e, jp1, k] - ext[e, jm1, k]) - (ext[e, jp2, k] - ext[e, jm2, k])) * inv12h
-                gz[i, j, k] = (8.0 * (ext[e, j, kp1] - ext[e, j, km1]) - (ext[e, j, kp2] - ext[e, j, km2])) * inv12h
+                gx[i, j, k] = c8 * (ext[e + 1, j, k] - ext[e - 1, j, k]) - inv12h * (ext[e + 2, j, k] - ext[e - 2, j, k])
+                gy[i, j, k] = c8 * (ext[e, jp1, k] - ext[e, jm1, k]) - inv12h * (ext[e, jp2, k] - ext[e, jm2, k])
+            row = ext[e, j]
+            for k in range(2, nz - 2):
+                gz[i, j, k] = c8 * (row[k + 1] - row[k - 1]) - inv12h * (row[k + 2] - row[k - 2])
+            for k in (0, 1, nz - 2, nz - 1):
+                if 0 <= k < nz:
+                    gz[i, j, k] = (c8 * (row[(k + 1) % nz] - row[(k - 1) % nz])
+                                   - inv12h * (row[(k + 2) % nz] - row[(k - 2) % nz]))
 
 
 @njit(cache=True)

@@ -202,7 +202,8 @@ def _ratio_block(meas: dict, expected: np.ndarray) -> dict:
 
 
 def simulate_one(comm, cfg: SimulateConfig, cosmo: Cosmology, index: int, timer: StageTimer):
-    """One realisation. Returns (LocalSimulation, velocities or None, f_true attrs, diagnostics)."""
+    """One realisation. Returns (LocalSimulation, velocities or None, f_true attrs or None,
+    diagnostics, member counts of all halos on every rank)."""
     seed = cfg.seed + index
     a_ic, a_f = 1.0 / (1.0 + cfg.z_ic), 1.0 / (1.0 + cfg.z_final)
     with timer.stage("ics"):

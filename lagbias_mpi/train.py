@@ -134,16 +134,19 @@ def _prepare(comm, timer, cfg, train_spec, val_specs, exch):
     sims, lag, moments = [], [], None
     for spec in [train_spec, *val_specs]:
         with timer.stage("load"):
+            log.info(f"load: {sources.spec_name(spec)} ({spec.get('path', spec['kind'])})")
             sim = sources.load(comm, spec)
         with timer.stage("features"):
+            log.info(f"features: {len(names)} columns on the {sim.meta.n_ic}^3 IC grid")
             slab, mom = pipeline.ic_features(comm, sim, radii, kinds, moments)
             moments = mom if moments is None else moments
         with timer.stage("routing"):
+            log.info(f"routing: {sim.meta.n_particles} particles to their Lagrangian slab")
             lag.append(pipeline.lagrangian_particles(comm, sim, slab))
         del slab
         sim.ic_delta = None  # the IC slab is not needed any more
         sims.append(sim)
-    log.info(f"features: {len(names)} raw columns {names}")
+    log.info(f"features: raw columns {names}")
     with timer.stage("orthogonalise"):
         orth = fit_orthogonaliser(comm, lag[0].raw, names, len(radii))
         log.info(f"orthogonalise: {orth.matrix.shape[1]} raw -> {orth.matrix.shape[0]} inputs, "
@@ -227,6 +230,7 @@ def _run(comm, cfg, run_dir, train_spec, val_specs, resume, stop_after_epochs):
     if comm.rank == 0:
         ens.save(run_dir / "model.pt")
     with timer.stage("evaluate"):
+        log.info("evaluate: ensemble-average and member f on all particles, CIC spectra")
         results, meta = {}, {}
         for s in sims:
             nmesh = _eval_nmesh(cfg, s.sim.meta.box)

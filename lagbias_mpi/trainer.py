@@ -13,7 +13,9 @@ the summed gradients equal the gradient of the whole-batch loss on one rank.
 """
 from __future__ import annotations
 
+import gc
 import time
+import traceback
 from dataclasses import dataclass
 
 import numpy as np
@@ -204,6 +206,21 @@ def train_member(comm, member: int, shape: dict, train_set: BatchSet, val_sets: 
         torch.random.set_rng_state(ckpt["torch_rng"])
         log.info(f"member {member}: resumed from {path} after epoch {ckpt['epoch']}")
     dmodel = ddp.wrap(model, comm)
+    try:
+        _epochs(comm, member, dmodel, model, opt, sched, history, start, path, train_set, val_sets, tcfg,
+                config_hash, shape, epoch_budget)
+    except BaseException as exc:
+        traceback.clear_frames(exc.__traceback__)  # the frames would keep the DDP wrapper alive
+        raise
+    finally:
+        del dmodel  # free DDP's reducer while the process group lives (a late free can deadlock)
+        gc.collect()
+    return MemberResult({k: v.detach().cpu().clone() for k, v in model.state_dict().items()}, history)
+
+
+def _epochs(comm, member, dmodel, model, opt, sched, history, start, path, train_set, val_sets, tcfg,
+            config_hash, shape, epoch_budget):
+    """The epoch loop of :func:`train_member`."""
     for epoch in range(start, tcfg.epochs + 1):
         if epoch_budget is not None and epoch_budget[0] <= 0:
             raise StopRequested(f"stopped before member {member} epoch {epoch}")
@@ -247,7 +264,6 @@ def train_member(comm, member: int, shape: dict, train_set: BatchSet, val_sets: 
                  f"({history['epoch_wall_s'][-1]:.2f} s)")
         if epoch_budget is not None:
             epoch_budget[0] -= 1
-    return MemberResult({k: v.detach().cpu().clone() for k, v in model.state_dict().items()}, history)
 
 
 def bare_mlp_rate(comm, shape: dict, n_particles_global: int, tcfg, dtype=torch.float32, device="cpu") -> float:

@@ -19,7 +19,8 @@ INFO_KEYS = {"python", "numpy", "scipy", "numba", "torch", "torch_cuda_available
 def clean_env():
     env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", OMP_NUM_THREADS="1",
                PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    return {k: v for k, v in env.items() if not k.startswith(("OMPI_COMM_WORLD", "OMPI_MCA_ess", "PMIX_", "OMPI_MCA_orte"))}
+    return {k: v for k, v in env.items()
+            if not k.startswith(("OMPI_COMM_WORLD", "OMPI_MCA_ess", "PMIX_", "OMPI_MCA_orte"))}
 
 
 @pytest.mark.mpi

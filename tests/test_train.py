@@ -38,7 +38,8 @@ def _self_run(comm, cfg, out, **kw):
 
 
 def _probe_raw(n=200):
-    return np.random.default_rng(0).standard_normal((n, 6)) * 0.2
+    """Standardised raw features of n probe particles."""
+    return np.random.default_rng(0).standard_normal((n, 6))
 
 
 @pytest.mark.mpi
@@ -54,8 +55,8 @@ def test_rank_count_invariance_and_outputs(comm, sims):
         assert np.allclose(h["train_loss"], r["train_loss"], rtol=1e-4, atol=0)
         assert np.allclose(h["val_loss"], r["val_loss"], rtol=1e-4, atol=0)
         assert len(h["train_loss"]) == 3
-    f_p = load_ensemble(out).predict_f(_probe_raw())
-    f_1 = load_ensemble(d / f"inv_ref{comm.size}").predict_f(_probe_raw())
+    f_p = load_ensemble(out).predict_f(_probe_raw(), standardised=True)
+    f_1 = load_ensemble(d / f"inv_ref{comm.size}").predict_f(_probe_raw(), standardised=True)
     assert np.allclose(f_p, f_1, rtol=1e-3)
     assert np.isclose(s["pk_ratio_lowk_val"], ref["pk_ratio_lowk_val"], rtol=1e-3)
     assert s["n_selected"] == ref["n_selected"] and s["n_batches"] == ref["n_batches"]

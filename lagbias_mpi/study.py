@@ -1,0 +1,203 @@
+"""``python -m lagbias_mpi.study``: the smoothing-scale study of the paper's Table 1 (Figs. 4 and 10).
+
+    mpirun -n P python -m lagbias_mpi.study --configs configs/table1/*.yaml --out DIR [--set key=value ...]
+
+Each config is trained with ``train`` into ``DIR/<config stem>/`` (a set whose run directory already
+holds a ``summary.json`` is reused, unless ``--retrain``), on the same simulations. Then:
+
+- ``table.md`` / ``table.json``: per set the radii, number of inputs, P_model/P_h at k < kmax_lowk on
+  the training and validation simulations, the min/max over members on validation (the scatter),
+  and the final training and validation losses;
+- ``figures/pk_ratio_sets.png`` (Fig. 4): P_model/P_h and P_uncorr/P_h on the validation simulation,
+  one colour per set, members' min-max as a band;
+- ``figures/halo_slices.png`` (Fig. 10): a slice (``--slice-thickness`` Mpc/h, through the box centre)
+  of the true halo field on the evaluation grid, model minus true for every set, and each set minus
+  the first set. Only the slice planes are reduced to rank 0, never a grid;
+- ``summary.json`` with the table, environment, per-stage wall times.
+
+The beyond-the-paper variants (Fourier-space loss, training on several boxes) need hooks in the
+trainer that do not exist yet; ``pk_ratio_lowk_val_kspace`` and ``pk_ratio_lowk_val_multibox`` are
+reported as null (see docs/analysis.md for the proposed patches).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+from mpi4py import MPI
+
+from . import pipeline, sources, train
+from .config import ConfigError
+from .ensemble import load_ensemble, simulation_particles
+from .layout import slab_bounds
+from .logs import get_logger, setup_logging
+from .output import atomic_path, environment_info, write_json
+from .paint import paint
+from .parallel import StageTimer, abort_on_exception
+from .pca import read_spectra
+from .power import overdensity
+from .simdata import SimulationFileError
+
+log = get_logger("study")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m lagbias_mpi.study", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--configs", nargs="+", required=True, help="training configs, one per smoothing-scale set")
+    p.add_argument("--out", required=True, help="study directory (one run directory per config inside)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a key in every config (repeatable)")
+    p.add_argument("--retrain", action="store_true", help="train again even where a finished run exists")
+    p.add_argument("--slice-thickness", type=float, default=10.0, help="thickness of the Fig. 10 slice in Mpc/h")
+    p.add_argument("--no-slices", action="store_true", help="skip the halo-field slices (Fig. 10)")
+    return p.parse_args(argv)
+
+
+def set_label(cfg) -> str:
+    """Table-1 name of a config's scales, or its radii."""
+    s = cfg.features.scales
+    return s if isinstance(s, str) else "R=" + ",".join(f"{r:g}" for r in cfg.features.radii)
+
+
+def table_rows(names: list[str], cfgs: list, summaries: list[dict]) -> list[dict]:
+    """One row per set from the run summaries (pure)."""
+    rows = []
+    for name, cfg, s in zip(names, cfgs, summaries):
+        members = s.get("pk_ratio_lowk_members", {})
+        val = [v for k, v in members.items() if k != "train"]
+        val = val[0] if val else []
+        rows.append({"run": name, "set": set_label(cfg), "radii": list(cfg.features.radii),
+                     "n_inputs": s.get("n_inputs"), "pk_ratio_lowk_train": s.get("pk_ratio_lowk_train"),
+                     "pk_ratio_lowk_val": s.get("pk_ratio_lowk_val"),
+                     "pk_ratio_lowk_val_min": float(np.min(val)) if len(val) else None,
+                     "pk_ratio_lowk_val_max": float(np.max(val)) if len(val) else None,
+                     "final_train_loss": s.get("final_train_loss"), "final_val_loss": s.get("final_val_loss")})
+    return rows
+
+
+def markdown_table(rows: list[dict], kmax: float) -> str:
+    def fmt(v, p=4):
+        return "-" if v is None or (isinstance(v, float) and not np.isfinite(v)) else f"{v:.{p}f}"
+
+    head = (f"| set | R_f [Mpc/h] | inputs | P_model/P_h train (k<{kmax:g}) | P_model/P_h val | val members "
+            "min-max | final train loss | final val loss |\n|---|---|---|---|---|---|---|---|\n")
+    lines = [f"| {r['set']} | {', '.join(f'{x:g}' for x in r['radii'])} | {r['n_inputs']} | "
+             f"{fmt(r['pk_ratio_lowk_train'])} | {fmt(r['pk_ratio_lowk_val'])} | "
+             f"{fmt(r['pk_ratio_lowk_val_min'])}-{fmt(r['pk_ratio_lowk_val_max'])} | "
+             f"{fmt(r['final_train_loss'], 2)} | {fmt(r['final_val_loss'], 2)} |" for r in rows]
+    return head + "\n".join(lines) + "\n"
+
+
+def slice_sum(comm, slab: np.ndarray, n: int, first: int, count: int) -> np.ndarray | None:
+    """Mean over planes [first, first + count) of a slab-decomposed grid, on rank 0 (one reduce of
+    an n x n array)."""
+    lo, hi = slab_bounds(n, comm.size, comm.rank)
+    a, b = max(lo, first), min(hi, first + count)
+    local = slab[a - lo:b - lo].sum(axis=0) if b > a else np.zeros(slab.shape[1:], dtype=np.float64)
+    out = np.zeros_like(local, dtype=np.float64) if comm.rank == 0 else None
+    comm.Reduce(np.ascontiguousarray(local, dtype=np.float64), out, op=MPI.SUM, root=0)
+    return out / count if comm.rank == 0 else None
+
+
+def halo_slices(comm, cfg, run_dirs: list[Path], base_dir: Path, thickness: float) -> dict | None:
+    """True and model delta slices on the first validation (else training) simulation (rank 0 gets
+    them; None elsewhere)."""
+    train_spec, val_specs = sources.resolve(comm, cfg.simulation, base_dir)
+    spec = val_specs[0] if val_specs else train_spec
+    sim = sources.load(comm, spec)
+    box = sim.meta.box
+    n = train._eval_nmesh(cfg, box)
+    count = max(int(round(thickness / (box / n))), 1)
+    first = n // 2 - count // 2
+    tpos, tw, _ = pipeline.true_tracers(comm, sim, cfg.halos)
+    out = {"true": slice_sum(comm, overdensity(comm, paint(comm, tpos, tw, n, box, method="cic")), n, first, count),
+           "models": [], "box": box, "thickness": count * box / n}
+    for rd in run_dirs:
+        ens = load_ensemble(rd)
+        parts = simulation_particles(comm, sim, ens)
+        f = ens.predict_f(parts.raw, standardised=True)
+        out["models"].append(slice_sum(comm, overdensity(comm, paint(comm, parts.pos, f, n, box, method="cic")),
+                                       n, first, count))
+        del parts
+    return out if comm.rank == 0 else None
+
+
+def run(comm, configs, out, overrides=None, retrain=False, thickness=10.0, slices=True, base_dir=None) -> dict:
+    """Train (or reuse) every set and write the comparison; returns the summary dict."""
+    out = Path(out)
+    base_dir = Path(base_dir) if base_dir is not None else Path.cwd()
+    overrides = list(overrides or [])
+    if not configs:
+        raise ConfigError("--configs: no config given")
+    cfgs = [train.load_train_config(c, overrides) for c in configs]  # all validated before any work
+    setup_logging(comm, cfgs[0].run.log_level)
+    names = [Path(c).stem for c in configs]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"--configs: config file names must differ (run directories): {names}")
+    kmax = cfgs[0].grid.kmax_lowk
+    timer = StageTimer(comm)
+    run_dirs, summaries = [], []
+    for name, path in zip(names, configs):
+        rd = out / name
+        done = (rd / "summary.json").is_file() and (rd / "model.pt").is_file() and not retrain
+        if done:
+            log.info(f"study: reusing the finished run {rd}")
+        else:
+            log.info(f"study: training {name} into {rd}")
+            with timer.stage(f"train_{name}"):
+                train.run(comm, path, overrides, out=rd, base_dir=base_dir)
+            setup_logging(comm, cfgs[0].run.log_level)
+        run_dirs.append(rd)
+        summaries.append(json.loads((rd / "summary.json").read_text()))
+    rows = table_rows(names, cfgs, summaries)
+    slice_data = None
+    if slices:
+        with timer.stage("slices"):
+            slice_data = halo_slices(comm, cfgs[0], run_dirs, base_dir, thickness)
+    if comm.rank == 0:
+        from . import analysis_plots
+
+        with atomic_path(out / "table.md") as tmp:
+            tmp.write_text(markdown_table(rows, kmax))
+        write_json(out / "table.json", {"kmax_lowk": kmax, "rows": rows})
+        spectra = [read_spectra(rd / "spectra.h5") for rd in run_dirs]
+        analysis_plots.plot_study_spectra([r["set"] for r in rows], spectra, out / "figures" / "pk_ratio_sets.png",
+                                          kmax)
+        if slice_data is not None:
+            analysis_plots.plot_slices([r["set"] for r in rows], slice_data, out / "figures" / "halo_slices.png")
+    summary = {"n_ranks": comm.size, "sets": rows, "kmax_lowk": kmax,
+               "pk_ratio_lowk_val": {r["set"]: r["pk_ratio_lowk_val"] for r in rows},
+               "pk_ratio_lowk_val_kspace": None, "pk_ratio_lowk_val_multibox": None,
+               "beyond_paper": "Fourier-space loss and multi-box training need trainer hooks; see docs/analysis.md",
+               "run_dirs": [str(r) for r in run_dirs], "configs": [str(c) for c in configs], "overrides": overrides,
+               "stage_wall_s": timer.summary(), "environment": environment_info(comm)}
+    if comm.rank == 0:
+        write_json(out / "summary.json", summary)
+    log.info("study done:\n" + markdown_table(rows, kmax))
+    return summary
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    comm = MPI.COMM_WORLD
+
+    @abort_on_exception(comm)
+    def body():
+        try:
+            run(comm, args.configs, args.out, args.set, args.retrain, args.slice_thickness, not args.no_slices)
+        except (ConfigError, SimulationFileError) as exc:
+            if comm.size == 1:
+                sys.stderr.write(f"error: {exc}\n")
+                return 2
+            raise
+        return 0
+
+    return body()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

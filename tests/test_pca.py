@@ -1,0 +1,125 @@
+"""PCA of grad f: rank-count invariance, recovery of a known direction, the PC0 peak, the command
+with re-training on the leading PCs."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from mpi4py import MPI
+
+from lagbias_mpi import pca
+from lagbias_mpi.ensemble import Ensemble, load_ensemble
+from lagbias_mpi.model import BiasMLP
+from lagbias_mpi.orthogonalise import Orthogonaliser
+from simfixtures import make_simulation, write_config
+
+N_IN, N_RAW, N_PART = 4, 6, 6000
+DIRECTION = np.array([0.6, -0.48, 0.0, 0.64])  # unit vector in theta space
+
+
+def _ensemble(one_direction: bool) -> Ensemble:
+    """Two members; with ``one_direction`` every member's first layer sees only DIRECTION . theta,
+    so f depends on theta through that direction alone."""
+    rng = np.random.default_rng(11)
+    states = []
+    for m in range(2):
+        torch.manual_seed(100 + m)
+        net = BiasMLP(N_IN, width=8, depth=2).double()
+        with torch.no_grad():
+            if one_direction:
+                net.net[0].weight.copy_(torch.tensor(np.outer(rng.standard_normal(8) * 0.5, DIRECTION)))
+            net.net[-1].weight.mul_(0.3)
+        states.append({k: v.float() for k, v in net.state_dict().items()})
+    orth = Orthogonaliser(np.random.default_rng(5).standard_normal((N_IN, N_RAW)) * 0.5, np.zeros(N_RAW),
+                          np.ones(N_IN))
+    names = [f"{k}_R{r:.2f}" for r in (1.0, 2.0) for k in ("delta", "lap", "g2")]
+    return Ensemble({"n_in": N_IN, "width": 8, "depth": 2, "activation": "gelu"}, states, orth,
+                    (np.zeros(N_RAW), np.ones(N_RAW)), names, (1.0, 2.0), ("delta", "lap", "g2"))
+
+
+def _particles(comm):
+    raw = np.random.default_rng(9).standard_normal((N_PART, N_RAW))
+    pid = np.arange(N_PART, dtype=np.uint64)
+    mine = (np.arange(N_PART) * 7919) % comm.size == comm.rank  # uneven, interleaved ownership
+    return raw, pid, mine
+
+
+@pytest.mark.mpi
+def test_rank_count_invariance(comm):
+    ens = _ensemble(False)
+    raw, pid, mine = _particles(comm)
+    res = pca.analyse(comm, ens, raw[mine], pid[mine], N_PART, 3000, seed=4)
+    ref = pca.analyse(MPI.COMM_SELF, ens, raw, pid, N_PART, 3000, seed=4)
+    assert res["n_sampled"] == ref["n_sampled"]
+    assert 2500 < ref["n_sampled"] < 3500
+    np.testing.assert_allclose(res["eigenvalues"], ref["eigenvalues"], rtol=1e-10)
+    np.testing.assert_allclose(res["U"], ref["U"], atol=1e-8)
+    np.testing.assert_allclose(res["coefficients"], ref["U"].T @ ens.orth.matrix, atol=1e-8)
+    np.testing.assert_allclose(res["pc0_mean_f"], ref["pc0_mean_f"], rtol=1e-10)
+    assert res["pc0_peak"] == pytest.approx(ref["pc0_peak"], rel=1e-10)
+
+
+@pytest.mark.mpi
+def test_leading_pc_is_the_known_direction(comm):
+    ens = _ensemble(True)
+    raw, pid, mine = _particles(comm)
+    res = pca.analyse(comm, ens, raw[mine], pid[mine], N_PART, 4000, seed=1)
+    vals, u0 = res["eigenvalues"], res["U"][:, 0]
+    assert vals[0] > 0 and vals[1] < 1e-10 * vals[0]
+    assert abs(abs(u0 @ DIRECTION) - 1.0) < 1e-10
+    # f increases along PC0 on average by the sign convention
+    assert res["pc0_mean_f"][np.isfinite(res["pc0_mean_f"])][-1] > res["pc0_mean_f"][np.isfinite(res["pc0_mean_f"])][0]
+
+
+@pytest.mark.mpi
+def test_pc0_peak_of_rising_and_falling_f(comm):
+    rng = np.random.default_rng(comm.rank)
+    x = rng.standard_normal(20000)
+    centres, mean, counts = pca.binned_mean(comm, x, np.exp(-((x - 0.8) ** 2)), n_bins=40)
+    assert int(counts.sum()) == 20000 * comm.size
+    assert abs(pca.peak_of(centres, mean) - 0.8) < 0.2
+
+
+def test_pc_orthogonaliser_projects_on_leading_pcs():
+    ens = _ensemble(False)
+    U = np.linalg.qr(np.random.default_rng(2).standard_normal((N_IN, N_IN)))[0]
+    po = pca.pc_orthogonaliser(ens.orth, U, np.arange(N_IN, 0, -1.0), 2)
+    raw = np.random.default_rng(3).standard_normal((5, N_RAW))
+    np.testing.assert_allclose(po.apply(raw), ens.orth.apply(raw) @ U[:, :2], atol=1e-12)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    from lagbias_mpi import train
+
+    world = MPI.COMM_WORLD
+    d = Path(world.bcast(str(tmp_path_factory.mktemp("pca")) if world.rank == 0 else None, root=0))
+    a = make_simulation(d / "a.h5", ppd=16, box=64.0, seed=3, kind="halos")
+    b = make_simulation(d / "b.h5", ppd=16, box=64.0, seed=4, kind="halos")
+    cfg = write_config(d / "nn.yaml", a, [b], features={"scales": [8.0, 16.0], "kinds": ["delta", "lap", "g2"]},
+                       grid={"cell": 8.0, "eval_nmesh": 16, "kmax_lowk": 0.3},
+                       train={"epochs": 2, "ensemble": 2, "lr": 0.01, "seed": 7, "bare_steps": 1})
+    train.run(world, cfg, out=d / "run")
+    return d / "run"
+
+
+@pytest.mark.mpi
+def test_command_with_retrain(trained):
+    world = MPI.COMM_WORLD
+    out = trained / f"pca_n{world.size}"
+    assert pca.main(["--run", str(trained), "--retrain", "2", "--n-sample", "2000", "--out", str(out)]) == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert len(s["pc_eigenvalues"]) == 5 and s["pc_eigenvalues"][0] >= s["pc_eigenvalues"][-1]
+    assert np.isfinite(s["pk_ratio_lowk_val_original"]) and np.isfinite(s["pk_ratio_lowk_val_retrained"])
+    assert np.isfinite(s["pc0_peak"])
+    assert np.array(s["pc_coefficients"]).shape == (5, 6)
+    for name in ("pc_planes", "pc_coefficients", "f_vs_pc0", "retrain_2"):
+        assert (out / "figures" / f"{name}.png").is_file()
+    assert load_ensemble(out / "retrain_2").shape["n_in"] == 2
+    world.Barrier()
+
+
+def test_bad_run_directory(tmp_path, capsys):
+    assert pca.main(["--run", str(tmp_path)]) == 2
+    assert "config.yaml" in capsys.readouterr().err
