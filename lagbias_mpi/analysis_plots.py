@@ -46,6 +46,7 @@ def plot_lstsq(binning, f_bins: np.ndarray, fig2: dict, results: dict, nn_result
         axes[0].plot([], [], "k--", label="NN (dashed, bin mean)")
     axes[0].set_xlabel(rf"$\delta_R / \sigma$ (R = {radius:g} Mpc/h, standardised)")
     axes[0].set_ylabel("f (halo mass per particle, mean 1)")
+    axes[0].set_yscale("symlog", linthresh=1.0)
     axes[0].set_title("f per $\\nabla^2\\delta$ percentile bin")
     axes[0].legend(fontsize=6)
     label = next((k for k in results if k != "train"), "train")

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .model import BiasMLP, f_of_y
+from .model import BiasMLP
 from .orthogonalise import Orthogonaliser
 from .output import atomic_path
 

@@ -40,15 +40,16 @@ import scipy.sparse
 from mpi4py import MPI
 
 from . import analysis_plots, pipeline, sources
+from .cli import run_command
 from .config import ConfigError, load_config, to_dict
 from .ensemble import load_ensemble, simulation_particles
 from .evaluate import evaluate_simulation
 from .features import feature_names
 from .logs import get_logger, setup_logging
 from .output import environment_info, write_json
-from .parallel import StageTimer, abort_on_exception, global_sum, peak_rss_mb
+from .parallel import StageTimer, global_sum, peak_rss_mb
 from .sampling import select_in_cells
-from .simdata import SimulationFileError
+from .train import eval_nmesh
 from .train_config import (FeatureConfig, GridConfig, HaloConfig, ModelConfig, RunConfig, SamplingConfig,
                            SimulationConfig, TrainConfig)
 
@@ -303,10 +304,6 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def _eval_nmesh(grid: GridConfig, box: float) -> int:
-    return grid.eval_nmesh if grid.eval_nmesh is not None else max(int(round(box / grid.eval_cell)), 2)
-
-
 def _check_inputs(comm, cfg: LstsqRunConfig, nn_run, base_dir: Path):
     train_spec, val_specs = sources.resolve(comm, cfg.simulation, base_dir)
     for spec in [train_spec, *val_specs]:
@@ -314,7 +311,7 @@ def _check_inputs(comm, cfg: LstsqRunConfig, nn_run, base_dir: Path):
         if cfg.radius < meta.box / meta.n_ic * (1 - 1e-9):
             raise ConfigError(f"lstsq scale {cfg.radius} Mpc/h is below the IC grid spacing "
                               f"{meta.box / meta.n_ic:.4g} Mpc/h of {spec.get('path')}")
-        if meta.n_ic < comm.size or _eval_nmesh(cfg.grid, meta.box) < comm.size:
+        if meta.n_ic < comm.size or eval_nmesh(cfg.grid, meta.box) < comm.size:
             raise ConfigError(f"grids of {spec.get('path')} too small for {comm.size} ranks")
     if nn_run is not None and not (Path(nn_run) / "model.pt").is_file():
         raise ConfigError(f"--nn-run {nn_run}: no model.pt there")
@@ -328,21 +325,22 @@ def run(comm, config_path, overrides=None, nn_run=None, out=None, base_dir=None)
     base_dir = Path(base_dir) if base_dir is not None else Path.cwd()
     train_spec, val_specs = _check_inputs(comm, cfg, nn_run, base_dir)
     name = cfg.run.name or Path(config_path).stem
-    out_dir = Path(out) if out is not None else (Path(nn_run) / "lstsq" if nn_run else base_dir / "runs" / name / "lstsq")
+    if out is not None:
+        out_dir = Path(out)
+    else:
+        out_dir = Path(nn_run) / "lstsq" if nn_run else base_dir / "runs" / name / "lstsq"
     timer = StageTimer(comm)
     lcfg, radius = cfg.lstsq, cfg.radius
     names = feature_names((radius,), ("delta", "lap"))
     ens = load_ensemble(nn_run) if nn_run is not None else None
     results, nn_results, fig2 = {}, {}, {}
-    binning = f_bins = ne = None
+    binning = f_bins = ne = moments = None
     for i, spec in enumerate([train_spec, *val_specs]):
         label = "train" if i == 0 else ("val" if len(val_specs) == 1 else f"val{i - 1}")
         with timer.stage("load"):
             sim = sources.load(comm, spec)
         with timer.stage("features"):
-            slab, mom = pipeline.ic_features(comm, sim, (radius,), ("delta", "lap"),
-                                             None if i == 0 else moments)
-            moments = mom if i == 0 else moments
+            slab, moments = pipeline.ic_features(comm, sim, (radius,), ("delta", "lap"), moments)
             parts = pipeline.lagrangian_particles(comm, sim, slab)
             del slab
         tpos, tw, what = pipeline.true_tracers(comm, sim, cfg.halos)
@@ -364,7 +362,7 @@ def run(comm, config_path, overrides=None, nn_run=None, out=None, base_dir=None)
         bins = binning.bins(parts.raw)
         if i == 0:
             fig2["delta_centre"] = bin_means(comm, bins, parts.raw[:, 0], binning.n_bins)
-        nmesh = _eval_nmesh(cfg.grid, sim.meta.box)
+        nmesh = eval_nmesh(cfg.grid, sim.meta.box)
         with timer.stage("evaluate"):
             results[label] = evaluate_simulation(comm, f_bins[:, bins], parts.pos, tpos, tw, sim.meta.box,
                                                  nmesh, cfg.grid.kmax_lowk)
@@ -413,6 +411,7 @@ def run(comm, config_path, overrides=None, nn_run=None, out=None, base_dir=None)
     }
     if comm.rank == 0:
         write_json(out_dir / "summary.json", summary)
+    comm.Barrier()  # the outputs exist on return, on every rank
     log.info(f"done: P_model/P_h low k val lstsq {summary['pk_ratio_lowk_val_lstsq']}, "
              f"NN {summary['pk_ratio_lowk_val_nn']}; outputs in {out_dir}")
     return summary
@@ -422,18 +421,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     comm = MPI.COMM_WORLD
 
-    @abort_on_exception(comm)
-    def body():
-        try:
-            run(comm, args.config, args.set, args.nn_run, args.out)
-        except (ConfigError, SimulationFileError) as exc:
-            if comm.size == 1:
-                sys.stderr.write(f"error: {exc}\n")
-                return 2
-            raise
-        return 0
-
-    return body()
+    return run_command(comm, lambda: run(comm, args.config, args.set, args.nn_run, args.out))
 
 
 if __name__ == "__main__":

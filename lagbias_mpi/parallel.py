@@ -86,7 +86,15 @@ def gather_slabs(comm, slab: np.ndarray, root: int | None = None) -> np.ndarray 
 
 
 def peak_rss_mb() -> float:
-    """Peak resident set size of this process in MB."""
+    """Peak resident set size of this process in MB (Linux: VmHWM of this process image; ru_maxrss
+    elsewhere, which Linux carries over from the parent across fork + exec)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return float(line.split()[1]) / 1024.0
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 

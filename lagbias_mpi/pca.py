@@ -35,15 +35,15 @@ import yaml
 from mpi4py import MPI
 
 from . import analysis_plots, ddp, sources
+from .cli import run_command
 from .config import ConfigError, from_dict, to_dict
 from .ensemble import Ensemble, load_ensemble, simulation_particles
 from .evaluate import evaluate_simulation, write_spectra
 from .logs import get_logger, setup_logging
 from .orthogonalise import Orthogonaliser
 from .output import environment_info, write_json
-from .parallel import StageTimer, abort_on_exception, global_sum, peak_rss_mb
+from .parallel import StageTimer, global_sum, peak_rss_mb
 from .sampling import hash_uniform
-from .simdata import SimulationFileError
 from .train_config import TrainRunConfig
 
 log = get_logger("pca")
@@ -148,7 +148,7 @@ def retrain(comm, cfg: TrainRunConfig, pc_orth: Orthogonaliser, ens: Ensemble, o
             timer: StageTimer) -> dict:
     """Train a new ensemble on the inputs of ``pc_orth`` with the run's config and evaluate it as
     ``train`` does. Returns {label: evaluate_simulation result}."""
-    from .train import _eval_nmesh, _prepare, _run_hash
+    from .train import config_run_hash, eval_nmesh, prepare_simulations
     from .trainer import build_batches, train_member
 
     tcfg = cfg.train
@@ -157,7 +157,7 @@ def retrain(comm, cfg: TrainRunConfig, pc_orth: Orthogonaliser, ens: Ensemble, o
     train_spec, val_specs = sources.resolve(comm, cfg.simulation, base_dir)
     with ddp.process_group(comm):
         device = ddp.device_for(comm)
-        sims, _, moments, names = _prepare(comm, timer, cfg, train_spec, val_specs, {})
+        sims, _, moments, names = prepare_simulations(comm, timer, cfg, train_spec, val_specs, {})
         for s in sims:
             s.theta = pc_orth.apply(s.parts.raw)
         shape = {"n_in": pc_orth.matrix.shape[0], "width": cfg.model.width, "depth": cfg.model.depth,
@@ -170,7 +170,7 @@ def retrain(comm, cfg: TrainRunConfig, pc_orth: Orthogonaliser, ens: Ensemble, o
                                          s.sim.meta.n_particles, cfg.sampling.frac, cfg.sampling.batch_size,
                                          tcfg.seed, member, dtype=dtype, device=device)
                 res = train_member(comm, member, shape, batches(sims[0]), [batches(v) for v in sims[1:]], tcfg,
-                                   out_dir / "checkpoints", _run_hash(cfg) + f"-pc{shape['n_in']}", dtype, device)
+                                   out_dir / "checkpoints", config_run_hash(cfg) + f"-pc{shape['n_in']}", dtype, device)
                 states.append(res.state)
     new = Ensemble(shape, states, pc_orth, moments, names, ens.radii, ens.kinds, tcfg.dtype, to_dict(cfg))
     if comm.rank == 0:
@@ -178,7 +178,7 @@ def retrain(comm, cfg: TrainRunConfig, pc_orth: Orthogonaliser, ens: Ensemble, o
     results, meta = {}, {}
     with timer.stage("evaluate"):
         for s in sims:
-            nmesh = _eval_nmesh(cfg, s.sim.meta.box)
+            nmesh = eval_nmesh(cfg.grid, s.sim.meta.box)
             results[s.label] = evaluate_simulation(comm, new.predict_f_members(s.theta), s.parts.pos, *s.tracers,
                                                    s.sim.meta.box, nmesh, cfg.grid.kmax_lowk)
             meta[s.label] = {"role": s.role, "source": str(s.spec.get("path", "")), "nmesh": nmesh}
@@ -288,6 +288,7 @@ def run(comm, run_dir, retrain_k=None, n_sample=1_000_000, seed=2023, out=None, 
                     "environment": environment_info(comm), "config": to_dict(cfg)})
     if comm.rank == 0:
         write_json(out_dir / "summary.json", summary)
+    comm.Barrier()  # the outputs exist on return, on every rank
     log.info(f"done: outputs in {out_dir}; P_model/P_h low k val original {summary['pk_ratio_lowk_val_original']}, "
              f"re-trained {summary['pk_ratio_lowk_val_retrained']}")
     return summary
@@ -297,18 +298,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     comm = MPI.COMM_WORLD
 
-    @abort_on_exception(comm)
-    def body():
-        try:
-            run(comm, args.run, args.retrain, args.n_sample, args.seed, args.out)
-        except (ConfigError, SimulationFileError) as exc:
-            if comm.size == 1:
-                sys.stderr.write(f"error: {exc}\n")
-                return 2
-            raise
-        return 0
-
-    return body()
+    return run_command(comm, lambda: run(comm, args.run, args.retrain, args.n_sample, args.seed, args.out))
 
 
 if __name__ == "__main__":

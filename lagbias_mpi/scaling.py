@@ -101,23 +101,6 @@ def grow_config(data: dict, ratio: float, base_dir: Path | None = None) -> tuple
     return out, changed
 
 
-def check_train_config(data: dict) -> None:
-    """Validate a training config dict with the training command's own dataclasses (a
-    ``simulation.abacus`` section is accepted even where the training config does not know it yet)."""
-    from .config import ConfigError, from_dict
-    from .train_config import TrainRunConfig
-    try:
-        from_dict(TrainRunConfig, data)
-    except ConfigError as exc:
-        if "simulation.abacus" not in str(exc):
-            raise
-        rest = json.loads(json.dumps(data))
-        rest["simulation"] = {k: v for k, v in rest["simulation"].items() if k != "abacus"}
-        rest["simulation"].setdefault("train_files", ["abacus"])
-        from_dict(TrainRunConfig, rest)
-        log.warning("this lagbias_mpi.train does not know simulation.abacus yet; checked the rest")
-
-
 PATH_KEYS = ("simulate", "cache_dir", "train_files", "val_files")
 
 
@@ -198,7 +181,7 @@ def plan_series(config_path: str, kind: str, nodes: list[int], ranks_per_node: i
     if ranks_per_node < 1:
         raise ValueError(f"--ranks-per-node must be >= 1, got {ranks_per_node}")
     base = absolute_paths(apply_overrides(load_yaml(config_path), overrides), Path.cwd())
-    check_train_config(base)
+    plan.check_train_config(base)
     nodes = sorted(set(int(n) for n in nodes))
     rpn = gpus_per_node if gpus_per_node else ranks_per_node
     members, scripts, warnings = [], [], []
@@ -287,7 +270,7 @@ def run_local(config_path: str, ranks: list[int], out: Path, overrides: list[str
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     base = absolute_paths(apply_overrides(load_yaml(config_path), overrides), Path.cwd())
-    check_train_config(base)
+    plan.check_train_config(base)
     ranks = sorted(set(int(r) for r in ranks))
     env = dict(os.environ, OMP_NUM_THREADS="1", OMPI_ALLOW_RUN_AS_ROOT="1",
                OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", HDF5_USE_FILE_LOCKING="FALSE")

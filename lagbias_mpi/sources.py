@@ -1,12 +1,13 @@
 """Where simulations come from: one small dispatch so that new sources (AbacusSummit) slot in.
 
 A *spec* is ``{"kind": "file", "path": ...}`` (a lagbias_mpi HDF5 simulation, e.g. one written by
-the built-in simulation). :func:`resolve` turns the ``simulation`` section of a training config into
+the built-in simulation) or ``{"kind": "abacus", "source": AbacusSource, "path": ...}``. :func:`resolve` turns the ``simulation`` section of a training config into
 the training spec and the validation specs, generating built-in simulations when they are missing;
 :func:`load` reads one spec into a :class:`~lagbias_mpi.simdata.LocalSimulation`.
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from .simdata import LocalSimulation, SimulationFileError, load_simulation, read_meta
@@ -18,10 +19,18 @@ def file_spec(path) -> dict:
     return {"kind": "file", "path": str(path)}
 
 
+def abacus_spec(source) -> dict:
+    return {"kind": "abacus", "source": source, "path": str(source.sim_dir)}
+
+
 def check(spec: dict):
     """Cheap check that a spec can be loaded (file present and readable); returns its metadata."""
     if spec["kind"] == "file":
         return read_meta(spec["path"])
+    if spec["kind"] == "abacus":
+        from . import abacus
+
+        return abacus.abacus_meta(abacus.validate_abacus_source(spec["source"]))
     raise SimulationFileError(f"unknown simulation source kind {spec['kind']!r}")
 
 
@@ -29,6 +38,10 @@ def load(comm, spec: dict) -> LocalSimulation:
     """Load one simulation spec (collective)."""
     if spec["kind"] == "file":
         return load_simulation(comm, spec["path"])
+    if spec["kind"] == "abacus":
+        from .abacus import load_abacus
+
+        return load_abacus(comm, spec["source"])
     raise SimulationFileError(f"unknown simulation source kind {spec['kind']!r}")
 
 
@@ -42,7 +55,14 @@ def resolve(comm, sim_cfg, base_dir: Path | None = None) -> tuple[dict, list[dic
         p = Path(p)
         return p if p.is_absolute() else base / p
 
-    if sim_cfg.simulate is None:
+    if sim_cfg.abacus is not None:
+        ab = sim_cfg.abacus
+        ab = replace(ab, abacus_root=str(absolute(ab.abacus_root)),
+                     ic_root=None if ab.ic_root is None else str(absolute(ab.ic_root)),
+                     cleaning_dir=None if ab.cleaning_dir is None else str(absolute(ab.cleaning_dir)))
+        train = abacus_spec(ab.train_source())
+        val = [abacus_spec(s) for s in ab.val_sources()]
+    elif sim_cfg.simulate is None:
         train = file_spec(absolute(sim_cfg.train_files[0]))
         val = [file_spec(absolute(p)) for p in sim_cfg.val_files]
     else:
@@ -67,4 +87,6 @@ def resolve(comm, sim_cfg, base_dir: Path | None = None) -> tuple[dict, list[dic
 
 def spec_name(spec: dict) -> str:
     """Short label of a spec for logs and tables."""
+    if spec["kind"] == "abacus":
+        return spec["source"].sim_name
     return Path(spec.get("path", spec.get("kind", "sim"))).stem

@@ -30,16 +30,16 @@ import numpy as np
 from mpi4py import MPI
 
 from . import pipeline, sources, train
+from .cli import run_command
 from .config import ConfigError
 from .ensemble import load_ensemble, simulation_particles
 from .layout import slab_bounds
 from .logs import get_logger, setup_logging
 from .output import atomic_path, environment_info, write_json
 from .paint import paint
-from .parallel import StageTimer, abort_on_exception
+from .parallel import StageTimer
 from .pca import read_spectra
 from .power import overdensity
-from .simdata import SimulationFileError
 
 log = get_logger("study")
 
@@ -110,7 +110,7 @@ def halo_slices(comm, cfg, run_dirs: list[Path], base_dir: Path, thickness: floa
     spec = val_specs[0] if val_specs else train_spec
     sim = sources.load(comm, spec)
     box = sim.meta.box
-    n = train._eval_nmesh(cfg, box)
+    n = train.eval_nmesh(cfg.grid, box)
     count = max(int(round(thickness / (box / n))), 1)
     first = n // 2 - count // 2
     tpos, tw, _ = pipeline.true_tracers(comm, sim, cfg.halos)
@@ -143,7 +143,7 @@ def run(comm, configs, out, overrides=None, retrain=False, thickness=10.0, slice
     run_dirs, summaries = [], []
     for name, path in zip(names, configs):
         rd = out / name
-        done = (rd / "summary.json").is_file() and (rd / "model.pt").is_file() and not retrain
+        done = comm.bcast((rd / "summary.json").is_file() and (rd / "model.pt").is_file() and not retrain, root=0)
         if done:
             log.info(f"study: reusing the finished run {rd}")
         else:
@@ -151,8 +151,10 @@ def run(comm, configs, out, overrides=None, retrain=False, thickness=10.0, slice
             with timer.stage(f"train_{name}"):
                 train.run(comm, path, overrides, out=rd, base_dir=base_dir)
             setup_logging(comm, cfgs[0].run.log_level)
+        comm.Barrier()  # rank 0 has written the run's summary.json
         run_dirs.append(rd)
-        summaries.append(json.loads((rd / "summary.json").read_text()))
+        summaries.append(comm.bcast(json.loads((rd / "summary.json").read_text()) if comm.rank == 0 else None,
+                                    root=0))
     rows = table_rows(names, cfgs, summaries)
     slice_data = None
     if slices:
@@ -177,6 +179,7 @@ def run(comm, configs, out, overrides=None, retrain=False, thickness=10.0, slice
                "stage_wall_s": timer.summary(), "environment": environment_info(comm)}
     if comm.rank == 0:
         write_json(out / "summary.json", summary)
+    comm.Barrier()  # the outputs exist on return, on every rank
     log.info("study done:\n" + markdown_table(rows, kmax))
     return summary
 
@@ -185,18 +188,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     comm = MPI.COMM_WORLD
 
-    @abort_on_exception(comm)
-    def body():
-        try:
-            run(comm, args.configs, args.out, args.set, args.retrain, args.slice_thickness, not args.no_slices)
-        except (ConfigError, SimulationFileError) as exc:
-            if comm.size == 1:
-                sys.stderr.write(f"error: {exc}\n")
-                return 2
-            raise
-        return 0
-
-    return body()
+    return run_command(comm, lambda: run(comm, args.configs, args.out, args.set, args.retrain, args.slice_thickness, not args.no_slices))
 
 
 if __name__ == "__main__":

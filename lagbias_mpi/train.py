@@ -20,6 +20,7 @@ import yaml
 from mpi4py import MPI
 
 from . import ddp, pipeline, plots, sources
+from .cli import run_command
 from .config import ConfigError, config_hash, load_config, to_dict
 from .ensemble import Ensemble
 from .evaluate import evaluate_simulation, write_spectra
@@ -27,7 +28,7 @@ from .features import feature_names
 from .logs import _RankFormatter, get_logger, setup_logging
 from .orthogonalise import fit as fit_orthogonaliser
 from .output import atomic_path, environment_info, write_json
-from .parallel import abort_on_exception, global_min_max_mean, global_sum, peak_rss_mb, StageTimer
+from .parallel import global_min_max_mean, global_sum, peak_rss_mb, StageTimer
 from .simdata import SimulationFileError
 from .train_config import TrainRunConfig
 from .trainer import StopRequested, bare_mlp_rate, build_batches, train_member
@@ -53,7 +54,7 @@ def load_train_config(path, overrides=None) -> TrainRunConfig:
     return load_config(TrainRunConfig, path, list(overrides or []))
 
 
-def _run_hash(cfg: TrainRunConfig) -> str:
+def config_run_hash(cfg: TrainRunConfig) -> str:
     d = to_dict(cfg)
     d.pop("run")
     return config_hash(d)
@@ -74,13 +75,14 @@ def _validate_inputs(comm, cfg: TrainRunConfig, base_dir: Path):
             raise ConfigError(f"grid.cell {cfg.grid.cell} is larger than the box {meta.box}")
         if meta.n_ic < comm.size:
             raise ConfigError(f"IC grid {meta.n_ic}^3 cannot be cut into {comm.size} slabs")
-        if _eval_nmesh(cfg, meta.box) < comm.size:
+        if eval_nmesh(cfg.grid, meta.box) < comm.size:
             raise ConfigError(f"evaluation grid smaller than the number of ranks {comm.size}")
     return train_spec, val_specs
 
 
-def _eval_nmesh(cfg, box: float) -> int:
-    return cfg.grid.eval_nmesh if cfg.grid.eval_nmesh is not None else max(int(round(box / cfg.grid.eval_cell)), 2)
+def eval_nmesh(grid, box: float) -> int:
+    """Cells per side of the CIC evaluation grid of a ``grid`` config section for a box in Mpc/h."""
+    return grid.eval_nmesh if grid.eval_nmesh is not None else max(int(round(box / grid.eval_cell)), 2)
 
 
 def _add_file_log(comm, path: Path):
@@ -128,7 +130,7 @@ def run(comm, config_path, overrides=None, out=None, resume=False, stop_after_ep
             handler.close()
 
 
-def _prepare(comm, timer, cfg, train_spec, val_specs, exch):
+def prepare_simulations(comm, timer, cfg, train_spec, val_specs, exch):
     radii, kinds = cfg.features.radii, cfg.features.kinds
     names = feature_names(radii, kinds)
     sims, lag, moments = [], [], None
@@ -192,11 +194,11 @@ def _run(comm, cfg, run_dir, train_spec, val_specs, resume, stop_after_epochs):
     dtype = getattr(torch, tcfg.dtype)
     device = ddp.device_for(comm)
     exch: dict = {}
-    sims, orth, moments, names = _prepare(comm, timer, cfg, train_spec, val_specs, exch)
+    sims, orth, moments, names = prepare_simulations(comm, timer, cfg, train_spec, val_specs, exch)
     tr, vals = sims[0], sims[1:]
     shape = {"n_in": orth.matrix.shape[0], "width": cfg.model.width, "depth": cfg.model.depth,
              "activation": cfg.model.activation}
-    run_hash = _run_hash(cfg)
+    run_hash = config_run_hash(cfg)
     ckpt_dir = run_dir / "checkpoints"
     budget = [stop_after_epochs] if stop_after_epochs is not None else None
     states, histories, batch_info = [], [], {}
@@ -233,7 +235,7 @@ def _run(comm, cfg, run_dir, train_spec, val_specs, resume, stop_after_epochs):
         log.info("evaluate: ensemble-average and member f on all particles, CIC spectra")
         results, meta = {}, {}
         for s in sims:
-            nmesh = _eval_nmesh(cfg, s.sim.meta.box)
+            nmesh = eval_nmesh(cfg.grid, s.sim.meta.box)
             f_members = ens.predict_f_members(s.theta)
             results[s.label] = evaluate_simulation(comm, f_members, s.parts.pos, *s.tracers, s.sim.meta.box,
                                                    nmesh, cfg.grid.kmax_lowk)
@@ -299,18 +301,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     comm = MPI.COMM_WORLD
 
-    @abort_on_exception(comm)
-    def body():
-        try:
-            run(comm, args.config, args.set, args.out, args.resume, args.stop_after_epochs)
-        except (ConfigError, SimulationFileError) as exc:
-            if comm.size == 1:
-                sys.stderr.write(f"error: {exc}\n")
-                return 2
-            raise
-        return 0
-
-    return body()
+    return run_command(comm, lambda: run(comm, args.config, args.set, args.out, args.resume, args.stop_after_epochs))
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal, Optional, Union
 
+from .abacus import AbacusSet
 from .features import KINDS, resolve_scales
 
 
@@ -15,9 +16,10 @@ from .features import KINDS, resolve_scales
 class SimulationConfig:
     """Where the training and validation simulations come from.
 
-    Either ``simulate`` (a simulate config YAML, generated via ``simulate.ensure_simulations`` into
-    ``cache_dir``, default ``data/sims`` under the project root; realisation ``train_realisation``
-    trains, ``val_realisations`` validate) or explicit files ``train_files`` / ``val_files``.
+    Exactly one of: ``simulate`` (a simulate config YAML, generated via
+    ``simulate.ensure_simulations`` into ``cache_dir``, default ``data/sims`` under the project root;
+    realisation ``train_realisation`` trains, ``val_realisations`` validate), explicit files
+    ``train_files`` / ``val_files``, or ``abacus`` (AbacusSummit boxes, :class:`abacus.AbacusSet`).
     """
 
     simulate: Optional[str] = None
@@ -27,12 +29,15 @@ class SimulationConfig:
     val_realisations: tuple[int, ...] = (1,)
     train_files: tuple[str, ...] = ()
     val_files: tuple[str, ...] = ()
+    abacus: Optional[AbacusSet] = None
 
     def __post_init__(self):
-        if self.simulate is None and not self.train_files:
-            raise ValueError("simulation: give either simulate (a simulate config) or train_files")
-        if self.simulate is not None and (self.train_files or self.val_files):
-            raise ValueError("simulation: give simulate or train_files/val_files, not both")
+        given = [self.simulate is not None, bool(self.train_files), self.abacus is not None]
+        if sum(given) != 1:
+            raise ValueError("simulation: give exactly one of simulate (a simulate config), "
+                             "train_files (+ val_files) or abacus (AbacusSummit)")
+        if self.val_files and not self.train_files:
+            raise ValueError("simulation.val_files needs train_files")
         if len(self.train_files) > 1:
             raise ValueError("simulation.train_files: training on one simulation is supported")
         if self.train_realisation < 0 or any(r < 0 for r in self.val_realisations):

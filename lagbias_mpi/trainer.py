@@ -32,6 +32,9 @@ from .sampling import batch_of_cells, batch_order, n_batches_for, select_in_cell
 log = get_logger("trainer")
 
 
+MAX_BATCH_MEAN_F = 1e3  # a batch whose mean f exceeds this (mass conservation asks 1) has diverged
+
+
 class TrainingDiverged(FloatingPointError):
     """The loss became NaN or infinite."""
 
@@ -233,10 +236,12 @@ def _epochs(comm, member, dmodel, model, opt, sched, history, start, path, train
             batch = train_set.batches[b]
             opt.zero_grad(set_to_none=False)
             obj, loss, s_glob = local_objective(comm, dmodel, batch, eps, tcfg.guard_y)
-            if not np.isfinite(loss):
+            batch_mean_f = s_glob / max(batch.n_global, 1)
+            if not np.isfinite(loss) or not batch_mean_f < MAX_BATCH_MEAN_F:
                 good = f"{path} (epoch {epoch - 1})" if epoch > 1 else "none (first epoch)"
-                raise TrainingDiverged(f"loss is {loss} at member {member}, epoch {epoch}, step {i}: "
-                                       f"training stopped; last good checkpoint: {good}")
+                raise TrainingDiverged(f"loss {loss:.4g}, batch mean f {batch_mean_f:.4g} at member {member}, "
+                                       f"epoch {epoch}, step {i}: training diverged and stopped; "
+                                       f"last good checkpoint: {good}")
             obj.backward()
             opt.step()
             losses.append(loss)

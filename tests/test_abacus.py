@@ -135,11 +135,11 @@ def test_config_files_parse(name):
     data = yaml.safe_load(path.read_text())
     s = from_dict(AbacusSet, data["simulation"]["abacus"], "simulation.abacus")
     assert s.redshift == 0.5 and s.train.startswith("AbacusSummit_")
-    # the other sections follow the training config schema
+    # the whole file is a valid training config
     from lagbias_mpi.train_config import TrainRunConfig
 
-    cfg = from_dict(TrainRunConfig, dict(data, simulation={"train_files": ["unused.h5"]}))
-    assert cfg.halos.min_npart == 151 and cfg.features.radii == (1.0, 2.83, 8.0)
+    cfg = from_dict(TrainRunConfig, data)
+    assert cfg.simulation.abacus.train == s.train and cfg.halos.min_npart == 151 and cfg.features.radii == (1.0, 2.83, 8.0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -338,45 +338,15 @@ def test_error_raised_on_every_rank(comm, ic_root):
 # ---------------------------------------------------------------------------------------------
 # end to end: the training command on the Mini simulation for 2 epochs
 
-def abacus_dispatch(monkeypatch, train_src, val_srcs):
-    """Route lagbias_mpi.sources to AbacusSummit specs for this test only (the dispatch change that
-    plugs load_abacus into sources.py is described in docs/abacus.md)."""
-    from lagbias_mpi import sources
-    from lagbias_mpi.abacus import abacus_meta
-
-    orig_check, orig_load = sources.check, sources.load
-
-    def check(spec):
-        if spec["kind"] == "abacus":
-            return abacus_meta(validate_abacus_source(spec["source"]))
-        return orig_check(spec)
-
-    def load(comm, spec):
-        if spec["kind"] == "abacus":
-            return load_abacus(comm, spec["source"])
-        return orig_load(comm, spec)
-
-    def resolve(comm, sim_cfg, base_dir=None):
-        return ({"kind": "abacus", "source": train_src, "path": train_src.sim_name},
-                [{"kind": "abacus", "source": s, "path": s.sim_name} for s in val_srcs])
-
-    monkeypatch.setattr(sources, "check", check)
-    monkeypatch.setattr(sources, "load", load)
-    monkeypatch.setattr(sources, "resolve", resolve)
-
-
 @pytest.mark.mpi
-def test_train_two_epochs_on_mini(comm, ic_root, monkeypatch):
-    """``lagbias_mpi.train`` on the Mini simulation (a second name of it validates). Uses the
-    ``simulation.abacus`` config section when the training config has it, else routes
-    lagbias_mpi.sources to AbacusSummit specs for this test only."""
-    import dataclasses
+def test_train_two_epochs_on_mini(comm, ic_root):
+    """``lagbias_mpi.train`` on the Mini simulation through the ``simulation.abacus`` config
+    section (a second name of the same simulation validates)."""
     import json
 
     import yaml
 
     from lagbias_mpi import train
-    from lagbias_mpi.train_config import SimulationConfig
 
     val_name = "abacus_Mini_val"
     if comm.rank == 0:
@@ -386,13 +356,7 @@ def test_train_two_epochs_on_mini(comm, ic_root, monkeypatch):
     comm.Barrier()
     section = {"abacus_root": str(ic_root), "train": SIM, "validate": [val_name], "redshift": 0.0,
                "cleaned": False, "n_ic": N_IC}
-    if "abacus" in {f.name for f in dataclasses.fields(SimulationConfig)}:
-        simulation = {"abacus": section}
-    else:
-        abacus_set = from_dict(AbacusSet, section)
-        abacus_dispatch(monkeypatch, abacus_set.train_source(), abacus_set.val_sources())
-        simulation = {"train_files": [SIM]}
-    cfg = {"simulation": simulation,
+    cfg = {"simulation": {"abacus": section},
            "features": {"scales": "1Rf"},
            "halos": {"min_npart": 151, "weighting": "mass"},
            "grid": {"cell": 4.0, "eval_nmesh": 16, "kmax_lowk": 0.5},

@@ -15,7 +15,7 @@ N_GRID = 8
 N_PART = 12000
 
 
-def _synthetic(comm, frac_noise=0.0):
+def _synthetic(comm):
     """All ranks draw the same particles (global ids 0..N-1) and keep those whose cell plane they
     own, as after Eulerian routing. Returns (d, lap, cell, pid) of this rank."""
     rng = np.random.default_rng(42)
@@ -144,13 +144,16 @@ def test_command_end_to_end_with_nn(sims):
 
     a, b, d = sims
     world = MPI.COMM_WORLD
-    common = dict(features={"scales": [8.0], "kinds": ["delta", "lap"]}, grid={"cell": 8.0, "eval_nmesh": 16, "kmax_lowk": 0.3},
-                  train={"epochs": 2, "ensemble": 2, "lr": 0.01, "seed": 7, "bare_steps": 1})
+    common = dict(features={"scales": [8.0], "kinds": ["delta", "lap"]},
+                  grid={"cell": 8.0, "eval_nmesh": 16, "kmax_lowk": 0.3},
+                  train={"epochs": 1, "ensemble": 2, "lr": 0.01, "seed": 7, "bare_steps": 1})
     tag = f"n{world.size}"
     nn_cfg = write_config(d / f"nn_{tag}.yaml", a, [b], **common)
     train.run(world, nn_cfg, out=d / f"nn_{tag}")
+    world.Barrier()
     cfg = write_config(d / f"ls_{tag}.yaml", a, [b], lstsq={"n_delta": 5, "n_lap": 3}, **common)
     assert lstsq.main(["--config", str(cfg), "--nn-run", str(d / f"nn_{tag}")]) == 0
+    world.Barrier()  # rank 0 writes the outputs
     out = d / f"nn_{tag}" / "lstsq"
     summary = json.loads((out / "summary.json").read_text())
     assert summary["n_ranks"] == world.size
@@ -160,3 +163,15 @@ def test_command_end_to_end_with_nn(sims):
     assert len(summary["f_bins"]) == 15
     assert (out / "figures" / "lstsq_fig2.png").stat().st_size > 10000
     world.Barrier()
+
+
+@pytest.mark.parametrize("override, message", [("lstsq.n_delta=0", "lstsq.n_delta"),
+                                                ("lstsq.scale=3.0", "not one of features.scales"),
+                                                ("lstsq.foo=1", "lstsq.foo")])
+def test_bad_input_stops_before_work(sims, capsys, override, message):
+    a, b, d = sims
+    cfg = write_config(d / "bad.yaml", a, [b], features={"scales": [8.0], "kinds": ["delta", "lap"]})
+    out = d / "bad_out"
+    assert lstsq.main(["--config", str(cfg), "--set", override, "--out", str(out)]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()

@@ -99,8 +99,9 @@ def trained(tmp_path_factory):
     b = make_simulation(d / "b.h5", ppd=16, box=64.0, seed=4, kind="halos")
     cfg = write_config(d / "nn.yaml", a, [b], features={"scales": [8.0, 16.0], "kinds": ["delta", "lap", "g2"]},
                        grid={"cell": 8.0, "eval_nmesh": 16, "kmax_lowk": 0.3},
-                       train={"epochs": 2, "ensemble": 2, "lr": 0.01, "seed": 7, "bare_steps": 1})
+                       train={"epochs": 1, "ensemble": 2, "lr": 0.01, "seed": 7, "bare_steps": 1})
     train.run(world, cfg, out=d / "run")
+    world.Barrier()
     return d / "run"
 
 
@@ -109,6 +110,7 @@ def test_command_with_retrain(trained):
     world = MPI.COMM_WORLD
     out = trained / f"pca_n{world.size}"
     assert pca.main(["--run", str(trained), "--retrain", "2", "--n-sample", "2000", "--out", str(out)]) == 0
+    world.Barrier()  # rank 0 writes the outputs
     s = json.loads((out / "summary.json").read_text())
     assert len(s["pc_eigenvalues"]) == 5 and s["pc_eigenvalues"][0] >= s["pc_eigenvalues"][-1]
     assert np.isfinite(s["pk_ratio_lowk_val_original"]) and np.isfinite(s["pk_ratio_lowk_val_retrained"])

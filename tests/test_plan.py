@@ -52,8 +52,10 @@ def test_memory_model_scales_with_ranks():
     base = plan.BASELINE_MB * plan.MB
     for st in plan.STAGES:
         d1, d2, d8 = (m["bytes"][st] - base - plan.RUNTIME_MB[st] * plan.MB for m in (m1, m2, m8))
-        assert d2 < d1 and d8 < d2  # the data part falls with the rank count ...
-        assert d8 == pytest.approx(d1 / 8, rel=0.15)  # ... about as 1/P (batch activations do too)
+        assert d8 < d2  # the data part falls with the rank count ...
+        assert d8 == pytest.approx(d2 / 4, rel=0.15)  # ... about as 1/P (batch activations do too)
+        if st in ("load", "features"):  # (from 2 ranks on, the FFT buffers kept after the features count)
+            assert d2 == pytest.approx(d1 / 2, rel=0.15)
     assert m1["peak_bytes"] == max(m1["bytes"].values())
     more = plan.memory_per_rank(_size(n_val=3), 8)
     assert more["peak_bytes"] > m8["peak_bytes"]  # validation sims are held together with training
@@ -109,8 +111,8 @@ def test_cli(tmp_path, capsys):
 
 def test_import_baseline():
     """BASELINE_MB is the measured resident memory of an idle training process (within 30%)."""
-    code = ("import resource; from mpi4py import MPI; import lagbias_mpi.train; "
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")
+    code = ("from mpi4py import MPI; import lagbias_mpi.train; "
+            "from lagbias_mpi.parallel import peak_rss_mb; print(peak_rss_mb())")
     env = dict(os.environ, OMP_NUM_THREADS="1")
     measured = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                                     check=True).stdout.split()[-1])

@@ -245,3 +245,15 @@ def test_command_line(tmp_path):
     assert summary["config"]["ppd"] == 8 and summary["n_particles"] == 512
     assert main(argv) == 0  # the same config again into the same directory is fine
     assert main(argv[:-1] + ["n_realisations=2"]) == 2  # a different one is refused
+
+
+@pytest.mark.mpi
+def test_ranks_without_particles(comm, tmp_path_factory):
+    """ppd 2 on a 4^3 IC grid: on 3 ranks the last IC slab holds no lattice point."""
+    out = _shared_dir(tmp_path_factory, "sim_empty") / "run"
+    cfg = load_simulate_config(None, ["name=empty", "box=16.0", "ppd=2", "n_ic=4", "pm.n_steps=2",
+                                      "n_realisations=1", "output.figures=false"])
+    run_simulation(comm, cfg, out)
+    key, pos, ic, hn, _ = _read_sorted(out / "realisation_0.h5")
+    np.testing.assert_array_equal(key, np.arange(8))
+    assert ic.shape == (4, 4, 4) and np.all(np.abs(pos) <= 8.0) and len(hn) == 0

@@ -1,7 +1,6 @@
 """The Table-1 study command: trains each set once, reuses finished runs, writes table and figures."""
 import json
 import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -36,6 +35,7 @@ def test_study_two_sets(shared_tmp):
     c2 = write_config(d / "two.yaml", a, [b], features={"scales": [8.0, 16.0]}, **common)
     out = d / "study"
     assert study.main(["--configs", str(c1), str(c2), "--out", str(out), "--slice-thickness", "8"]) == 0
+    world.Barrier()  # rank 0 writes the outputs
     table = json.loads((out / "table.json").read_text())
     assert [r["run"] for r in table["rows"]] == ["one", "two"]
     assert [r["n_inputs"] for r in table["rows"]] == [3, 5]
@@ -46,6 +46,7 @@ def test_study_two_sets(shared_tmp):
     stamp = os.stat(out / "one" / "model.pt").st_mtime_ns
     world.Barrier()
     assert study.main(["--configs", str(c1), str(c2), "--out", str(out), "--no-slices"]) == 0
+    world.Barrier()
     assert os.stat(out / "one" / "model.pt").st_mtime_ns == stamp  # finished runs are reused
     s = json.loads((out / "summary.json").read_text())
     assert s["n_ranks"] == world.size and s["pk_ratio_lowk_val_kspace"] is None

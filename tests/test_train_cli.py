@@ -68,6 +68,24 @@ def test_nan_loss_stops_and_keeps_checkpoint(small, monkeypatch):
     assert not (out / "model.pt").exists()
 
 
+def test_exploding_mean_f_stops(small, monkeypatch):
+    """A finite loss with an exploding mean f (a diverged member) also stops training."""
+    sim, d = small
+    cfg = write_config(d / "explode.yaml", sim, run={"log_level": "ERROR", "figures": False})
+    out = d / "explode_run"
+    ckpt = out / "checkpoints" / "member_0.pt"
+    real = trainer.batch_terms
+
+    def exploding(model, batch, guard_y):
+        grid, guard, s = real(model, batch, guard_y)
+        return (grid, guard, s * 1e6) if ckpt.exists() else (grid, guard, s)
+
+    monkeypatch.setattr(trainer, "batch_terms", exploding)
+    with pytest.raises(TrainingDiverged, match="batch mean f .* diverged"):
+        run(MPI.COMM_SELF, cfg, out=out)
+    assert torch.load(ckpt, weights_only=False)["epoch"] == 1
+
+
 def _mpirun(args, timeout):
     mpirun = shutil.which("mpirun")
     if mpirun is None:

@@ -1,7 +1,6 @@
 """Two-stage routing: particles conserved, features read at the right IC grid point, cells local."""
 import numpy as np
 import pytest
-from mpi4py import MPI
 
 from lagbias_mpi import routing
 from lagbias_mpi.layout import slab_bounds
