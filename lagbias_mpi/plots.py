@@ -78,7 +78,9 @@ def plot_f(theta0: np.ndarray, f: np.ndarray, path: Path, f_true: np.ndarray | N
     if f_true is not None:
         axes[0].hist(np.log10(np.maximum(f_true, 1e-6)), bins=80, histtype="step", label="f_true")
         axes[0].legend()
-    axes[0].set_xlabel("log10 f")
+    axes[0].set_xlabel(r"$\log_{10} f$ (halo mass per particle mass)")
+    axes[0].set_ylabel("particles (sample)")
+    axes[0].set_title("distribution of f")
     axes[1].scatter(theta0, f, s=1, alpha=0.3, label="model")
     if f_true is not None:
         axes[1].scatter(theta0, f_true, s=1, alpha=0.3, label="f_true")
@@ -86,5 +88,6 @@ def plot_f(theta0: np.ndarray, f: np.ndarray, path: Path, f_true: np.ndarray | N
     axes[1].set_xlabel(r"$\theta_0$ (leading input)")
     axes[1].set_ylabel("f")
     axes[1].set_yscale("log")
+    axes[1].set_title("f against the leading orthogonalised input")
     _save(fig, path)
     plt.close(fig)
