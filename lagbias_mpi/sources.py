@@ -46,9 +46,16 @@ def load(comm, spec: dict) -> LocalSimulation:
 
 
 def resolve(comm, sim_cfg, base_dir: Path | None = None) -> tuple[dict, list[dict]]:
-    """(training spec, validation specs) of a :class:`SimulationConfig` (collective when it has to
-    generate built-in simulations). Relative paths are taken from ``base_dir`` (default: the project
-    root)."""
+    """(first training spec, validation specs) of a :class:`SimulationConfig` (collective when it has
+    to generate built-in simulations). Relative paths are taken from ``base_dir`` (default: the
+    project root). :func:`resolve_training` gives all training specs."""
+    train, val = resolve_training(comm, sim_cfg, base_dir)
+    return train[0], val
+
+
+def resolve_training(comm, sim_cfg, base_dir: Path | None = None) -> tuple[list[dict], list[dict]]:
+    """(training specs, validation specs) of a :class:`SimulationConfig`, as :func:`resolve`; more
+    than one training spec with several ``train_files`` or ``train_realisations``."""
     base = Path(base_dir) if base_dir is not None else PROJECT_ROOT
 
     def absolute(p):
@@ -60,10 +67,10 @@ def resolve(comm, sim_cfg, base_dir: Path | None = None) -> tuple[dict, list[dic
         ab = replace(ab, abacus_root=str(absolute(ab.abacus_root)),
                      ic_root=None if ab.ic_root is None else str(absolute(ab.ic_root)),
                      cleaning_dir=None if ab.cleaning_dir is None else str(absolute(ab.cleaning_dir)))
-        train = abacus_spec(ab.train_source())
+        train = [abacus_spec(ab.train_source())]
         val = [abacus_spec(s) for s in ab.val_sources()]
     elif sim_cfg.simulate is None:
-        train = file_spec(absolute(sim_cfg.train_files[0]))
+        train = [file_spec(absolute(p)) for p in sim_cfg.train_files]
         val = [file_spec(absolute(p)) for p in sim_cfg.val_files]
     else:
         from . import simulate  # the built-in simulation (imported only when used)
@@ -74,13 +81,13 @@ def resolve(comm, sim_cfg, base_dir: Path | None = None) -> tuple[dict, list[dic
         scfg = simulate.load_simulate_config(cfg_path, list(sim_cfg.simulate_set))
         cache = absolute(sim_cfg.cache_dir) if sim_cfg.cache_dir else PROJECT_ROOT / "data" / "sims"
         paths = simulate.ensure_simulations(comm, scfg, cache)
-        need = [sim_cfg.train_realisation, *sim_cfg.val_realisations]
+        need = [*sim_cfg.training_realisations, *sim_cfg.val_realisations]
         if max(need) >= len(paths):
             raise SimulationFileError(f"simulation: realisation {max(need)} requested but the simulate "
                                       f"config gives {len(paths)} realisation(s)")
-        train = file_spec(paths[sim_cfg.train_realisation])
+        train = [file_spec(paths[r]) for r in sim_cfg.training_realisations]
         val = [file_spec(paths[r]) for r in sim_cfg.val_realisations]
-    for spec in [train, *val]:
+    for spec in [*train, *val]:
         check(spec)
     return train, val
 

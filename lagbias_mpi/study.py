@@ -15,9 +15,12 @@ holds a ``summary.json`` is reused, unless ``--retrain``), on the same simulatio
   the first set. Only the slice planes are reduced to rank 0, never a grid;
 - ``summary.json`` with the table, environment, per-stage wall times.
 
-The beyond-the-paper variants (Fourier-space loss, training on several boxes) need hooks in the
-trainer that do not exist yet; ``pk_ratio_lowk_val_kspace`` and ``pk_ratio_lowk_val_multibox`` are
-reported as null (see docs/analysis.md for the proposed patches).
+Beyond the paper (off by default): ``--kspace`` trains the first config again with the Fourier-space
+loss (``train.kspace_loss.enabled=true``) into ``DIR/<stem>__kspace/``, ``--multibox KEY=VALUE``
+(repeatable, e.g. ``simulation.train_realisations=[0,2,3]``) with several training simulations into
+``DIR/<stem>__multibox/``; ``summary.json`` then reports each as ``pk_ratio_lowk_val_kspace`` /
+``pk_ratio_lowk_val_multibox`` next to the baseline (the first config): P_model/P_h at low k on the
+validation simulation, the members' scatter and whether each improves (null when not asked).
 """
 from __future__ import annotations
 
@@ -54,6 +57,11 @@ def parse_args(argv=None):
     p.add_argument("--retrain", action="store_true", help="train again even where a finished run exists")
     p.add_argument("--slice-thickness", type=float, default=10.0, help="thickness of the Fig. 10 slice in Mpc/h")
     p.add_argument("--no-slices", action="store_true", help="skip the halo-field slices (Fig. 10)")
+    p.add_argument("--kspace", action="store_true",
+                   help="also train the first config with the Fourier-space loss (train.kspace_loss)")
+    p.add_argument("--multibox", action="append", default=[], metavar="KEY=VALUE",
+                   help="also train the first config on several simulations with these overrides, e.g. "
+                        "simulation.train_realisations=[0,2] (repeatable)")
     return p.parse_args(argv)
 
 
@@ -68,7 +76,7 @@ def table_rows(names: list[str], cfgs: list, summaries: list[dict]) -> list[dict
     rows = []
     for name, cfg, s in zip(names, cfgs, summaries):
         members = s.get("pk_ratio_lowk_members", {})
-        val = [v for k, v in members.items() if k != "train"]
+        val = [v for k, v in members.items() if not k.startswith("train")]
         val = val[0] if val else []
         rows.append({"run": name, "set": set_label(cfg), "radii": list(cfg.features.radii),
                      "n_inputs": s.get("n_inputs"), "pk_ratio_lowk_train": s.get("pk_ratio_lowk_train"),
@@ -126,14 +134,60 @@ def halo_slices(comm, cfg, run_dirs: list[Path], base_dir: Path, thickness: floa
     return out if comm.rank == 0 else None
 
 
-def run(comm, configs, out, overrides=None, retrain=False, thickness=10.0, slices=True, base_dir=None) -> dict:
-    """Train (or reuse) every set and write the comparison; returns the summary dict."""
+def _val_members(summary: dict) -> list[float]:
+    """P_model/P_h at low k of the members on the first validation simulation."""
+    val = [v for k, v in summary.get("pk_ratio_lowk_members", {}).items() if not k.startswith("train")]
+    return list(val[0]) if val else []
+
+
+def variant_report(summary: dict, baseline: dict) -> dict:
+    """P_model/P_h at low k on validation of a variant run and of the baseline, the members' scatter
+    (standard deviation) and whether the variant is closer to 1 / scatters less (pure)."""
+    def stats(s):
+        m = _val_members(s)
+        return s.get("pk_ratio_lowk_val"), (float(np.std(m)) if len(m) > 1 else None)
+
+    (v, sv), (b, sb) = stats(summary), stats(baseline)
+    return {"pk_ratio_lowk_val": v, "members_std": sv, "baseline_pk_ratio_lowk_val": b, "baseline_members_std": sb,
+            "improves_mean": None if v is None or b is None else bool(abs(v - 1) < abs(b - 1)),
+            "improves_scatter": None if sv is None or sb is None else bool(sv < sb)}
+
+
+def _train_or_reuse(comm, timer, name, path, overrides, rd, retrain, base_dir, log_level) -> dict:
+    """Train ``path`` into ``rd`` unless a finished run is there; returns its summary on every rank."""
+    done = comm.bcast((rd / "summary.json").is_file() and (rd / "model.pt").is_file() and not retrain, root=0)
+    if done:
+        log.info(f"study: reusing the finished run {rd}")
+    else:
+        log.info(f"study: training {name} into {rd}")
+        with timer.stage(f"train_{name}"):
+            train.run(comm, path, overrides, out=rd, base_dir=base_dir)
+        setup_logging(comm, log_level)
+    comm.Barrier()  # rank 0 has written the run's summary.json
+    return comm.bcast(json.loads((rd / "summary.json").read_text()) if comm.rank == 0 else None, root=0)
+
+
+def run(comm, configs, out, overrides=None, retrain=False, thickness=10.0, slices=True, base_dir=None,
+        kspace=False, multibox=None) -> dict:
+    """Train (or reuse) every set and write the comparison; returns the summary dict.
+
+    ``kspace`` / ``multibox`` (a list of ``key=value`` overrides): train the first config again
+    with the Fourier-space loss / on several simulations and report them against it."""
     out = Path(out)
     base_dir = Path(base_dir) if base_dir is not None else Path.cwd()
     overrides = list(overrides or [])
     if not configs:
         raise ConfigError("--configs: no config given")
     cfgs = [train.load_train_config(c, overrides) for c in configs]  # all validated before any work
+    variants = {}
+    if kspace:
+        variants["kspace"] = [*overrides, "train.kspace_loss.enabled=true"]
+    if multibox:
+        variants["multibox"] = [*overrides, *multibox]
+    for key, ov in variants.items():
+        vcfg = train.load_train_config(configs[0], ov)
+        if key == "multibox" and len(vcfg.simulation.train_files) < 2 and len(vcfg.simulation.train_realisations) < 2:
+            raise ConfigError(f"--multibox {multibox}: gives fewer than two training simulations")
     setup_logging(comm, cfgs[0].run.log_level)
     names = [Path(c).stem for c in configs]
     if len(set(names)) != len(names):
@@ -141,20 +195,20 @@ def run(comm, configs, out, overrides=None, retrain=False, thickness=10.0, slice
     kmax = cfgs[0].grid.kmax_lowk
     timer = StageTimer(comm)
     run_dirs, summaries = [], []
+    level = cfgs[0].run.log_level
     for name, path in zip(names, configs):
         rd = out / name
-        done = comm.bcast((rd / "summary.json").is_file() and (rd / "model.pt").is_file() and not retrain, root=0)
-        if done:
-            log.info(f"study: reusing the finished run {rd}")
-        else:
-            log.info(f"study: training {name} into {rd}")
-            with timer.stage(f"train_{name}"):
-                train.run(comm, path, overrides, out=rd, base_dir=base_dir)
-            setup_logging(comm, cfgs[0].run.log_level)
-        comm.Barrier()  # rank 0 has written the run's summary.json
+        summaries.append(_train_or_reuse(comm, timer, name, path, overrides, rd, retrain, base_dir, level))
         run_dirs.append(rd)
-        summaries.append(comm.bcast(json.loads((rd / "summary.json").read_text()) if comm.rank == 0 else None,
-                                    root=0))
+    beyond = {"kspace": None, "multibox": None}
+    for key, ov in variants.items():
+        vname = f"{names[0]}__{key}"
+        vs = _train_or_reuse(comm, timer, vname, configs[0], ov, out / vname, retrain, base_dir, level)
+        beyond[key] = {"run": vname, "run_dir": str(out / vname), "overrides": ov[len(overrides):],
+                       **variant_report(vs, summaries[0])}
+        log.info(f"study: {key}: P_model/P_h val {beyond[key]['pk_ratio_lowk_val']} (baseline "
+                 f"{beyond[key]['baseline_pk_ratio_lowk_val']}), members std {beyond[key]['members_std']} "
+                 f"(baseline {beyond[key]['baseline_members_std']})")
     rows = table_rows(names, cfgs, summaries)
     slice_data = None
     if slices:
@@ -173,8 +227,7 @@ def run(comm, configs, out, overrides=None, retrain=False, thickness=10.0, slice
             analysis_plots.plot_slices([r["set"] for r in rows], slice_data, out / "figures" / "halo_slices.png")
     summary = {"n_ranks": comm.size, "sets": rows, "kmax_lowk": kmax,
                "pk_ratio_lowk_val": {r["set"]: r["pk_ratio_lowk_val"] for r in rows},
-               "pk_ratio_lowk_val_kspace": None, "pk_ratio_lowk_val_multibox": None,
-               "beyond_paper": "Fourier-space loss and multi-box training need trainer hooks; see docs/analysis.md",
+               "pk_ratio_lowk_val_kspace": beyond["kspace"], "pk_ratio_lowk_val_multibox": beyond["multibox"],
                "run_dirs": [str(r) for r in run_dirs], "configs": [str(c) for c in configs], "overrides": overrides,
                "stage_wall_s": timer.summary(), "environment": environment_info(comm)}
     if comm.rank == 0:
@@ -188,7 +241,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     comm = MPI.COMM_WORLD
 
-    return run_command(comm, lambda: run(comm, args.configs, args.out, args.set, args.retrain, args.slice_thickness, not args.no_slices))
+    return run_command(comm, lambda: run(comm, args.configs, args.out, args.set, args.retrain, args.slice_thickness,
+                                         not args.no_slices, kspace=args.kspace, multibox=args.multibox))
 
 
 if __name__ == "__main__":

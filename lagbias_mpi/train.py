@@ -10,6 +10,7 @@ in docs/run_directory.md.
 from __future__ import annotations
 
 import argparse
+import itertools
 import logging
 import sys
 from pathlib import Path
@@ -30,8 +31,8 @@ from .orthogonalise import fit as fit_orthogonaliser
 from .output import atomic_path, environment_info, write_json
 from .parallel import global_min_max_mean, global_sum, peak_rss_mb, StageTimer
 from .simdata import SimulationFileError
-from .train_config import TrainRunConfig
-from .trainer import StopRequested, bare_mlp_rate, build_batches, train_member
+from .train_config import KSpaceLossConfig, TrainRunConfig
+from .trainer import BatchSet, StopRequested, bare_mlp_rate, build_batches, build_field_set, train_member
 
 log = get_logger("train")
 
@@ -55,16 +56,22 @@ def load_train_config(path, overrides=None) -> TrainRunConfig:
 
 
 def config_run_hash(cfg: TrainRunConfig) -> str:
+    """Hash of the config without ``run``; the beyond-the-paper keys at their defaults are left out,
+    so that runs checkpointed before they existed can still be resumed."""
     d = to_dict(cfg)
     d.pop("run")
+    if not d["simulation"].get("train_realisations"):
+        d["simulation"].pop("train_realisations", None)
+    if d["train"].get("kspace_loss") == to_dict(KSpaceLossConfig()):
+        d["train"].pop("kspace_loss")
     return config_hash(d)
 
 
 def _validate_inputs(comm, cfg: TrainRunConfig, base_dir: Path):
     """Resolve the simulations and check what can be checked before any heavy work."""
-    train_spec, val_specs = sources.resolve(comm, cfg.simulation, base_dir)
+    train_specs, val_specs = sources.resolve_training(comm, cfg.simulation, base_dir)
     radii = cfg.features.radii
-    for spec in [train_spec, *val_specs]:
+    for spec in [*train_specs, *val_specs]:
         meta = sources.check(spec)
         cell = meta.box / meta.n_ic
         if min(radii) < cell * (1 - 1e-9):
@@ -77,7 +84,7 @@ def _validate_inputs(comm, cfg: TrainRunConfig, base_dir: Path):
             raise ConfigError(f"IC grid {meta.n_ic}^3 cannot be cut into {comm.size} slabs")
         if eval_nmesh(cfg.grid, meta.box) < comm.size:
             raise ConfigError(f"evaluation grid smaller than the number of ranks {comm.size}")
-    return train_spec, val_specs
+    return train_specs, val_specs
 
 
 def eval_nmesh(grid, box: float) -> int:
@@ -116,25 +123,39 @@ def run(comm, config_path, overrides=None, out=None, resume=False, stop_after_ep
     base_dir = Path(base_dir) if base_dir is not None else Path.cwd()
     name = cfg.run.name or Path(config_path).stem
     run_dir = Path(out) if out is not None else base_dir / "runs" / name
-    train_spec, val_specs = _validate_inputs(comm, cfg, base_dir)
+    train_specs, val_specs = _validate_inputs(comm, cfg, base_dir)
     if comm.rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
     comm.Barrier()
     handler = _add_file_log(comm, run_dir / "train.log")
     try:
         with ddp.process_group(comm):
-            return _run(comm, cfg, run_dir, train_spec, val_specs, resume, stop_after_epochs)
+            return _run(comm, cfg, run_dir, train_specs, val_specs, resume, stop_after_epochs)
     finally:
         if handler is not None:
             logging.getLogger("lagbias_mpi").removeHandler(handler)
             handler.close()
 
 
-def prepare_simulations(comm, timer, cfg, train_spec, val_specs, exch):
+def sim_labels(n_train: int, n_val: int) -> list[str]:
+    """Labels of the prepared simulations: ``train`` (``train0``, ``train1``, ... for several
+    training boxes), then ``val`` (``val0``, ``val1``, ... for several)."""
+    tr = ["train"] if n_train == 1 else [f"train{i}" for i in range(n_train)]
+    return tr + (["val"] if n_val == 1 else [f"val{i}" for i in range(n_val)])
+
+
+def prepare_simulations(comm, timer, cfg, train_specs, val_specs, exch):
+    """Load, featurise and route the training then validation simulations (collective).
+
+    ``train_specs``: a list of specs (or one spec dict). The standardisation moments are those of
+    the first training box; the orthogonaliser is fitted on the particles of all training boxes
+    together."""
+    train_specs = [train_specs] if isinstance(train_specs, dict) else list(train_specs)
     radii, kinds = cfg.features.radii, cfg.features.kinds
     names = feature_names(radii, kinds)
     sims, lag, moments = [], [], None
-    for spec in [train_spec, *val_specs]:
+    n_train = len(train_specs)
+    for spec in [*train_specs, *val_specs]:
         with timer.stage("load"):
             log.info(f"load: {sources.spec_name(spec)} ({spec.get('path', spec['kind'])})")
             sim = sources.load(comm, spec)
@@ -150,18 +171,20 @@ def prepare_simulations(comm, timer, cfg, train_spec, val_specs, exch):
         sims.append(sim)
     log.info(f"features: raw columns {names}")
     with timer.stage("orthogonalise"):
-        orth = fit_orthogonaliser(comm, lag[0].raw, names, len(radii))
+        raw = lag[0].raw if n_train == 1 else np.concatenate([p.raw for p in lag[:n_train]])
+        orth = fit_orthogonaliser(comm, raw, names, len(radii))
+        del raw
         log.info(f"orthogonalise: {orth.matrix.shape[1]} raw -> {orth.matrix.shape[0]} inputs, "
                  f"eigenvalues {np.array2string(orth.eigenvalues, precision=3)}")
     prepared = []
     with timer.stage("routing"):
-        for i, (sim, parts, spec) in enumerate(zip(sims, lag, [train_spec, *val_specs])):
+        labels = sim_labels(n_train, len(val_specs))
+        for i, (sim, parts, spec) in enumerate(zip(sims, lag, [*train_specs, *val_specs])):
             n_grid = int(round(sim.meta.box / cfg.grid.cell))
             parts = pipeline.eulerian_route(comm, parts, n_grid)
             tpos, tw, what = pipeline.true_tracers(comm, sim, cfg.halos)
             truth = pipeline.delta_slab(comm, tpos, tw, n_grid, sim.meta.box, "ngp")
-            role = "train" if i == 0 else "val"
-            label = "train" if i == 0 else ("val" if len(val_specs) == 1 else f"val{i - 1}")
+            role, label = ("train" if i < n_train else "val"), labels[i]
             n_glob = int(global_sum(comm, np.int64(parts.n_local)))
             if n_glob != sim.meta.n_particles:
                 raise SimulationFileError(f"{spec.get('path')}: {n_glob} particles loaded, meta says "
@@ -182,7 +205,16 @@ def _exchange_summary(comm, exch) -> dict:
     return out
 
 
-def _run(comm, cfg, run_dir, train_spec, val_specs, resume, stop_after_epochs):
+def interleave(sets: list[BatchSet]) -> BatchSet:
+    """One :class:`BatchSet` of the batches of several simulations, alternating between them (the
+    order inside an epoch is then drawn from (seed, member, epoch) by ``sampling.batch_order``)."""
+    if len(sets) == 1:
+        return sets[0]
+    batches = [b for group in itertools.zip_longest(*(s.batches for s in sets)) for b in group if b is not None]
+    return BatchSet(batches, sum(s.n_selected for s in sets), sum(s.n_cells_local for s in sets))
+
+
+def _run(comm, cfg, run_dir, train_specs, val_specs, resume, stop_after_epochs):
     timer = StageTimer(comm)
     tcfg = cfg.train
     if comm.rank == 0:
@@ -194,8 +226,9 @@ def _run(comm, cfg, run_dir, train_spec, val_specs, resume, stop_after_epochs):
     dtype = getattr(torch, tcfg.dtype)
     device = ddp.device_for(comm)
     exch: dict = {}
-    sims, orth, moments, names = prepare_simulations(comm, timer, cfg, train_spec, val_specs, exch)
-    tr, vals = sims[0], sims[1:]
+    sims, orth, moments, names = prepare_simulations(comm, timer, cfg, train_specs, val_specs, exch)
+    trs, vals = sims[:len(train_specs)], sims[len(train_specs):]
+    tr = trs[0]
     shape = {"n_in": orth.matrix.shape[0], "width": cfg.model.width, "depth": cfg.model.depth,
              "activation": cfg.model.activation}
     run_hash = config_run_hash(cfg)
@@ -203,23 +236,34 @@ def _run(comm, cfg, run_dir, train_spec, val_specs, resume, stop_after_epochs):
     budget = [stop_after_epochs] if stop_after_epochs is not None else None
     states, histories, batch_info = [], [], {}
     train_bytes = 0
+    k_cut = tcfg.kspace_loss.kcut(cfg.features.radii)
+    if tcfg.kspace_loss.enabled:
+        log.info(f"Fourier-space loss: weight {tcfg.kspace_loss.weight}, k <= {k_cut:.4g} h/Mpc, once per epoch")
+
+    def field_set(s, member):
+        return build_field_set(comm, s.theta, s.parts.cell, s.parts.pid, s.truth_slab, s.n_grid, s.sim.meta.box,
+                               s.sim.meta.n_particles, cfg.sampling.frac, tcfg.seed, member, k_cut,
+                               dtype=dtype, device=device)
+
     with timer.stage("train"):
         for member in range(tcfg.ensemble):
             def batches(s):
                 return build_batches(comm, s.theta, s.parts.cell, s.parts.pid, s.targets(comm), s.n_grid**3,
                                      s.sim.meta.n_particles, cfg.sampling.frac, cfg.sampling.batch_size,
                                      tcfg.seed, member, dtype=dtype, device=device)
-            tset = batches(tr)
+            tset = interleave([batches(t) for t in trs])
+            fsets = [field_set(t, member) for t in trs] if tcfg.kspace_loss.enabled else None
             vsets = [batches(v) for v in vals]
             train_bytes = max(train_bytes, sum(b.nbytes for b in tset.batches))
             batch_info.setdefault("n_selected", tset.n_selected)
             batch_info.setdefault("n_batches", len(tset))
             batch_info.setdefault("cells_local", tset.n_cells_local)
-            log.info(f"member {member}: {tset.n_selected} selected particles in {len(tset)} batches "
+            log.info(f"member {member}: {tset.n_selected} selected particles in {len(tset)} batches of "
+                     f"{len(trs)} training simulation(s) "
                      f"(validation: {[v.n_selected for v in vsets]})")
             try:
                 res = train_member(comm, member, shape, tset, vsets, tcfg, ckpt_dir, run_hash, dtype, device,
-                                   resume=resume, epoch_budget=budget)
+                                   resume=resume, epoch_budget=budget, field_sets=fsets)
             except StopRequested as exc:
                 log.warning(f"{exc}; continue with --resume")
                 return None
@@ -259,7 +303,9 @@ def _run(comm, cfg, run_dir, train_spec, val_specs, resume, stop_after_epochs):
     train_rate = (batch_info["n_selected"] * n_epochs_total / max(sum(epoch_wall), 1e-12))
     summary = {
         "n_ranks": comm.size,
-        "n_particles": tr.sim.meta.n_particles,
+        "n_particles": sum(t.sim.meta.n_particles for t in trs),
+        "n_train_sims": len(trs),
+        "kspace_k_cut": k_cut if tcfg.kspace_loss.enabled else None,
         "n_selected": batch_info["n_selected"],
         "n_batches": batch_info["n_batches"],
         "epochs": tcfg.epochs,
@@ -278,7 +324,7 @@ def _run(comm, cfg, run_dir, train_spec, val_specs, resume, stop_after_epochs):
         "bare_mlp_particles_per_s": bare,
         "train_vs_bare": train_rate / bare,
         "exchange_bytes": _exchange_summary(comm, exch),
-        "particles_per_rank": global_min_max_mean(comm, tr.parts.n_local),
+        "particles_per_rank": global_min_max_mean(comm, sum(t.parts.n_local for t in trs)),
         "cells_per_rank": global_min_max_mean(comm, batch_info["cells_local"]),
         "loss_history": histories,
         "n_inputs": shape["n_in"],

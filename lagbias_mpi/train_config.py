@@ -20,12 +20,17 @@ class SimulationConfig:
     ``simulate.ensure_simulations`` into ``cache_dir``, default ``data/sims`` under the project root;
     realisation ``train_realisation`` trains, ``val_realisations`` validate), explicit files
     ``train_files`` / ``val_files``, or ``abacus`` (AbacusSummit boxes, :class:`abacus.AbacusSet`).
+
+    Several training simulations (beyond the paper, off by default): more than one ``train_files``,
+    or ``train_realisations`` (replaces ``train_realisation`` when not empty). Their batches are
+    interleaved in one epoch; see docs/train.md, "Options beyond the paper".
     """
 
     simulate: Optional[str] = None
     simulate_set: tuple[str, ...] = ()
     cache_dir: Optional[str] = None
     train_realisation: int = 0
+    train_realisations: tuple[int, ...] = ()
     val_realisations: tuple[int, ...] = (1,)
     train_files: tuple[str, ...] = ()
     val_files: tuple[str, ...] = ()
@@ -38,12 +43,20 @@ class SimulationConfig:
                              "train_files (+ val_files) or abacus (AbacusSummit)")
         if self.val_files and not self.train_files:
             raise ValueError("simulation.val_files needs train_files")
-        if len(self.train_files) > 1:
-            raise ValueError("simulation.train_files: training on one simulation is supported")
-        if self.train_realisation < 0 or any(r < 0 for r in self.val_realisations):
+        if self.train_realisations and self.simulate is None:
+            raise ValueError("simulation.train_realisations needs simulation.simulate")
+        if any(r < 0 for r in (self.train_realisation, *self.train_realisations, *self.val_realisations)):
             raise ValueError("simulation: realisation indices must be >= 0")
-        if self.train_realisation in self.val_realisations:
-            raise ValueError("simulation: the training realisation is also a validation realisation")
+        if len(set(self.train_realisations)) != len(self.train_realisations):
+            raise ValueError(f"simulation.train_realisations has duplicates: {list(self.train_realisations)}")
+        both = set(self.training_realisations) & set(self.val_realisations)
+        if both:
+            raise ValueError(f"simulation: training realisation(s) {sorted(both)} also validate")
+
+    @property
+    def training_realisations(self) -> tuple[int, ...]:
+        """Realisations of ``simulate`` that train (``train_realisations`` or ``(train_realisation,)``)."""
+        return self.train_realisations or (self.train_realisation,)
 
 
 @dataclass(frozen=True)
@@ -136,6 +149,31 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class KSpaceLossConfig:
+    """Fourier-space loss (beyond the paper, off by default): once per epoch, after the batches, one
+    more Adam step on weight * sum_{|k| <= k_cut} |r_k|^2 / N^3 of the residual r = delta_model -
+    delta_true on the whole training grid (all selected particles). ``k_cut`` in h/Mpc, default
+    1 / (largest smoothing radius); ``chunk``: particles per rank per forward pass."""
+
+    enabled: bool = False
+    k_cut: Optional[float] = None
+    weight: float = 1.0
+    chunk: int = 200_000
+
+    def __post_init__(self):
+        if self.k_cut is not None and not self.k_cut > 0:
+            raise ValueError(f"train.kspace_loss.k_cut must be > 0 h/Mpc, got {self.k_cut}")
+        if not self.weight > 0:
+            raise ValueError(f"train.kspace_loss.weight must be > 0, got {self.weight}")
+        if self.chunk < 1:
+            raise ValueError("train.kspace_loss.chunk must be >= 1")
+
+    def kcut(self, radii) -> float:
+        """k_cut in h/Mpc: the configured one or 1 / max(radii) (radii in Mpc/h)."""
+        return self.k_cut if self.k_cut is not None else 1.0 / max(radii)
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """Adam with lr * lr_decay^(epoch-1); integral constraint from epoch ``constraint_from``:
     eps = max(10^(eps_a + eps_b log10 epoch), eps_min)."""
@@ -153,6 +191,7 @@ class TrainConfig:
     guard_y: float = -5.0
     threads: Optional[int] = None  # torch threads per rank (default 1 under MPI)
     bare_steps: int = 5
+    kspace_loss: KSpaceLossConfig = field(default_factory=KSpaceLossConfig)
 
     def __post_init__(self):
         if self.epochs < 1:

@@ -51,3 +51,42 @@ def test_study_two_sets(shared_tmp):
     s = json.loads((out / "summary.json").read_text())
     assert s["n_ranks"] == world.size and s["pk_ratio_lowk_val_kspace"] is None
     world.Barrier()
+
+
+def test_variant_report():
+    base = {"pk_ratio_lowk_val": 0.95, "pk_ratio_lowk_members": {"train": [1.0, 1.0], "val": [0.9, 1.0]}}
+    var = {"pk_ratio_lowk_val": 0.98,
+           "pk_ratio_lowk_members": {"train0": [1.0, 1.0], "train1": [1.0, 1.0], "val": [0.97, 0.99]}}
+    r = study.variant_report(var, base)
+    assert r["pk_ratio_lowk_val"] == 0.98 and r["baseline_pk_ratio_lowk_val"] == 0.95
+    assert r["members_std"] == pytest.approx(0.01) and r["baseline_members_std"] == pytest.approx(0.05)
+    assert r["improves_mean"] is True and r["improves_scatter"] is True
+    assert study.variant_report(base, var)["improves_mean"] is False
+
+
+@pytest.mark.mpi
+def test_study_beyond_the_paper(shared_tmp):
+    """--kspace and --multibox train the first config again and report both next to the baseline."""
+    world = MPI.COMM_WORLD
+    d = shared_tmp
+    a = make_simulation(d / "a.h5", ppd=16, box=64.0, seed=3, kind="halos")
+    b = make_simulation(d / "b.h5", ppd=16, box=64.0, seed=4, kind="halos")
+    c = make_simulation(d / "c.h5", ppd=16, box=64.0, seed=5, kind="halos")
+    cfg = write_config(d / "base.yaml", a, [b], features={"scales": [8.0]},
+                       grid={"cell": 8.0, "eval_nmesh": 16, "kmax_lowk": 0.3},
+                       train={"epochs": 1, "ensemble": 2, "lr": 0.01, "seed": 7, "bare_steps": 1})
+    out = d / "beyond"
+    assert study.main(["--configs", str(cfg), "--out", str(out), "--no-slices", "--kspace",
+                       "--multibox", f"simulation.train_files=[{a},{c}]"]) == 0
+    world.Barrier()
+    s = json.loads((out / "summary.json").read_text())
+    base = s["pk_ratio_lowk_val"]["R=8"]
+    for key, run in (("pk_ratio_lowk_val_kspace", "base__kspace"), ("pk_ratio_lowk_val_multibox", "base__multibox")):
+        r = s[key]
+        assert r["run"] == run and r["baseline_pk_ratio_lowk_val"] == base
+        assert np.isfinite(r["pk_ratio_lowk_val"]) and r["pk_ratio_lowk_val"] != base
+        assert isinstance(r["improves_mean"], bool) and isinstance(r["improves_scatter"], bool)
+    runs = {k: json.loads((out / k / "summary.json").read_text()) for k in ("base__kspace", "base__multibox")}
+    assert len(runs["base__kspace"]["loss_history"][0]["kspace_loss"]) == 1
+    assert runs["base__multibox"]["n_train_sims"] == 2
+    world.Barrier()
