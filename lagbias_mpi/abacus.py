@@ -397,16 +397,9 @@ def validate_abacus_source(source: AbacusSource) -> AbacusPlan:
 
 def plan_collectively(comm, source: AbacusSource) -> AbacusPlan:
     """Validate on rank 0 and broadcast the plan; every rank raises the same error if it fails."""
-    plan, error = None, None
-    if comm.rank == 0:
-        try:
-            plan = validate_abacus_source(source)
-        except AbacusError as exc:
-            error = str(exc)
-    plan, error = comm.bcast((plan, error), root=0)
-    if error is not None:
-        raise AbacusError(error)
-    return plan
+    from .sources import on_root
+
+    return on_root(comm, validate_abacus_source, source)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -50,8 +50,7 @@ from .output import environment_info, write_json
 from .parallel import StageTimer, global_sum, peak_rss_mb
 from .sampling import select_in_cells
 from .train import eval_nmesh
-from .train_config import (FeatureConfig, GridConfig, HaloConfig, ModelConfig, RunConfig, SamplingConfig,
-                           SimulationConfig, TrainConfig)
+from .train_config import FeatureConfig, TrainRunConfig
 
 log = get_logger("lstsq")
 
@@ -85,21 +84,18 @@ class LstsqConfig:
 
 
 @dataclass(frozen=True)
-class LstsqRunConfig:
-    """A training config (``model`` is accepted and ignored) plus the ``lstsq`` section.
-    ``train.ensemble`` sub-samples with seeds (``train.seed``, member) as in training."""
+class LstsqRunConfig(TrainRunConfig):
+    """A training config (its sections; ``model`` is accepted and ignored) plus the ``lstsq`` section,
+    with one smoothing scale of (delta, lap) by default. ``train.ensemble`` sub-samples with seeds
+    (``train.seed``, member) as in training."""
 
-    simulation: SimulationConfig
     features: FeatureConfig = field(default_factory=lambda: FeatureConfig(scales="1Rf", kinds=("delta", "lap")))
-    halos: HaloConfig = field(default_factory=HaloConfig)
-    grid: GridConfig = field(default_factory=GridConfig)
-    sampling: SamplingConfig = field(default_factory=SamplingConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    run: RunConfig = field(default_factory=RunConfig)
     lstsq: LstsqConfig = field(default_factory=LstsqConfig)
 
     def __post_init__(self):
+        parent = getattr(super(), "__post_init__", None)
+        if parent is not None:
+            parent()
         radii = self.features.radii
         if self.lstsq.scale is None and len(radii) != 1:
             raise ValueError(f"lstsq works on one scale: features.scales has {len(radii)} ({radii}); "
@@ -306,8 +302,8 @@ def parse_args(argv=None):
 
 def _check_inputs(comm, cfg: LstsqRunConfig, nn_run, base_dir: Path):
     train_spec, val_specs = sources.resolve(comm, cfg.simulation, base_dir)
-    for spec in [train_spec, *val_specs]:
-        meta = sources.check(spec)
+    specs = [train_spec, *val_specs]
+    for spec, meta in zip(specs, sources.check_all(comm, specs)):
         if cfg.radius < meta.box / meta.n_ic * (1 - 1e-9):
             raise ConfigError(f"lstsq scale {cfg.radius} Mpc/h is below the IC grid spacing "
                               f"{meta.box / meta.n_ic:.4g} Mpc/h of {spec.get('path')}")

@@ -36,7 +36,7 @@ from mpi4py import MPI
 
 from . import analysis_plots, ddp, sources
 from .cli import run_command
-from .config import ConfigError, from_dict, to_dict
+from .config import ConfigError, apply_overrides, from_dict, to_dict
 from .ensemble import Ensemble, load_ensemble, simulation_particles
 from .evaluate import evaluate_simulation, write_spectra
 from .logs import get_logger, setup_logging
@@ -148,30 +148,24 @@ def retrain(comm, cfg: TrainRunConfig, pc_orth: Orthogonaliser, ens: Ensemble, o
             timer: StageTimer) -> dict:
     """Train a new ensemble on the inputs of ``pc_orth`` with the run's config and evaluate it as
     ``train`` does. Returns {label: evaluate_simulation result}."""
-    from .train import config_run_hash, eval_nmesh, prepare_simulations
-    from .trainer import build_batches, train_member
+    from .train import config_run_hash, eval_nmesh, prepare_simulations, train_ensemble
 
     tcfg = cfg.train
     torch.set_num_threads(tcfg.threads or (1 if MPI.COMM_WORLD.size > 1 else torch.get_num_threads()))
     dtype = getattr(torch, tcfg.dtype)
-    train_spec, val_specs = sources.resolve(comm, cfg.simulation, base_dir)
+    train_specs, val_specs = sources.resolve_training(comm, cfg.simulation, base_dir)
     with ddp.process_group(comm):
         device = ddp.device_for(comm)
-        sims, _, moments, names = prepare_simulations(comm, timer, cfg, train_spec, val_specs, {})
+        sims, _, moments, names = prepare_simulations(comm, timer, cfg, train_specs, val_specs, {})
         for s in sims:
             s.theta = pc_orth.apply(s.parts.raw)
         shape = {"n_in": pc_orth.matrix.shape[0], "width": cfg.model.width, "depth": cfg.model.depth,
                  "activation": cfg.model.activation}
-        states = []
         with timer.stage("retrain"):
-            for member in range(tcfg.ensemble):
-                def batches(s):
-                    return build_batches(comm, s.theta, s.parts.cell, s.parts.pid, s.targets(comm), s.n_grid**3,
-                                         s.sim.meta.n_particles, cfg.sampling.frac, cfg.sampling.batch_size,
-                                         tcfg.seed, member, dtype=dtype, device=device)
-                res = train_member(comm, member, shape, batches(sims[0]), [batches(v) for v in sims[1:]], tcfg,
-                                   out_dir / "checkpoints", config_run_hash(cfg) + f"-pc{shape['n_in']}", dtype, device)
-                states.append(res.state)
+            trs = [s for s in sims if s.role == "train"]
+            states = train_ensemble(comm, cfg, trs, [s for s in sims if s.role != "train"], shape,
+                                    out_dir / "checkpoints", config_run_hash(cfg) + f"-pc{shape['n_in']}",
+                                    dtype, device)[0]
     new = Ensemble(shape, states, pc_orth, moments, names, ens.radii, ens.kinds, tcfg.dtype, to_dict(cfg))
     if comm.rank == 0:
         new.save(out_dir / "model.pt")
@@ -212,23 +206,29 @@ def parse_args(argv=None):
     p.add_argument("--n-sample", type=int, default=1_000_000, help="particles sampled for grad f")
     p.add_argument("--seed", type=int, default=2023, help="seed of the particle sample")
     p.add_argument("--out", default=None, help="output directory (default RUN/pca)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a key of the run's config for the re-training, e.g. train.warmup_steps=10")
     return p.parse_args(argv)
 
 
-def load_run(run_dir: Path) -> tuple[TrainRunConfig, Ensemble, dict]:
-    """Config, ensemble and summary of a training run; clear errors for a missing piece."""
+def load_run(run_dir: Path, overrides: list[str] | None = None) -> tuple[TrainRunConfig, Ensemble, dict]:
+    """Config (with ``key=value`` overrides), ensemble and summary of a training run; clear errors
+    for a missing piece."""
     for name in ("config.yaml", "model.pt"):
         if not (run_dir / name).is_file():
             raise ConfigError(f"--run {run_dir}: no {name} (is it a finished `train` run directory?)")
-    cfg = from_dict(TrainRunConfig, yaml.safe_load((run_dir / "config.yaml").read_text()))
+    data = apply_overrides(yaml.safe_load((run_dir / "config.yaml").read_text()), overrides)
+    cfg = from_dict(TrainRunConfig, data)
     summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").is_file() else {}
     return cfg, load_ensemble(run_dir), summary
 
 
-def run(comm, run_dir, retrain_k=None, n_sample=1_000_000, seed=2023, out=None, base_dir=None) -> dict:
-    """The whole pca command on ``comm``; returns the summary dict."""
+def run(comm, run_dir, retrain_k=None, n_sample=1_000_000, seed=2023, out=None, base_dir=None,
+        overrides=None) -> dict:
+    """The whole pca command on ``comm``; returns the summary dict. ``overrides`` (``key=value``)
+    change the run's config for the re-training."""
     run_dir = Path(run_dir)
-    cfg, ens, run_summary = load_run(run_dir)
+    cfg, ens, run_summary = load_run(run_dir, overrides)
     setup_logging(comm, cfg.run.log_level)
     n_in = ens.shape["n_in"]
     if retrain_k is not None and not 1 <= retrain_k <= n_in:
@@ -288,6 +288,9 @@ def run(comm, run_dir, retrain_k=None, n_sample=1_000_000, seed=2023, out=None, 
                     "environment": environment_info(comm), "config": to_dict(cfg)})
     if comm.rank == 0:
         write_json(out_dir / "summary.json", summary)
+        if run_summary:  # the run's own summary names its PCA result too (thin mass ranges: pc0_peak)
+            write_json(run_dir / "summary.json", {**run_summary, "pc0_peak": res["pc0_peak"],
+                                                  "pc_eigenvalues": vals, "pca_dir": str(out_dir)})
     comm.Barrier()  # the outputs exist on return, on every rank
     log.info(f"done: outputs in {out_dir}; P_model/P_h low k val original {summary['pk_ratio_lowk_val_original']}, "
              f"re-trained {summary['pk_ratio_lowk_val_retrained']}")
@@ -298,7 +301,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     comm = MPI.COMM_WORLD
 
-    return run_command(comm, lambda: run(comm, args.run, args.retrain, args.n_sample, args.seed, args.out))
+    return run_command(comm, lambda: run(comm, args.run, args.retrain, args.n_sample, args.seed, args.out,
+                                         overrides=args.set))
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from .cosmology import Cosmology
 from .fft import SlabFFT
 from .layout import plane_owner, slab_bounds
 from .logs import Progress, get_logger
-from .paint import grid_coordinates, paint, route_to_slabs
+from .paint import grid_coordinates, paint, readout_cic_local, route_to_slabs
 from .parallel import ConsistencyError
 
 log = get_logger("pm")
@@ -83,11 +83,9 @@ class ForceMesh:
         mass = paint(self.comm, pos, None, self.nmesh, self.box, method="cic", routed=True)
         delta = (mass * (self.nmesh**3 / self.n_total) - 1.0).astype(self.fft.dtype)
         minus_phi = self.fft.backward(self.fft.forward(delta) * self._kernel)
-        comps = self._gradient_with_ghost(minus_phi)
-        out = np.empty((len(pos), 3), dtype=np.float64)
+        grad = self._gradient_with_ghost(minus_phi)
         start, _ = slab_bounds(self.nmesh, self.comm.size, self.comm.rank)
-        _readout_cic3(*comps, grid_coordinates(pos, self.nmesh, self.box), start, out)
-        return out
+        return readout_cic_local(grad, grid_coordinates(pos, self.nmesh, self.box), start)
 
     def _planes(self, slab: np.ndarray, wanted: list[int]) -> list[np.ndarray]:
         """Global planes ``wanted`` (taken mod n) of the distributed field, from whichever rank owns
@@ -103,19 +101,20 @@ class ForceMesh:
         lookup = {w: plane for r in got for w, plane in got[r]}
         return [lookup[w] for w in wanted]
 
-    def _gradient_with_ghost(self, field: np.ndarray) -> list[np.ndarray]:
+    def _gradient_with_ghost(self, field: np.ndarray) -> np.ndarray:
         """4-point finite-difference gradient (FastPM) of the slab ``field`` on this rank's planes
         plus the next plane (the CIC readout ghost): (8 (f[i+1] - f[i-1]) - (f[i+2] - f[i-2])) / (12 h),
-        whose Fourier kernel is i (8 sin(k h) - sin(2 k h)) / (6 h)."""
+        whose Fourier kernel is i (8 sin(k h) - sin(2 k h)) / (6 h). Returns the stack of the three
+        components (3, planes + 1, n, n)."""
         n, h = self.nmesh, self.fft.cell
         start, stop = slab_bounds(n, self.comm.size, self.comm.rank)
         if stop == start:
             self._planes(field, [])
-            return [np.zeros((1, n, n), field.dtype)] * 3
+            return np.zeros((3, 1, n, n), field.dtype)
         before = self._planes(field, [start - 2, start - 1, stop, stop + 1, stop + 2])
         ext = np.concatenate([np.stack(before[:2]), field, np.stack(before[2:])], axis=0)
-        grads = [np.empty((stop - start + 1, n, n), field.dtype) for _ in range(3)]
-        _fd_gradient(ext, 1.0 / (12.0 * h), *grads)
+        grads = np.empty((3, stop - start + 1, n, n), field.dtype)
+        _fd_gradient(ext, 1.0 / (12.0 * h), grads[0], grads[1], grads[2])
         return grads
 
 
@@ -138,37 +137,6 @@ def _fd_gradient(ext, inv12h, gx, gy, gz):
                 if 0 <= k < nz:
                     gz[i, j, k] = (c8 * (row[(k + 1) % nz] - row[(k - 1) % nz])
                                    - inv12h * (row[(k + 2) % nz] - row[(k - 2) % nz]))
-
-
-@njit(cache=True)
-def _readout_cic3(gx, gy, gz, u, start, out):
-    """CIC interpolation of three fields (planes [start, ...) incl. one ghost plane) at grid
-    coordinates ``u``; the same kernel as :func:`lagbias_mpi.paint.readout_cic`, fused."""
-    nx, ny, nz = gx.shape
-    for p in range(u.shape[0]):
-        fx, fy, fz = np.floor(u[p, 0]), np.floor(u[p, 1]), np.floor(u[p, 2])
-        dx, dy, dz = u[p, 0] - fx, u[p, 1] - fy, u[p, 2] - fz
-        ix = int(fx) - start
-        iy = int(fy) % ny
-        iz = int(fz) % nz
-        iy1 = (iy + 1) % ny
-        iz1 = (iz + 1) % nz
-        ax = 0.0
-        ay = 0.0
-        az = 0.0
-        for a in range(2):
-            wa = dx if a else 1.0 - dx
-            x = ix + a
-            w00 = wa * (1.0 - dy) * (1.0 - dz)
-            w01 = wa * (1.0 - dy) * dz
-            w10 = wa * dy * (1.0 - dz)
-            w11 = wa * dy * dz
-            ax += w00 * gx[x, iy, iz] + w01 * gx[x, iy, iz1] + w10 * gx[x, iy1, iz] + w11 * gx[x, iy1, iz1]
-            ay += w00 * gy[x, iy, iz] + w01 * gy[x, iy, iz1] + w10 * gy[x, iy1, iz] + w11 * gy[x, iy1, iz1]
-            az += w00 * gz[x, iy, iz] + w01 * gz[x, iy, iz1] + w10 * gz[x, iy1, iz] + w11 * gz[x, iy1, iz1]
-        out[p, 0] = ax
-        out[p, 1] = ay
-        out[p, 2] = az
 
 
 def a_steps(a_start: float, a_end: float, n_steps: int) -> np.ndarray:

@@ -7,6 +7,7 @@ the training spec and the validation specs, generating built-in simulations when
 """
 from __future__ import annotations
 
+import pickle
 from dataclasses import replace
 from pathlib import Path
 
@@ -32,6 +33,47 @@ def check(spec: dict):
 
         return abacus.abacus_meta(abacus.validate_abacus_source(spec["source"]))
     raise SimulationFileError(f"unknown simulation source kind {spec['kind']!r}")
+
+
+def on_root(comm, fn, *args):
+    """``fn(*args)`` run on rank 0 only, its result broadcast to every rank (collective).
+
+    If it raises, every rank raises an exception of the same type with the same message (rank 0 the
+    original one), so that the job ends cleanly instead of the other ranks waiting in the broadcast.
+    An exception that cannot be sent as it is becomes a :class:`SimulationFileError` naming its type,
+    on every rank."""
+    result, original, error = None, None, None
+    if comm.rank == 0:
+        try:
+            result = fn(*args)
+        except Exception as exc:  # noqa: BLE001 -- every failure must reach every rank
+            original, error = exc, _portable(exc)
+    result, sent = comm.bcast((result, error), root=0)
+    if original is not None:  # rank 0: raise its own exception (with its traceback)
+        if error is original:
+            raise original
+        raise error from original
+    if sent is not None:
+        raise sent
+    return result
+
+
+def _portable(exc: Exception) -> Exception:
+    """``exc`` if it survives pickling with its type and message, else a SimulationFileError naming it."""
+    try:
+        back = pickle.loads(pickle.dumps(exc))
+        if type(back) is type(exc) and str(back) == str(exc):
+            return exc
+    except Exception:  # noqa: BLE001
+        pass
+    return SimulationFileError(f"{type(exc).__name__}: {exc}")
+
+
+def check_all(comm, specs: list[dict]) -> list:
+    """:func:`check` of every spec on rank 0 only (AbacusSummit: hundreds of file headers per box),
+    the metadata broadcast (collective). A failed check raises the same exception (type and message)
+    on every rank."""
+    return on_root(comm, lambda: [check(spec) for spec in specs])
 
 
 def load(comm, spec: dict) -> LocalSimulation:
@@ -87,8 +129,7 @@ def resolve_training(comm, sim_cfg, base_dir: Path | None = None) -> tuple[list[
                                       f"config gives {len(paths)} realisation(s)")
         train = [file_spec(paths[r]) for r in sim_cfg.training_realisations]
         val = [file_spec(paths[r]) for r in sim_cfg.val_realisations]
-    for spec in [*train, *val]:
-        check(spec)
+    check_all(comm, [*train, *val])
     return train, val
 
 

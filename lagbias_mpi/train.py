@@ -31,8 +31,9 @@ from .orthogonalise import fit as fit_orthogonaliser
 from .output import atomic_path, environment_info, write_json
 from .parallel import global_min_max_mean, global_sum, peak_rss_mb, StageTimer
 from .simdata import SimulationFileError
-from .train_config import KSpaceLossConfig, TrainRunConfig
-from .trainer import BatchSet, StopRequested, bare_mlp_rate, build_batches, build_field_set, train_member
+from .train_config import TrainConfig, TrainRunConfig
+from .kspace import build_field_set
+from .trainer import BatchSet, StopRequested, bare_mlp_rate, build_batches, train_member
 
 log = get_logger("train")
 
@@ -62,8 +63,10 @@ def config_run_hash(cfg: TrainRunConfig) -> str:
     d.pop("run")
     if not d["simulation"].get("train_realisations"):
         d["simulation"].pop("train_realisations", None)
-    if d["train"].get("kspace_loss") == to_dict(KSpaceLossConfig()):
-        d["train"].pop("kspace_loss")
+    defaults = to_dict(TrainConfig())
+    for key in ("kspace_loss", "warmup_steps"):
+        if d["train"].get(key) == defaults[key]:
+            d["train"].pop(key)
     return config_hash(d)
 
 
@@ -147,10 +150,9 @@ def sim_labels(n_train: int, n_val: int) -> list[str]:
 def prepare_simulations(comm, timer, cfg, train_specs, val_specs, exch):
     """Load, featurise and route the training then validation simulations (collective).
 
-    ``train_specs``: a list of specs (or one spec dict). The standardisation moments are those of
-    the first training box; the orthogonaliser is fitted on the particles of all training boxes
-    together."""
-    train_specs = [train_specs] if isinstance(train_specs, dict) else list(train_specs)
+    ``train_specs``: a list of specs. The standardisation moments are those of the first training
+    box; the orthogonaliser is fitted on the particles of all training boxes together."""
+    train_specs = list(train_specs)
     radii, kinds = cfg.features.radii, cfg.features.kinds
     names = feature_names(radii, kinds)
     sims, lag, moments = [], [], None
@@ -205,6 +207,46 @@ def _exchange_summary(comm, exch) -> dict:
     return out
 
 
+def train_ensemble(comm, cfg, trs: list, vals: list, shape: dict, ckpt_dir: Path, run_hash: str, dtype, device,
+                   resume: bool = False, budget: list | None = None):
+    """Train the ``cfg.train.ensemble`` members on the prepared training simulations ``trs``
+    (batches interleaved), validating on ``vals`` (collective). Returns (member states, histories,
+    batch info, bytes of the training batches), or None when stopped by ``budget``."""
+    tcfg = cfg.train
+    k_cut = tcfg.kspace_loss.kcut(cfg.features.radii)
+    if tcfg.kspace_loss.enabled:
+        log.info(f"Fourier-space loss: weight {tcfg.kspace_loss.weight}, k <= {k_cut:.4g} h/Mpc, once per epoch")
+    states, histories, batch_info, train_bytes = [], [], {}, 0
+    for member in range(tcfg.ensemble):
+        def batches(s):
+            return build_batches(comm, s.theta, s.parts.cell, s.parts.pid, s.targets(comm), s.n_grid**3,
+                                 s.sim.meta.n_particles, cfg.sampling.frac, cfg.sampling.batch_size,
+                                 tcfg.seed, member, dtype=dtype, device=device)
+
+        def field_set(s):
+            return build_field_set(comm, s.theta, s.parts.cell, s.parts.pid, s.truth_slab, s.n_grid,
+                                   s.sim.meta.box, s.sim.meta.n_particles, cfg.sampling.frac, tcfg.seed, member,
+                                   k_cut, dtype=dtype, device=device)
+        tset = interleave([batches(t) for t in trs])
+        fsets = [field_set(t) for t in trs] if tcfg.kspace_loss.enabled else None
+        vsets = [batches(v) for v in vals]
+        train_bytes = max(train_bytes, sum(b.nbytes for b in tset.batches))
+        batch_info.setdefault("n_selected", tset.n_selected)
+        batch_info.setdefault("n_batches", len(tset))
+        batch_info.setdefault("cells_local", tset.n_cells_local)
+        log.info(f"member {member}: {tset.n_selected} selected particles in {len(tset)} batches of "
+                 f"{len(trs)} training simulation(s) (validation: {[v.n_selected for v in vsets]})")
+        try:
+            res = train_member(comm, member, shape, tset, vsets, tcfg, ckpt_dir, run_hash, dtype, device,
+                               resume=resume, epoch_budget=budget, field_sets=fsets)
+        except StopRequested as exc:
+            log.warning(f"{exc}; continue with --resume")
+            return None
+        states.append(res.state)
+        histories.append(res.history)
+    return states, histories, batch_info, train_bytes
+
+
 def interleave(sets: list[BatchSet]) -> BatchSet:
     """One :class:`BatchSet` of the batches of several simulations, alternating between them (the
     order inside an epoch is then drawn from (seed, member, epoch) by ``sampling.batch_order``)."""
@@ -234,41 +276,11 @@ def _run(comm, cfg, run_dir, train_specs, val_specs, resume, stop_after_epochs):
     run_hash = config_run_hash(cfg)
     ckpt_dir = run_dir / "checkpoints"
     budget = [stop_after_epochs] if stop_after_epochs is not None else None
-    states, histories, batch_info = [], [], {}
-    train_bytes = 0
-    k_cut = tcfg.kspace_loss.kcut(cfg.features.radii)
-    if tcfg.kspace_loss.enabled:
-        log.info(f"Fourier-space loss: weight {tcfg.kspace_loss.weight}, k <= {k_cut:.4g} h/Mpc, once per epoch")
-
-    def field_set(s, member):
-        return build_field_set(comm, s.theta, s.parts.cell, s.parts.pid, s.truth_slab, s.n_grid, s.sim.meta.box,
-                               s.sim.meta.n_particles, cfg.sampling.frac, tcfg.seed, member, k_cut,
-                               dtype=dtype, device=device)
-
     with timer.stage("train"):
-        for member in range(tcfg.ensemble):
-            def batches(s):
-                return build_batches(comm, s.theta, s.parts.cell, s.parts.pid, s.targets(comm), s.n_grid**3,
-                                     s.sim.meta.n_particles, cfg.sampling.frac, cfg.sampling.batch_size,
-                                     tcfg.seed, member, dtype=dtype, device=device)
-            tset = interleave([batches(t) for t in trs])
-            fsets = [field_set(t, member) for t in trs] if tcfg.kspace_loss.enabled else None
-            vsets = [batches(v) for v in vals]
-            train_bytes = max(train_bytes, sum(b.nbytes for b in tset.batches))
-            batch_info.setdefault("n_selected", tset.n_selected)
-            batch_info.setdefault("n_batches", len(tset))
-            batch_info.setdefault("cells_local", tset.n_cells_local)
-            log.info(f"member {member}: {tset.n_selected} selected particles in {len(tset)} batches of "
-                     f"{len(trs)} training simulation(s) "
-                     f"(validation: {[v.n_selected for v in vsets]})")
-            try:
-                res = train_member(comm, member, shape, tset, vsets, tcfg, ckpt_dir, run_hash, dtype, device,
-                                   resume=resume, epoch_budget=budget, field_sets=fsets)
-            except StopRequested as exc:
-                log.warning(f"{exc}; continue with --resume")
-                return None
-            states.append(res.state)
-            histories.append(res.history)
+        trained = train_ensemble(comm, cfg, trs, vals, shape, ckpt_dir, run_hash, dtype, device, resume, budget)
+        if trained is None:
+            return None
+        states, histories, batch_info, train_bytes = trained
         bare = bare_mlp_rate(comm, shape, int(round(batch_info["n_selected"] / batch_info["n_batches"])), tcfg,
                              dtype, device)
     ens = Ensemble(shape, states, orth, moments, names, cfg.features.radii, cfg.features.kinds, tcfg.dtype,
@@ -305,7 +317,7 @@ def _run(comm, cfg, run_dir, train_specs, val_specs, resume, stop_after_epochs):
         "n_ranks": comm.size,
         "n_particles": sum(t.sim.meta.n_particles for t in trs),
         "n_train_sims": len(trs),
-        "kspace_k_cut": k_cut if tcfg.kspace_loss.enabled else None,
+        "kspace_k_cut": tcfg.kspace_loss.kcut(cfg.features.radii) if tcfg.kspace_loss.enabled else None,
         "n_selected": batch_info["n_selected"],
         "n_batches": batch_info["n_batches"],
         "epochs": tcfg.epochs,

@@ -175,7 +175,9 @@ class KSpaceLossConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Adam with lr * lr_decay^(epoch-1); integral constraint from epoch ``constraint_from``:
+    """Adam with lr * lr_decay^(epoch-1), the first ``warmup_steps`` optimiser steps ramped linearly
+    from lr / warmup_steps (0: none, the paper; f = 10^y reacts exponentially to the first large
+    steps); integral constraint from epoch ``constraint_from``:
     eps = max(10^(eps_a + eps_b log10 epoch), eps_min)."""
 
     epochs: int = 50
@@ -188,6 +190,7 @@ class TrainConfig:
     eps_a: float = -1.0
     eps_b: float = -3.0
     eps_min: float = 1e-4
+    warmup_steps: int = 0
     guard_y: float = -5.0
     threads: Optional[int] = None  # torch threads per rank (default 1 under MPI)
     bare_steps: int = 5
@@ -204,6 +207,8 @@ class TrainConfig:
             raise ValueError("train.seed must be >= 0")
         if self.eps_min <= 0 or self.constraint_from < 1:
             raise ValueError("train.eps_min must be > 0 and train.constraint_from >= 1")
+        if self.warmup_steps < 0:
+            raise ValueError(f"train.warmup_steps must be >= 0, got {self.warmup_steps}")
 
     def eps(self, epoch: int) -> float | None:
         """Integral-constraint tolerance of ``epoch`` (from 1), or None when it is off."""

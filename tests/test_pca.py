@@ -109,9 +109,13 @@ def trained(tmp_path_factory):
 def test_command_with_retrain(trained):
     world = MPI.COMM_WORLD
     out = trained / f"pca_n{world.size}"
-    assert pca.main(["--run", str(trained), "--retrain", "2", "--n-sample", "2000", "--out", str(out)]) == 0
+    assert pca.main(["--run", str(trained), "--retrain", "2", "--n-sample", "2000", "--out", str(out),
+                     "--set", "train.warmup_steps=2"]) == 0
     world.Barrier()  # rank 0 writes the outputs
     s = json.loads((out / "summary.json").read_text())
+    assert s["config"]["train"]["warmup_steps"] == 2  # --set reaches the re-training config
+    run_summary = json.loads((trained / "summary.json").read_text())
+    assert run_summary["pc0_peak"] == s["pc0_peak"] and "pk_ratio_lowk_val" in run_summary
     assert len(s["pc_eigenvalues"]) == 5 and s["pc_eigenvalues"][0] >= s["pc_eigenvalues"][-1]
     assert np.isfinite(s["pk_ratio_lowk_val_original"]) and np.isfinite(s["pk_ratio_lowk_val_retrained"])
     assert np.isfinite(s["pc0_peak"])

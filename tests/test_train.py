@@ -85,13 +85,17 @@ def test_rank_count_invariance_and_outputs(comm, sims):
 
 
 @pytest.mark.mpi
-def test_resume_gives_same_model(comm, sims):
+@pytest.mark.parametrize("extra", [{}, {"warmup_steps": 30}], ids=["paper", "warmup"])
+def test_resume_gives_same_model(comm, sims, extra):
+    """Resume after a "kill" reproduces the uninterrupted run (also with a learning-rate warm-up
+    longer than the run, so that it spans the restart)."""
     a, b, d = sims
-    cfg = write_config(d / f"res{comm.size}.yaml", a, [b],
-                       train={"epochs": 2, "ensemble": 2, "dtype": "float64", "seed": 3, "bare_steps": 1},
+    tag = f"{comm.size}{'g' if extra else ''}"
+    cfg = write_config(d / f"res{tag}.yaml", a, [b],
+                       train={"epochs": 2, "ensemble": 2, "dtype": "float64", "seed": 3, "bare_steps": 1, **extra},
                        run={"log_level": "WARNING", "figures": False})
-    full = run(comm, cfg, out=d / f"res_full{comm.size}")
-    part_dir = d / f"res_part{comm.size}"
+    full = run(comm, cfg, out=d / f"res_full{tag}")
+    part_dir = d / f"res_part{tag}"
     assert run(comm, cfg, out=part_dir, stop_after_epochs=3) is None  # "killed" in member 1, epoch 2
     if comm.rank == 0:
         ck = torch.load(part_dir / "checkpoints" / "member_1.pt", weights_only=False)
@@ -103,7 +107,7 @@ def test_resume_gives_same_model(comm, sims):
     assert resumed["loss_history"] == full["loss_history"] or all(
         np.allclose(h1["train_loss"], h2["train_loss"], rtol=1e-12)
         for h1, h2 in zip(resumed["loss_history"], full["loss_history"]))
-    m_full, m_res = load_ensemble(d / f"res_full{comm.size}"), load_ensemble(part_dir)
+    m_full, m_res = load_ensemble(d / f"res_full{tag}"), load_ensemble(part_dir)
     for p, q in zip(m_full.members, m_res.members):
         for (k, v), (k2, v2) in zip(p.state_dict().items(), q.state_dict().items()):
             assert k == k2 and torch.allclose(v, v2, rtol=1e-12, atol=1e-14), k
@@ -125,3 +129,4 @@ def test_mass_conservation(comm, sims):
     assert s["n_batches"] == 1 and s["n_selected"] == 32**3
     assert abs(s["mean_f"] - 1) < 1e-3
     assert s["loss_history"][0]["eps"][-1] == pytest.approx(1e-4)
+

@@ -11,7 +11,7 @@ from lagbias_mpi.fft import SlabFFT
 from lagbias_mpi.model import build_model, f_of_y
 from lagbias_mpi.parallel import gather_slabs
 from lagbias_mpi.train import run
-from lagbias_mpi.trainer import build_field_set, kspace_loss_and_gradient, kspace_step
+from lagbias_mpi.kspace import build_field_set, kspace_loss_and_gradient, kspace_step
 from simfixtures import make_simulation, write_config
 
 WORLD = MPI.COMM_WORLD
