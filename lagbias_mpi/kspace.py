@@ -1,19 +1,24 @@
-"""Fourier-space loss (beyond the paper, ``train.kspace_loss``): the residual delta_model - delta_true
-of the whole training grid, transformed with the distributed FFT, squared and cut at |k| <= k_cut.
+"""Fourier-space loss (beyond the paper, ``train.kspace_loss``): the residual r = delta_model -
+delta_true of the whole training grid, transformed with the distributed FFT and cut at |k| <= k_cut,
 
-The loss is linear in f through delta_model, so its parameter gradient is that of sum_i c_i f_i with
-c_i = dL/d delta_model of particle i's cell times the cell's scale: one FFT pair gives dL/dr, then
-the particles are pushed through the network in chunks (DDP synchronises on the last chunk only).
+    L_k = weight * sum_{|k| <= k_cut} |r_k|^2 / n_cut      (n_cut: modes inside the cut),
+
+which is sum_j r_j^2 (the real-space loss of all cells, Parseval) without a cut: weight 1 gives the
+cut modes' mean residual power the weight the real-space loss gives the mean of all modes.
+
+L_k is linear in f through delta_model, so its parameter gradient is that of sum_i c_i f_i over the
+selected particles with c_i = dL_k/d delta_model of particle i's cell times the cell's scale. Once
+per epoch the field is painted from all selected particles (no autograd), one FFT pair gives
+dL_k/dr and thus c_i; every batch step then adds sum_{i in batch} c_i f_i to its objective, so that
+over an epoch the batches carry the whole gradient of L_k (with coefficients at most one epoch old).
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from . import ddp
 from .fft import SlabFFT
 from .model import f_of_y
 from .parallel import global_sum
@@ -25,6 +30,8 @@ class FieldSet:
     """This rank's slab of the whole training grid of one simulation, for the Fourier-space loss."""
 
     x: torch.Tensor  # (n_sel_local, n_in) inputs of all selected particles
+    sel: np.ndarray  # (n_sel_local,) their indices among the rank's particles of the simulation
+    n_particles_local: int  # the rank's particles of the simulation
     idx: np.ndarray  # (n_sel_local,) flat index of each particle's cell in the local slab
     scale: np.ndarray  # flat local slab: N_cells/N_part * n/n_sel, 0 in empty cells
     target: np.ndarray  # flat local slab: delta_true
@@ -49,17 +56,21 @@ def build_field_set(comm, theta: np.ndarray, cell: np.ndarray, pid: np.ndarray, 
     if len(idx) and (idx.min() < 0 or idx.max() >= n_local):
         raise ValueError("kspace loss: a selected particle's cell is not on this rank")
     cut = (fft.local_k2() <= k_cut**2).astype(np.float64)
-    return FieldSet(torch.as_tensor(np.ascontiguousarray(theta[sel]), dtype=dtype, device=device), idx, scale,
-                    np.asarray(truth_slab, np.float64).reshape(-1), fft, cut)
+    return FieldSet(torch.as_tensor(np.ascontiguousarray(theta[sel]), dtype=dtype, device=device), sel, len(cell),
+                    idx, scale, np.asarray(truth_slab, np.float64).reshape(-1), fft, cut)
 
 
 def kspace_loss_and_gradient(comm, fft: SlabFFT, cut: np.ndarray, residual: np.ndarray) -> tuple[float, np.ndarray]:
-    """L = sum_k cut(k) |r_k|^2 / N^3 over all k (Hermitian weights on the half-complex slab) of the
-    real residual slab r, and its gradient dL/dr = 2 IFFT[cut r_k] (a local real slab; collective)."""
+    """L = sum_k cut(k) |r_k|^2 / n_cut over all k (Hermitian weights on the half-complex slab; n_cut
+    = sum_k cut(k)) of the real residual slab r, and its gradient dL/dr = 2 (N^3 / n_cut) IFFT[cut r_k]
+    (a local real slab; collective). Without a cut, L = sum_j r_j^2."""
     rk = fft.forward(np.asarray(residual, np.float64).reshape(fft.real_shape))
-    local = float(np.sum(fft.hermitian_weights() * cut * (rk.real**2 + rk.imag**2)))
-    loss = float(global_sum(comm, local)) / float(fft.n) ** 3
-    return loss, 2.0 * fft.backward(cut * rk)
+    weights = fft.hermitian_weights() * cut
+    local = np.array([np.sum(weights * (rk.real**2 + rk.imag**2)), np.sum(weights)])
+    power, n_cut = global_sum(comm, local)
+    if n_cut <= 0:
+        raise ValueError("kspace loss: no Fourier mode inside k_cut")
+    return float(power / n_cut), (2.0 * float(fft.n) ** 3 / n_cut) * fft.backward(cut * rk)
 
 
 def _model_field(model, fs: FieldSet, chunk: int) -> np.ndarray:
@@ -72,26 +83,12 @@ def _model_field(model, fs: FieldSet, chunk: int) -> np.ndarray:
     return fs.scale * cellsum - 1.0
 
 
-def kspace_step(comm, dmodel, field_sets: list[FieldSet], weight: float, chunk: int) -> float:
-    """Back-propagate weight * (sum over simulations of the Fourier-space loss) into the gradients
-    of ``dmodel`` (collective); returns the loss. The loss is linear in f through delta_model, so its
-    gradient is that of sum_i c_i f_i with c_i = weight * scale_j dL/dr_j of the particle's cell j,
-    accumulated over chunks of particles (DDP synchronises on the last chunk only)."""
-    total, coeffs = 0.0, []
-    for fs in field_sets:
-        r = _model_field(ddp.unwrap(dmodel), fs, chunk) - fs.target
-        loss, grad = kspace_loss_and_gradient(comm, fs.fft, fs.cut, r)
-        total += weight * loss
-        coeffs.append(weight * comm.size * (fs.scale * grad.reshape(-1))[fs.idx])
-    pieces = [(fs, c, lo) for fs, c in zip(field_sets, coeffs) for lo in range(0, len(fs.idx), chunk)]
-    if not pieces:
-        pieces = [(field_sets[0], coeffs[0], 0)]
-    for i, (fs, c, lo) in enumerate(pieces):
-        last = i == len(pieces) - 1
-        ctx = contextlib.nullcontext() if last or not hasattr(dmodel, "no_sync") else dmodel.no_sync()
-        with ctx:
-            f = f_of_y(dmodel(fs.x[lo:lo + chunk])).reshape(-1)
-            cc = torch.as_tensor(c[lo:lo + chunk], dtype=f.dtype, device=f.device)
-            (cc * f).sum().backward()
-    return total
-
+def kspace_coefficients(comm, model, fs: FieldSet, weight: float, chunk: int) -> tuple[float, np.ndarray]:
+    """(weight * L_k of the current model, c) with c_i = weight * scale_j dL_k/dr_j for each of the
+    rank's particles of the simulation (0 for those not selected): sum_i c_i df_i/dtheta is the
+    parameter gradient of weight * L_k (collective, no autograd)."""
+    r = _model_field(model, fs, chunk) - fs.target
+    loss, grad = kspace_loss_and_gradient(comm, fs.fft, fs.cut, r)
+    coef = np.zeros(fs.n_particles_local)
+    coef[fs.sel] = weight * (fs.scale * grad.reshape(-1))[fs.idx]
+    return weight * loss, coef

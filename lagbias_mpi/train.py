@@ -215,19 +215,20 @@ def train_ensemble(comm, cfg, trs: list, vals: list, shape: dict, ckpt_dir: Path
     tcfg = cfg.train
     k_cut = tcfg.kspace_loss.kcut(cfg.features.radii)
     if tcfg.kspace_loss.enabled:
-        log.info(f"Fourier-space loss: weight {tcfg.kspace_loss.weight}, k <= {k_cut:.4g} h/Mpc, once per epoch")
+        log.info(f"Fourier-space loss: weight {tcfg.kspace_loss.weight}, k <= {k_cut:.4g} h/Mpc, "
+                 f"coefficients once per epoch, applied in every step")
     states, histories, batch_info, train_bytes = [], [], {}, 0
     for member in range(tcfg.ensemble):
-        def batches(s):
+        def batches(s, box=0):
             return build_batches(comm, s.theta, s.parts.cell, s.parts.pid, s.targets(comm), s.n_grid**3,
                                  s.sim.meta.n_particles, cfg.sampling.frac, cfg.sampling.batch_size,
-                                 tcfg.seed, member, dtype=dtype, device=device)
+                                 tcfg.seed, member, dtype=dtype, device=device, box=box)
 
         def field_set(s):
             return build_field_set(comm, s.theta, s.parts.cell, s.parts.pid, s.truth_slab, s.n_grid,
                                    s.sim.meta.box, s.sim.meta.n_particles, cfg.sampling.frac, tcfg.seed, member,
                                    k_cut, dtype=dtype, device=device)
-        tset = interleave([batches(t) for t in trs])
+        tset = interleave([batches(t, box) for box, t in enumerate(trs)])
         fsets = [field_set(t) for t in trs] if tcfg.kspace_loss.enabled else None
         vsets = [batches(v) for v in vals]
         train_bytes = max(train_bytes, sum(b.nbytes for b in tset.batches))

@@ -150,10 +150,12 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class KSpaceLossConfig:
-    """Fourier-space loss (beyond the paper, off by default): once per epoch, after the batches, one
-    more Adam step on weight * sum_{|k| <= k_cut} |r_k|^2 / N^3 of the residual r = delta_model -
-    delta_true on the whole training grid (all selected particles). ``k_cut`` in h/Mpc, default
-    1 / (largest smoothing radius); ``chunk``: particles per rank per forward pass."""
+    """Fourier-space loss (beyond the paper, off by default): weight * sum_{|k| <= k_cut} |r_k|^2 / n_cut
+    of the residual r = delta_model - delta_true on the whole training grid (all selected
+    particles; n_cut modes inside the cut), added to the real-space loss; its gradient coefficients
+    are computed once per epoch and applied in every batch step (:mod:`lagbias_mpi.kspace`).
+    ``k_cut`` in h/Mpc, default 1 / (largest smoothing radius); ``chunk``: particles per rank per
+    forward pass of the field."""
 
     enabled: bool = False
     k_cut: Optional[float] = None

@@ -24,7 +24,7 @@ from mpi4py import MPI
 
 from . import ddp
 from .checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
-from .kspace import FieldSet, kspace_step
+from .kspace import FieldSet, kspace_coefficients
 from .logs import Progress, get_logger
 from .model import build_model, f_of_y
 from .parallel import global_sum
@@ -53,6 +53,8 @@ class Batch:
     scale: torch.Tensor  # (n_cells_b,) N_cells/N_part * n/n_sel
     target: torch.Tensor  # (n_cells_b,) delta_true
     n_global: int  # selected particles of the batch over all ranks
+    pidx: np.ndarray  # (n_b,) indices of the particles among the rank's particles of the simulation
+    box: int = 0  # which training simulation (for the Fourier-space loss's coefficients)
 
     @property
     def nbytes(self) -> int:
@@ -71,11 +73,11 @@ class BatchSet:
 
 def build_batches(comm, theta: np.ndarray, cell: np.ndarray, pid: np.ndarray, target_of_cells,
                   n_cells_total: int, n_part: int, frac: float, batch_size: int, seed: int, member: int,
-                  dtype=torch.float32, device="cpu") -> BatchSet:
+                  dtype=torch.float32, device="cpu", box: int = 0) -> BatchSet:
     """Sub-sample the particles per cell and split the cells into batches (collective).
 
     ``target_of_cells(cells) -> delta_true`` of local cells; ``n_cells_total`` and ``n_part`` are the
-    global numbers of grid cells and particles of the simulation.
+    global numbers of grid cells and particles of the simulation; ``box`` numbers the simulation.
     """
     selected, cells, n, n_sel = select_in_cells(cell, pid, frac, seed, member)
     total = int(global_sum(comm, np.int64(n_sel.sum())))
@@ -101,19 +103,19 @@ def build_batches(comm, theta: np.ndarray, cell: np.ndarray, pid: np.ndarray, ta
             idx=torch.as_tensor(local_cell, dtype=torch.long, device=device),
             scale=torch.as_tensor(scale[cidx], dtype=dtype, device=device),
             target=torch.as_tensor(target[cidx], dtype=dtype, device=device),
-            n_global=int(counts[b])))
+            n_global=int(counts[b]), pidx=pidx, box=box))
     return BatchSet(batches, total, len(cells))
 
 
 def batch_terms(model, batch: Batch, guard_y: float):
-    """Local (grid term, guard term, S_local) tensors of one batch."""
+    """Local (grid term, guard term, f) tensors of one batch."""
     y = model(batch.x)
     f = f_of_y(y)
     cellsum = torch.zeros(batch.scale.shape, dtype=f.dtype, device=f.device).index_add_(0, batch.idx, f)
     dm = batch.scale * cellsum - 1.0
     grid = ((dm - batch.target) ** 2).sum()
     guard = (torch.clamp(y - guard_y, max=0.0) ** 4).sum()
-    return grid, guard, f.sum()
+    return grid, guard, f
 
 
 def reduce_terms(comm, grid, guard, s_local) -> np.ndarray:
@@ -132,11 +134,18 @@ def whole_loss(totals: np.ndarray, n_global: int, eps: float | None) -> float:
     return float(loss)
 
 
-def local_objective(comm, model, batch: Batch, eps: float | None, guard_y: float):
-    """(tensor to back-propagate on this rank, whole-batch loss value, global S)."""
-    grid, guard, s_local = batch_terms(model, batch, guard_y)
+def local_objective(comm, model, batch: Batch, eps: float | None, guard_y: float,
+                    kspace_coef: torch.Tensor | None = None):
+    """(tensor to back-propagate on this rank, whole-batch loss value, global S).
+
+    ``kspace_coef``: the Fourier-space loss's c_i of the batch's particles (:mod:`lagbias_mpi.kspace`),
+    whose surrogate sum_i c_i f_i joins the objective (not the reported loss)."""
+    grid, guard, f = batch_terms(model, batch, guard_y)
+    s_local = f.sum()
     totals = reduce_terms(comm, grid.detach(), guard.detach(), s_local.detach())
     obj = grid + guard
+    if kspace_coef is not None:
+        obj = obj + (kspace_coef * f).sum()
     if eps is not None and batch.n_global > 0:
         n = batch.n_global
         obj = obj + (2.0 * (totals[2] / n - 1.0) / (eps**2 * n)) * s_local
@@ -148,7 +157,8 @@ def evaluate_loss(comm, model, batches: BatchSet, eps: float | None, guard_y: fl
     losses, s_tot = [], 0.0
     with torch.no_grad():
         for batch in batches.batches:
-            totals = reduce_terms(comm, *batch_terms(model, batch, guard_y))
+            grid, guard, f = batch_terms(model, batch, guard_y)
+            totals = reduce_terms(comm, grid, guard, f.sum())
             losses.append(whole_loss(totals, batch.n_global, eps))
             s_tot += totals[2]
     return float(np.mean(losses)), s_tot / max(batches.n_selected, 1)
@@ -176,8 +186,9 @@ def train_member(comm, member: int, shape: dict, train_set: BatchSet, val_sets: 
                  epoch_budget: list | None = None, field_sets: list[FieldSet] | None = None) -> MemberResult:
     """Train member ``member`` for ``tcfg.epochs`` epochs (collective); checkpoint every epoch.
 
-    ``field_sets`` (one per training simulation): with ``tcfg.kspace_loss.enabled``, one more step
-    per epoch on the Fourier-space loss of the whole training grids (:func:`kspace_step`).
+    ``field_sets`` (one per training simulation): with ``tcfg.kspace_loss.enabled``, the Fourier-space
+    loss of the whole training grids, its coefficients computed at the start of every epoch and
+    applied in every batch step (:mod:`lagbias_mpi.kspace`).
 
     ``epoch_budget``: a one-element list counting epochs this process may still run before raising
     :class:`StopRequested` (simulates a job killed after an epoch).
@@ -221,11 +232,20 @@ def _epochs(comm, member, dmodel, model, opt, sched, history, start, path, train
         lr = opt.param_groups[0]["lr"]
         t0 = time.perf_counter()
         losses, s_tot = [], 0.0
+        coefs = None
+        if field_sets:
+            kcfg = tcfg.kspace_loss
+            kl, coefs = zip(*[kspace_coefficients(comm, model, fs, kcfg.weight, kcfg.chunk) for fs in field_sets])
+            if not np.isfinite(sum(kl)):
+                raise TrainingDiverged(f"Fourier-space loss {sum(kl):.4g} at member {member}, epoch {epoch}")
+            history.setdefault("kspace_loss", []).append(float(sum(kl)))
         prog = Progress(comm, len(train_set), f"member {member} epoch {epoch}")
         for i, b in enumerate(batch_order(len(train_set), tcfg.seed, member, epoch)):
             batch = train_set.batches[b]
             opt.zero_grad(set_to_none=False)
-            obj, loss, s_glob = local_objective(comm, dmodel, batch, eps, tcfg.guard_y)
+            coef = None if coefs is None else torch.as_tensor(coefs[batch.box][batch.pidx], dtype=batch.x.dtype,
+                                                              device=batch.x.device)
+            obj, loss, s_glob = local_objective(comm, dmodel, batch, eps, tcfg.guard_y, coef)
             batch_mean_f = s_glob / max(batch.n_global, 1)
             if not np.isfinite(loss) or not batch_mean_f < MAX_BATCH_MEAN_F:
                 good = f"{path} (epoch {epoch - 1})" if epoch > 1 else "none (first epoch)"
@@ -242,13 +262,6 @@ def _epochs(comm, member, dmodel, model, opt, sched, history, start, path, train
             losses.append(loss)
             s_tot += s_glob
             prog.update(i + 1)
-        if field_sets:
-            opt.zero_grad(set_to_none=False)
-            kl = kspace_step(comm, dmodel, field_sets, tcfg.kspace_loss.weight, tcfg.kspace_loss.chunk)
-            if not np.isfinite(kl):
-                raise TrainingDiverged(f"Fourier-space loss {kl:.4g} at member {member}, epoch {epoch}")
-            opt.step()
-            history.setdefault("kspace_loss", []).append(kl)
         sched.step()
         t_train = time.perf_counter() - t0
         val = [evaluate_loss(comm, model, vs, eps, tcfg.guard_y) for vs in val_sets]

@@ -11,7 +11,7 @@ from lagbias_mpi.fft import SlabFFT
 from lagbias_mpi.model import build_model, f_of_y
 from lagbias_mpi.parallel import gather_slabs
 from lagbias_mpi.train import run
-from lagbias_mpi.kspace import build_field_set, kspace_loss_and_gradient, kspace_step
+from lagbias_mpi.kspace import build_field_set, kspace_coefficients, kspace_loss_and_gradient
 from simfixtures import make_simulation, write_config
 
 WORLD = MPI.COMM_WORLD
@@ -26,14 +26,15 @@ def _full_cut(k_cut):
 
 def _torch_loss(r, k_cut):
     rk = torch.fft.fftn(r)
-    return (_full_cut(k_cut) * rk.abs() ** 2).sum() / N**3
+    cut = _full_cut(k_cut)
+    return (cut * rk.abs() ** 2).sum() / cut.sum()
 
 
 @pytest.mark.mpi
 @pytest.mark.parametrize("k_cut", [0.2, 1e9])
 def test_loss_and_gradient_match_torch_fft(comm, k_cut):
     """Distributed loss and dL/dr equal torch.fft + autograd of the full field on one rank; without
-    a cut the loss is sum r^2 (Parseval)."""
+    a cut the loss is sum r^2 (Parseval); a field of the highest k only has no loss below the cut."""
     r_full = np.random.default_rng(3).standard_normal((N, N, N))
     fft = SlabFFT(comm, N, BOX, np.float64)
     cut = (fft.local_k2() <= k_cut**2).astype(np.float64)
@@ -45,13 +46,16 @@ def test_loss_and_gradient_match_torch_fft(comm, k_cut):
     assert np.allclose(gather_slabs(comm, grad), rt.grad.numpy(), rtol=1e-10, atol=1e-12)
     if k_cut > 1e3:
         assert loss == pytest.approx(float((r_full**2).sum()), rel=1e-12)
-    else:
-        assert loss < 0.5 * float((r_full**2).sum())  # the cut removes most modes
+    i = np.arange(N)
+    checker = (-1.0) ** (i[:, None, None] + i[None, :, None] + i[None, None, :])  # k = Nyquist only
+    loss_hi, _ = kspace_loss_and_gradient(comm, fft, cut, checker[fft.real_start:fft.real_stop])
+    assert loss_hi == pytest.approx(N**3 if k_cut > 1e3 else 0.0, abs=1e-9)
 
 
-def test_kspace_step_parameter_gradient_matches_torch_autograd():
-    """kspace_step (chunked, NumPy FFT + injected gradient) gives the parameter gradient of the whole
-    objective weight * L_k(delta_model - delta_true) written with torch.fft and autograd."""
+def test_kspace_coefficients_give_the_parameter_gradient():
+    """The coefficients c_i (chunked field, NumPy FFT) give, through sum_i c_i f_i, the parameter
+    gradient of weight * L_k(delta_model - delta_true) written with torch.fft and autograd; c is 0
+    for particles not selected."""
     comm = MPI.COMM_SELF
     rng = np.random.default_rng(5)
     n_part, n_in, weight, k_cut = 3000, 4, 0.7, 0.25
@@ -62,7 +66,9 @@ def test_kspace_step_parameter_gradient_matches_torch_autograd():
     fs = build_field_set(comm, theta, cell, pid, truth, N, BOX, n_part, 0.5, 7, 0, k_cut, dtype=torch.float64)
     assert 0 < len(fs.idx) < n_part
     model = build_model({"n_in": n_in, "width": 8, "depth": 2, "activation": "gelu"}, seed=1, dtype=torch.float64)
-    loss = kspace_step(comm, model, [fs], weight, chunk=500)
+    loss, coef = kspace_coefficients(comm, model, fs, weight, chunk=500)
+    assert coef.shape == (n_part,) and np.all(np.delete(coef, fs.sel) == 0)
+    (torch.as_tensor(coef[fs.sel]) * f_of_y(model(fs.x)).reshape(-1)).sum().backward()
     got = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
     f = f_of_y(model(fs.x)).reshape(-1)

@@ -33,12 +33,19 @@ RUN = {"log_level": "WARNING", "figures": False}
 
 
 @pytest.mark.mpi
-def test_two_boxes_rank_invariant(comm, sims):
+@pytest.mark.parametrize("kspace", [False, True], ids=["real", "kspace"])
+def test_two_boxes_rank_invariant(comm, sims, kspace):
+    """Two training boxes, also with the Fourier-space loss (each batch takes the coefficients of
+    its own box): the same losses and spectra on any number of ranks."""
     (a, b, v), d = sims
-    cfg = write_config(d / f"two{comm.size}.yaml", a, [v], simulation={"train_files": [str(a), str(b)]},
-                       train=TRAIN, run=RUN)
-    s = run(comm, cfg, out=d / f"two_run{comm.size}")
-    ref = _self_run(comm, cfg, d / f"two_ref{comm.size}")
+    tag = f"{comm.size}{'k' if kspace else ''}"
+    cfg = write_config(d / f"two{tag}.yaml", a, [v], simulation={"train_files": [str(a), str(b)]},
+                       train={**TRAIN, "kspace_loss": {"enabled": kspace, "chunk": 5000}}, run=RUN)
+    s = run(comm, cfg, out=d / f"two_run{tag}")
+    ref = _self_run(comm, cfg, d / f"two_ref{tag}")
+    if kspace:
+        assert len(s["loss_history"][0]["kspace_loss"]) == 2
+        assert np.allclose(s["loss_history"][0]["kspace_loss"], ref["loss_history"][0]["kspace_loss"], rtol=1e-6)
     assert s["n_train_sims"] == 2 and s["n_particles"] == 2 * 32**3
     assert s["n_selected"] == ref["n_selected"] and s["n_batches"] == ref["n_batches"]
     assert np.allclose(s["loss_history"][0]["train_loss"], ref["loss_history"][0]["train_loss"], rtol=1e-6, atol=0)
