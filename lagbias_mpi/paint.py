@@ -17,9 +17,8 @@ random positions into 256^3, against 4e6 unsorted.
 """
 from __future__ import annotations
 
-import numba
 import numpy as np
-from numba import njit
+from numba import literal_unroll, njit
 
 from .exchange import exchange
 from .layout import plane_owner, slab_bounds
@@ -162,14 +161,14 @@ def _paint_ngp_kernel(grid, pos, w, start, nmesh, box):
 
 
 @njit(cache=True)
-def _readout_cic_kernel(fields, u, start, out, n_fields):
-    """CIC interpolation of a stack of fields ``fields`` (n_fields, planes [start, ...) incl. one ghost
-    plane, ny, nz) at grid coordinates ``u`` (n, 3) into ``out`` (n, n_fields). The weights of a
-    particle are computed once for all fields, as the same products as in :func:`_cic_deposit`
-    (readout is the transpose of paint, so the PM force conserves momentum). ``n_fields`` is compiled
-    in as a constant (``numba.literally``): the field loop is unrolled, as fast as a hand-fused kernel."""
-    numba.literally(n_fields)
-    _, _, ny, nz = fields.shape
+def _readout_cic_kernel(fields, u, start, out):
+    """CIC interpolation of the fields ``fields`` (a tuple of n_fields arrays: planes [start, ...) incl.
+    one ghost plane, ny, nz) at grid coordinates ``u`` (n, 3) into ``out`` (n, n_fields). The weights
+    of a particle are computed once for all fields, as the same products as in :func:`_cic_deposit`
+    (readout is the transpose of paint, so the PM force conserves momentum). A tuple, not a 4-d
+    array, so that n_fields is part of the compiled type and the field loop is unrolled
+    (``literal_unroll``): as fast as a hand-fused kernel."""
+    ny, nz = fields[0].shape[1], fields[0].shape[2]
     for p in range(u.shape[0]):
         fx, fy, fz = np.floor(u[p, 0]), np.floor(u[p, 1]), np.floor(u[p, 2])
         dx, dy, dz = u[p, 0] - fx, u[p, 1] - fy, u[p, 2] - fz
@@ -187,13 +186,13 @@ def _readout_cic_kernel(fields, u, start, out, n_fields):
         b01 = dx * (1.0 - dy) * dz
         b10 = dx * dy * (1.0 - dz)
         b11 = dx * dy * dz
-        for f in range(n_fields):
+        f = 0
+        for g in literal_unroll(fields):
             acc = 0.0
-            acc += (a00 * fields[f, x0, iy, iz] + a01 * fields[f, x0, iy, iz1]
-                    + a10 * fields[f, x0, iy1, iz] + a11 * fields[f, x0, iy1, iz1])
-            acc += (b00 * fields[f, x1, iy, iz] + b01 * fields[f, x1, iy, iz1]
-                    + b10 * fields[f, x1, iy1, iz] + b11 * fields[f, x1, iy1, iz1])
+            acc += a00 * g[x0, iy, iz] + a01 * g[x0, iy, iz1] + a10 * g[x0, iy1, iz] + a11 * g[x0, iy1, iz1]
+            acc += b00 * g[x1, iy, iz] + b01 * g[x1, iy, iz1] + b10 * g[x1, iy1, iz] + b11 * g[x1, iy1, iz1]
             out[p, f] = acc
+            f += 1
 
 
 def _neighbours(comm, nmesh: int) -> tuple[int | None, int | None]:
@@ -289,11 +288,11 @@ def readout_cic_local(fields: np.ndarray, u: np.ndarray, start: int) -> np.ndarr
     """CIC values (n, n_fields), float64, of a local stack of fields (n_fields, planes from global
     plane ``start`` incl. the ghost plane after them, ny, nz) at grid coordinates ``u`` (n, 3) whose
     first component lies in those planes. No communication (see :func:`readout_cic`)."""
-    fields = np.ascontiguousarray(fields)
-    if fields.ndim != 4:
+    fields = np.asarray(fields)
+    if fields.ndim != 4 or not len(fields):
         raise ValueError(f"readout_cic_local: fields must have shape (n_fields, nx, ny, nz), got {fields.shape}")
-    out = np.empty((len(u), fields.shape[0]), dtype=np.float64)
-    _readout_cic_kernel(fields, np.ascontiguousarray(u), int(start), out, int(fields.shape[0]))
+    out = np.empty((len(u), len(fields)), dtype=np.float64)
+    _readout_cic_kernel(tuple(np.ascontiguousarray(f) for f in fields), np.ascontiguousarray(u), int(start), out)
     return out
 
 

@@ -3,7 +3,8 @@
 A *spec* is ``{"kind": "file", "path": ...}`` (a lagbias_mpi HDF5 simulation, e.g. one written by
 the built-in simulation) or ``{"kind": "abacus", "source": AbacusSource, "path": ...}``. :func:`resolve` turns the ``simulation`` section of a training config into
 the training spec and the validation specs, generating built-in simulations when they are missing;
-:func:`load` reads one spec into a :class:`~lagbias_mpi.simdata.LocalSimulation`.
+:func:`load` reads one spec into a :class:`~lagbias_mpi.simdata.LocalSimulation`. Specs are checked
+on rank 0 only (:func:`check_all`), a failure raised on every rank.
 """
 from __future__ import annotations
 

@@ -74,8 +74,8 @@ def _validate_inputs(comm, cfg: TrainRunConfig, base_dir: Path):
     """Resolve the simulations and check what can be checked before any heavy work."""
     train_specs, val_specs = sources.resolve_training(comm, cfg.simulation, base_dir)
     radii = cfg.features.radii
-    for spec in [*train_specs, *val_specs]:
-        meta = sources.check(spec)
+    specs = [*train_specs, *val_specs]
+    for spec, meta in zip(specs, sources.check_all(comm, specs)):
         cell = meta.box / meta.n_ic
         if min(radii) < cell * (1 - 1e-9):
             raise ConfigError(f"features.scales: smoothing scale {min(radii)} Mpc/h is below the IC grid "

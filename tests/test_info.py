@@ -1,26 +1,16 @@
 """The ``info`` and ``bench`` commands: they run (also under mpirun) and report what they promise."""
 import json
-import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from lagbias_mpi import bench, info
 
-REPO = Path(__file__).resolve().parents[1]
 INFO_KEYS = {"python", "numpy", "scipy", "numba", "torch", "torch_cuda_available", "torch_cuda_devices", "mpi4py",
              "mpi_library", "mpi_standard", "fft_backend", "fft_backend_version", "fftw", "h5py", "abacusutils",
              "n_ranks"}
-
-
-def clean_env():
-    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", OMP_NUM_THREADS="1",
-               PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    return {k: v for k, v in env.items()
-            if not k.startswith(("OMPI_COMM_WORLD", "OMPI_MCA_ess", "PMIX_", "OMPI_MCA_orte"))}
 
 
 @pytest.mark.mpi
@@ -39,9 +29,9 @@ def test_info_in_process(comm, capsys):
 
 
 @pytest.mark.skipif(shutil.which("mpirun") is None, reason="mpirun not found")
-def test_info_command_under_mpirun(tmp_path):
+def test_info_command_under_mpirun(tmp_path, mpirun_env):
     proc = subprocess.run(["mpirun", "--oversubscribe", "-n", "2", sys.executable, "-m", "lagbias_mpi.info"],
-                          env=clean_env(), cwd=tmp_path, capture_output=True, text=True, timeout=120)
+                          env=mpirun_env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     lines = {k.strip(): v.strip() for k, v in (line.split(" : ", 1) for line in proc.stdout.splitlines())}
     assert set(lines) >= INFO_KEYS

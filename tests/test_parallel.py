@@ -1,12 +1,10 @@
 """MPI helpers: checked reductions, stage timer, gathers, logging, fail-fast abort."""
 import logging
-import os
 import shutil
 import subprocess
 import sys
 import textwrap
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,17 +12,6 @@ import pytest
 from lagbias_mpi.logs import Progress, get_logger, setup_logging
 from lagbias_mpi.parallel import (ConsistencyError, StageTimer, abort_on_exception, check_count, check_sum,
                                   gather_slabs, global_min_max_mean, global_sum, peak_rss_mb)
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def mpi_env():
-    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", OMP_NUM_THREADS="1",
-               PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    # a child mpirun must not think it is part of this process's (singleton) MPI job
-    return {k: v for k, v in env.items()
-            if not k.startswith(("OMPI_COMM_WORLD", "OMPI_MCA_ess", "PMIX_", "OMPI_MCA_orte"))}
-
 
 @pytest.mark.mpi
 def test_check_count(comm):
@@ -111,12 +98,12 @@ ABORT_SCRIPT = textwrap.dedent("""
 
 
 @pytest.mark.skipif(shutil.which("mpirun") is None, reason="mpirun not found")
-def test_abort_on_exception_ends_a_two_rank_job(tmp_path):
+def test_abort_on_exception_ends_a_two_rank_job(tmp_path, mpirun_env):
     script = tmp_path / "abort.py"
     script.write_text(ABORT_SCRIPT)
     t0 = time.time()
     proc = subprocess.run(["mpirun", "--oversubscribe", "-n", "2", sys.executable, str(script)],
-                          env=mpi_env(), cwd=tmp_path, capture_output=True, text=True, timeout=60)
+                          env=mpirun_env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0
     assert "[rank 1] FATAL RuntimeError: boom on rank 1" in proc.stderr
     assert time.time() - t0 < 60

@@ -9,6 +9,16 @@ from mpi4py import MPI
 from lagbias_mpi import study
 from simfixtures import make_simulation, write_config
 
+# small and fast training settings shared by the study runs
+COMMON = dict(grid={"cell": 8.0, "eval_nmesh": 16, "kmax_lowk": 0.3},
+              train={"epochs": 1, "ensemble": 2, "lr": 0.01, "seed": 7, "bare_steps": 1})
+
+
+def halo_sims(d, *seeds):
+    """Small mock-halo simulations ``<name>.h5`` (names a, b, c, ... in order) with these seeds."""
+    return [make_simulation(d / f"{chr(ord('a') + i)}.h5", ppd=16, box=64.0, seed=seed, kind="halos")
+            for i, seed in enumerate(seeds)]
+
 
 def test_markdown_table_formats_missing_values():
     class C:
@@ -27,12 +37,9 @@ def test_markdown_table_formats_missing_values():
 def test_study_two_sets(shared_tmp):
     world = MPI.COMM_WORLD
     d = shared_tmp
-    a = make_simulation(d / "a.h5", ppd=16, box=64.0, seed=3, kind="halos")
-    b = make_simulation(d / "b.h5", ppd=16, box=64.0, seed=4, kind="halos")
-    common = dict(grid={"cell": 8.0, "eval_nmesh": 16, "kmax_lowk": 0.3},
-                  train={"epochs": 1, "ensemble": 2, "lr": 0.01, "seed": 7, "bare_steps": 1})
-    c1 = write_config(d / "one.yaml", a, [b], features={"scales": [8.0]}, **common)
-    c2 = write_config(d / "two.yaml", a, [b], features={"scales": [8.0, 16.0]}, **common)
+    a, b = halo_sims(d, 3, 4)
+    c1 = write_config(d / "one.yaml", a, [b], features={"scales": [8.0]}, **COMMON)
+    c2 = write_config(d / "two.yaml", a, [b], features={"scales": [8.0, 16.0]}, **COMMON)
     out = d / "study"
     assert study.main(["--configs", str(c1), str(c2), "--out", str(out), "--slice-thickness", "8"]) == 0
     world.Barrier()  # rank 0 writes the outputs
@@ -69,12 +76,8 @@ def test_study_beyond_the_paper(shared_tmp):
     """--kspace and --multibox train the first config again and report both next to the baseline."""
     world = MPI.COMM_WORLD
     d = shared_tmp
-    a = make_simulation(d / "a.h5", ppd=16, box=64.0, seed=3, kind="halos")
-    b = make_simulation(d / "b.h5", ppd=16, box=64.0, seed=4, kind="halos")
-    c = make_simulation(d / "c.h5", ppd=16, box=64.0, seed=5, kind="halos")
-    cfg = write_config(d / "base.yaml", a, [b], features={"scales": [8.0]},
-                       grid={"cell": 8.0, "eval_nmesh": 16, "kmax_lowk": 0.3},
-                       train={"epochs": 1, "ensemble": 2, "lr": 0.01, "seed": 7, "bare_steps": 1})
+    a, b, c = halo_sims(d, 3, 4, 5)
+    cfg = write_config(d / "base.yaml", a, [b], features={"scales": [8.0]}, **COMMON)
     out = d / "beyond"
     assert study.main(["--configs", str(cfg), "--out", str(out), "--no-slices", "--kspace",
                        "--multibox", f"simulation.train_files=[{a},{c}]"]) == 0

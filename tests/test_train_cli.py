@@ -49,18 +49,27 @@ def test_missing_config_file(small, capsys):
     assert "config file not found" in capsys.readouterr().err
 
 
-def test_nan_loss_stops_and_keeps_checkpoint(small, monkeypatch):
+def _spoil_after_first_checkpoint(small, monkeypatch, name, spoil):
+    """A quiet config ``<name>.yaml`` and its run directory; from the first checkpoint of member 0 on,
+    the batch terms (grid, guard, sum f) of training are replaced by ``spoil(grid, guard, s)``.
+    Returns (config, run directory, that checkpoint)."""
     sim, d = small
-    cfg = write_config(d / "nan.yaml", sim, run={"log_level": "ERROR", "figures": False})
-    out = d / "nan_run"
+    cfg = write_config(d / f"{name}.yaml", sim, run={"log_level": "ERROR", "figures": False})
+    out = d / f"{name}_run"
     ckpt = out / "checkpoints" / "member_0.pt"
     real = trainer.batch_terms
 
-    def poisoned(model, batch, guard_y):
+    def spoiled(model, batch, guard_y):
         grid, guard, s = real(model, batch, guard_y)
-        return (grid * float("nan"), guard, s) if ckpt.exists() else (grid, guard, s)
+        return spoil(grid, guard, s) if ckpt.exists() else (grid, guard, s)
 
-    monkeypatch.setattr(trainer, "batch_terms", poisoned)
+    monkeypatch.setattr(trainer, "batch_terms", spoiled)
+    return cfg, out, ckpt
+
+
+def test_nan_loss_stops_and_keeps_checkpoint(small, monkeypatch):
+    cfg, out, ckpt = _spoil_after_first_checkpoint(small, monkeypatch, "nan",
+                                                   lambda grid, guard, s: (grid * float("nan"), guard, s))
     with pytest.raises(TrainingDiverged, match="last good checkpoint: .*member_0.pt \\(epoch 1\\)"):
         run(MPI.COMM_SELF, cfg, out=out)
     kept = torch.load(ckpt, weights_only=False)
@@ -70,17 +79,8 @@ def test_nan_loss_stops_and_keeps_checkpoint(small, monkeypatch):
 
 def test_exploding_mean_f_stops(small, monkeypatch):
     """A finite loss with an exploding mean f (a diverged member) also stops training."""
-    sim, d = small
-    cfg = write_config(d / "explode.yaml", sim, run={"log_level": "ERROR", "figures": False})
-    out = d / "explode_run"
-    ckpt = out / "checkpoints" / "member_0.pt"
-    real = trainer.batch_terms
-
-    def exploding(model, batch, guard_y):
-        grid, guard, s = real(model, batch, guard_y)
-        return (grid, guard, s * 1e6) if ckpt.exists() else (grid, guard, s)
-
-    monkeypatch.setattr(trainer, "batch_terms", exploding)
+    cfg, out, ckpt = _spoil_after_first_checkpoint(small, monkeypatch, "explode",
+                                                   lambda grid, guard, s: (grid, guard, s * 1e6))
     with pytest.raises(TrainingDiverged, match="batch mean f .* diverged"):
         run(MPI.COMM_SELF, cfg, out=out)
     assert torch.load(ckpt, weights_only=False)["epoch"] == 1
