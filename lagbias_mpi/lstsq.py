@@ -40,14 +40,13 @@ import scipy.sparse
 from mpi4py import MPI
 
 from . import analysis_plots, pipeline, sources
-from .cli import run_command
-from .config import ConfigError, load_config, to_dict
+from .cli import add_config_arguments, run_command, write_summary
+from .config import ConfigError, load_config
 from .ensemble import load_ensemble, simulation_particles
 from .evaluate import evaluate_simulation
 from .features import feature_names
 from .logs import get_logger, setup_logging
-from .output import environment_info, write_json
-from .parallel import StageTimer, global_sum, peak_rss_mb
+from .parallel import StageTimer, global_sum
 from .sampling import select_in_cells
 from .train import eval_nmesh
 from .train_config import FeatureConfig, TrainRunConfig
@@ -290,9 +289,7 @@ def bin_means(comm, bins: np.ndarray, values: np.ndarray, n_bins: int) -> np.nda
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m lagbias_mpi.lstsq", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--config", required=True, help="config YAML (a training config + optional lstsq section)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key by its dotted name (repeatable)")
+    add_config_arguments(p, "config YAML (a training config + optional lstsq section)")
     p.add_argument("--nn-run", default=None,
                    help="run directory of a NN trained on the same single scale (delta, lap), for comparison")
     p.add_argument("--out", default=None,
@@ -400,14 +397,8 @@ def run(comm, config_path, overrides=None, nn_run=None, out=None, base_dir=None)
         "binning": binning.to_dict(),
         "feature_names": names,
         "moments": {"mean": moments[0], "std": moments[1]},
-        "stage_wall_s": timer.summary(),
-        "peak_rss_mb": comm.allreduce(peak_rss_mb(), op=MPI.MAX),
-        "environment": environment_info(comm),
-        "config": to_dict(cfg),
     }
-    if comm.rank == 0:
-        write_json(out_dir / "summary.json", summary)
-    comm.Barrier()  # the outputs exist on return, on every rank
+    write_summary(comm, out_dir / "summary.json", summary, timer, cfg)
     log.info(f"done: P_model/P_h low k val lstsq {summary['pk_ratio_lowk_val_lstsq']}, "
              f"NN {summary['pk_ratio_lowk_val_nn']}; outputs in {out_dir}")
     return summary

@@ -35,14 +35,14 @@ import yaml
 from mpi4py import MPI
 
 from . import analysis_plots, ddp, sources
-from .cli import run_command
+from .cli import add_set_argument, run_command, write_summary
 from .config import ConfigError, apply_overrides, from_dict, to_dict
 from .ensemble import Ensemble, load_ensemble, simulation_particles
 from .evaluate import evaluate_simulation, write_spectra
 from .logs import get_logger, setup_logging
 from .orthogonalise import Orthogonaliser
-from .output import environment_info, write_json
-from .parallel import StageTimer, global_sum, peak_rss_mb
+from .output import write_json
+from .parallel import StageTimer, global_sum
 from .sampling import hash_uniform
 from .train_config import TrainRunConfig
 
@@ -206,8 +206,7 @@ def parse_args(argv=None):
     p.add_argument("--n-sample", type=int, default=1_000_000, help="particles sampled for grad f")
     p.add_argument("--seed", type=int, default=2023, help="seed of the particle sample")
     p.add_argument("--out", default=None, help="output directory (default RUN/pca)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a key of the run's config for the re-training, e.g. train.warmup_steps=10")
+    add_set_argument(p, "override a key of the run's config for the re-training, e.g. train.warmup_steps=50")
     return p.parse_args(argv)
 
 
@@ -284,13 +283,10 @@ def run(comm, run_dir, retrain_k=None, n_sample=1_000_000, seed=2023, out=None, 
         if comm.rank == 0 and cfg.run.figures and (run_dir / "spectra.h5").is_file():
             analysis_plots.plot_retrain(read_spectra(run_dir / "spectra.h5"), new, figs / f"retrain_{retrain_k}.png",
                                         retrain_k, cfg.grid.kmax_lowk)
-    summary.update({"stage_wall_s": timer.summary(), "peak_rss_mb": comm.allreduce(peak_rss_mb(), op=MPI.MAX),
-                    "environment": environment_info(comm), "config": to_dict(cfg)})
-    if comm.rank == 0:
-        write_json(out_dir / "summary.json", summary)
-        if run_summary:  # the run's own summary names its PCA result too (thin mass ranges: pc0_peak)
-            write_json(run_dir / "summary.json", {**run_summary, "pc0_peak": res["pc0_peak"],
-                                                  "pc_eigenvalues": vals, "pca_dir": str(out_dir)})
+    write_summary(comm, out_dir / "summary.json", summary, timer, cfg)
+    if comm.rank == 0 and run_summary:  # the run's own summary names its PCA result too (thin mass ranges: pc0_peak)
+        write_json(run_dir / "summary.json", {**run_summary, "pc0_peak": res["pc0_peak"],
+                                              "pc_eigenvalues": vals, "pca_dir": str(out_dir)})
     comm.Barrier()  # the outputs exist on return, on every rank
     log.info(f"done: outputs in {out_dir}; P_model/P_h low k val original {summary['pk_ratio_lowk_val_original']}, "
              f"re-trained {summary['pk_ratio_lowk_val_retrained']}")

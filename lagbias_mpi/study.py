@@ -33,12 +33,12 @@ import numpy as np
 from mpi4py import MPI
 
 from . import pipeline, sources, train
-from .cli import run_command
+from .cli import add_set_argument, run_command, write_summary
 from .config import ConfigError
 from .ensemble import load_ensemble, simulation_particles
 from .layout import slab_bounds
 from .logs import get_logger, setup_logging
-from .output import atomic_path, environment_info, write_json
+from .output import atomic_path, write_json
 from .paint import paint
 from .parallel import StageTimer
 from .pca import read_spectra
@@ -52,8 +52,7 @@ def parse_args(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--configs", nargs="+", required=True, help="training configs, one per smoothing-scale set")
     p.add_argument("--out", required=True, help="study directory (one run directory per config inside)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a key in every config (repeatable)")
+    add_set_argument(p, "override a key in every config (repeatable)")
     p.add_argument("--retrain", action="store_true", help="train again even where a finished run exists")
     p.add_argument("--slice-thickness", type=float, default=10.0, help="thickness of the Fig. 10 slice in Mpc/h")
     p.add_argument("--no-slices", action="store_true", help="skip the halo-field slices (Fig. 10)")
@@ -228,11 +227,8 @@ def run(comm, configs, out, overrides=None, retrain=False, thickness=10.0, slice
     summary = {"n_ranks": comm.size, "sets": rows, "kmax_lowk": kmax,
                "pk_ratio_lowk_val": {r["set"]: r["pk_ratio_lowk_val"] for r in rows},
                "pk_ratio_lowk_val_kspace": beyond["kspace"], "pk_ratio_lowk_val_multibox": beyond["multibox"],
-               "run_dirs": [str(r) for r in run_dirs], "configs": [str(c) for c in configs], "overrides": overrides,
-               "stage_wall_s": timer.summary(), "environment": environment_info(comm)}
-    if comm.rank == 0:
-        write_json(out / "summary.json", summary)
-    comm.Barrier()  # the outputs exist on return, on every rank
+               "run_dirs": [str(r) for r in run_dirs], "configs": [str(c) for c in configs], "overrides": overrides}
+    write_summary(comm, out / "summary.json", summary, timer)
     log.info("study done:\n" + markdown_table(rows, kmax))
     return summary
 

@@ -21,15 +21,15 @@ import yaml
 from mpi4py import MPI
 
 from . import ddp, pipeline, plots, sources
-from .cli import run_command
+from .cli import add_config_arguments, run_command, write_summary
 from .config import ConfigError, config_hash, load_config, to_dict
 from .ensemble import Ensemble
 from .evaluate import evaluate_simulation, write_spectra
 from .features import feature_names
 from .logs import _RankFormatter, get_logger, setup_logging
 from .orthogonalise import fit as fit_orthogonaliser
-from .output import atomic_path, environment_info, write_json
-from .parallel import global_min_max_mean, global_sum, peak_rss_mb, StageTimer
+from .output import atomic_path
+from .parallel import global_min_max_mean, global_sum, StageTimer
 from .simdata import SimulationFileError
 from .train_config import TrainConfig, TrainRunConfig
 from .kspace import build_field_set
@@ -41,9 +41,7 @@ log = get_logger("train")
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m lagbias_mpi.train", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--config", required=True, help="training config YAML")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key by its dotted name (repeatable)")
+    add_config_arguments(p, "training config YAML")
     p.add_argument("--out", default=None, help="run directory (default runs/<run.name or config stem>)")
     p.add_argument("--resume", action="store_true", help="continue from the run directory's checkpoints")
     p.add_argument("--stop-after-epochs", type=int, default=None,
@@ -310,7 +308,6 @@ def _run(comm, cfg, run_dir, train_specs, val_specs, resume, stop_after_epochs):
             f_show = ens.predict_f_members(tr.theta[:n_show]).mean(axis=0)
             ft = tr.parts.f_true[:n_show] if tr.parts.f_true is not None else None
             plots.plot_f(tr.theta[:n_show, 0], f_show, figs / "f_vs_theta0.png", ft)
-    stages = timer.summary()
     epoch_wall = [float(np.sum(h["step_wall_s"])) for h in histories]
     n_epochs_total = sum(len(h["epoch"]) for h in histories)
     train_rate = (batch_info["n_selected"] * n_epochs_total / max(sum(epoch_wall), 1e-12))
@@ -329,9 +326,8 @@ def _run(comm, cfg, run_dir, train_specs, val_specs, resume, stop_after_epochs):
         "pk_ratio_lowk_train": results[tr.label]["pk_ratio_lowk"],
         "pk_ratio_lowk_val": results[vals[0].label]["pk_ratio_lowk"] if vals else None,
         "pk_ratio_lowk_members": {k: r["pk_ratio_lowk_members"] for k, r in results.items()},
-        "stage_wall_s": stages,
+        "stage_wall_s": timer.summary(),
         "epoch_wall_s": [h["epoch_wall_s"] for h in histories],
-        "peak_rss_mb": comm.allreduce(peak_rss_mb(), op=MPI.MAX),
         "bytes_per_particle": comm.allreduce(train_bytes, op=MPI.SUM) / max(batch_info["n_selected"], 1),
         "train_particles_per_s": train_rate,
         "bare_mlp_particles_per_s": bare,
@@ -344,11 +340,8 @@ def _run(comm, cfg, run_dir, train_specs, val_specs, resume, stop_after_epochs):
         "feature_names": names,
         "orthogonaliser_eigenvalues": orth.eigenvalues,
         "backend": ddp.default_backend() if comm.size > 1 else "none (1 rank)",
-        "environment": environment_info(comm),
-        "config": to_dict(cfg),
     }
-    if comm.rank == 0:
-        write_json(run_dir / "summary.json", summary)
+    write_summary(comm, run_dir / "summary.json", summary, cfg=cfg)
     log.info(f"done: final train loss {summary['final_train_loss']:.6g}, val loss {summary['final_val_loss']:.6g}, "
              f"mean f {summary['mean_f']:.5f}, P ratio low-k train {summary['pk_ratio_lowk_train']:.4f} "
              f"val {summary['pk_ratio_lowk_val']}, {train_rate:.3g} particles/s "
