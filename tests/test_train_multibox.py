@@ -85,3 +85,19 @@ def test_config_checks():
     assert SimulationConfig(simulate="x.yaml", train_realisations=(2, 3)).training_realisations == (2, 3)
     assert SimulationConfig(simulate="x.yaml").training_realisations == (0,)
     assert sim_labels(1, 1) == ["train", "val"] and sim_labels(2, 2) == ["train0", "train1", "val0", "val1"]
+
+
+@pytest.mark.mpi
+def test_two_boxes_with_kspace_resume(comm, sims):
+    """Two training boxes with the Fourier-space loss, "killed" after the first epoch and resumed:
+    the same losses and model as the uninterrupted run."""
+    (a, b, v), d = sims
+    cfg = write_config(d / f"two_res{comm.size}.yaml", a, [v], simulation={"train_files": [str(a), str(b)]},
+                       train={**TRAIN, "kspace_loss": {"enabled": True}}, run=RUN)
+    full = run(comm, cfg, out=d / f"two_full{comm.size}")
+    part = d / f"two_part{comm.size}"
+    assert run(comm, cfg, out=part, stop_after_epochs=1) is None
+    resumed = run(comm, cfg, out=part, resume=True)
+    for key in ("train_loss", "val_loss", "kspace_loss"):
+        assert np.allclose(resumed["loss_history"][0][key], full["loss_history"][0][key], rtol=1e-12), key
+    assert resumed["pk_ratio_lowk_val"] == pytest.approx(full["pk_ratio_lowk_val"], rel=1e-10)
