@@ -7,10 +7,11 @@ which is sum_j r_j^2 (the real-space loss of all cells, Parseval) without a cut:
 cut modes' mean residual power the weight the real-space loss gives the mean of all modes.
 
 L_k is linear in f through delta_model, so its parameter gradient is that of sum_i c_i f_i over the
-selected particles with c_i = dL_k/d delta_model of particle i's cell times the cell's scale. Once
-per epoch the field is painted from all selected particles (no autograd), one FFT pair gives
-dL_k/dr and thus c_i; every batch step then adds sum_{i in batch} c_i f_i to its objective, so that
-over an epoch the batches carry the whole gradient of L_k (with coefficients at most one epoch old).
+selected particles with c_i = dL_k/d delta_model of particle i's cell times the cell's scale. Every
+``refresh_steps`` batch steps the field is painted from all selected particles with the current
+model (no autograd) and one FFT pair gives dL_k/dr and thus c_i; every batch step adds
+sum_{i in batch} c_i f_i to its objective, so that over an epoch the batches carry the whole
+gradient of L_k.
 """
 from __future__ import annotations
 

@@ -214,7 +214,7 @@ def train_ensemble(comm, cfg, trs: list, vals: list, shape: dict, ckpt_dir: Path
     k_cut = tcfg.kspace_loss.kcut(cfg.features.radii)
     if tcfg.kspace_loss.enabled:
         log.info(f"Fourier-space loss: weight {tcfg.kspace_loss.weight}, k <= {k_cut:.4g} h/Mpc, "
-                 f"coefficients once per epoch, applied in every step")
+                 f"coefficients refreshed every {tcfg.kspace_loss.refresh_steps} step(s)")
     states, histories, batch_info, train_bytes = [], [], {}, 0
     for member in range(tcfg.ensemble):
         def batches(s, box=0):

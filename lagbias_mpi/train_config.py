@@ -153,13 +153,15 @@ class KSpaceLossConfig:
     """Fourier-space loss (beyond the paper, off by default): weight * sum_{|k| <= k_cut} |r_k|^2 / n_cut
     of the residual r = delta_model - delta_true on the whole training grid (all selected
     particles; n_cut modes inside the cut), added to the real-space loss; its gradient coefficients
-    are computed once per epoch and applied in every batch step (:mod:`lagbias_mpi.kspace`).
-    ``k_cut`` in h/Mpc, default 1 / (largest smoothing radius); ``chunk``: particles per rank per
-    forward pass of the field."""
+    are computed from the current model every ``refresh_steps`` batch steps (each time one forward
+    pass over all selected particles and two FFTs) and applied in every step
+    (:mod:`lagbias_mpi.kspace`). ``k_cut`` in h/Mpc, default 1 / (largest smoothing radius);
+    ``chunk``: particles per rank per forward pass of the field."""
 
     enabled: bool = False
     k_cut: Optional[float] = None
     weight: float = 1.0
+    refresh_steps: int = 1
     chunk: int = 200_000
 
     def __post_init__(self):
@@ -169,6 +171,8 @@ class KSpaceLossConfig:
             raise ValueError(f"train.kspace_loss.weight must be > 0, got {self.weight}")
         if self.chunk < 1:
             raise ValueError("train.kspace_loss.chunk must be >= 1")
+        if self.refresh_steps < 1:
+            raise ValueError("train.kspace_loss.refresh_steps must be >= 1")
 
     def kcut(self, radii) -> float:
         """k_cut in h/Mpc: the configured one or 1 / max(radii) (radii in Mpc/h)."""

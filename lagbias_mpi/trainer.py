@@ -187,8 +187,8 @@ def train_member(comm, member: int, shape: dict, train_set: BatchSet, val_sets: 
     """Train member ``member`` for ``tcfg.epochs`` epochs (collective); checkpoint every epoch.
 
     ``field_sets`` (one per training simulation): with ``tcfg.kspace_loss.enabled``, the Fourier-space
-    loss of the whole training grids, its coefficients computed at the start of every epoch and
-    applied in every batch step (:mod:`lagbias_mpi.kspace`).
+    loss of the whole training grids, its coefficients computed from the current model every
+    ``kspace_loss.refresh_steps`` steps and applied in every batch step (:mod:`lagbias_mpi.kspace`).
 
     ``epoch_budget``: a one-element list counting epochs this process may still run before raising
     :class:`StopRequested` (simulates a job killed after an epoch).
@@ -232,16 +232,16 @@ def _epochs(comm, member, dmodel, model, opt, sched, history, start, path, train
         lr = opt.param_groups[0]["lr"]
         t0 = time.perf_counter()
         losses, s_tot = [], 0.0
-        coefs = None
-        if field_sets:
-            kcfg = tcfg.kspace_loss
-            kl, coefs = zip(*[kspace_coefficients(comm, model, fs, kcfg.weight, kcfg.chunk) for fs in field_sets])
-            if not np.isfinite(sum(kl)):
-                raise TrainingDiverged(f"Fourier-space loss {sum(kl):.4g} at member {member}, epoch {epoch}")
-            history.setdefault("kspace_loss", []).append(float(sum(kl)))
+        coefs, kcfg = None, tcfg.kspace_loss
         prog = Progress(comm, len(train_set), f"member {member} epoch {epoch}")
         for i, b in enumerate(batch_order(len(train_set), tcfg.seed, member, epoch)):
             batch = train_set.batches[b]
+            if field_sets and i % kcfg.refresh_steps == 0:
+                kl, coefs = zip(*[kspace_coefficients(comm, model, fs, kcfg.weight, kcfg.chunk) for fs in field_sets])
+                if not np.isfinite(sum(kl)):
+                    raise TrainingDiverged(f"Fourier-space loss {sum(kl):.4g} at member {member}, epoch {epoch}")
+                if i == 0:
+                    history.setdefault("kspace_loss", []).append(float(sum(kl)))
             opt.zero_grad(set_to_none=False)
             coef = None if coefs is None else torch.as_tensor(coefs[batch.box][batch.pidx], dtype=batch.x.dtype,
                                                               device=batch.x.device)
