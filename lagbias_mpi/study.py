@@ -42,7 +42,7 @@ from .output import atomic_path, write_json
 from .paint import paint
 from .parallel import StageTimer
 from .pca import read_spectra
-from .power import overdensity
+from .power import mean_ratio_below, overdensity
 
 log = get_logger("study")
 
@@ -139,17 +139,34 @@ def _val_members(summary: dict) -> list[float]:
     return list(val[0]) if val else []
 
 
-def variant_report(summary: dict, baseline: dict) -> dict:
+def variant_report(summary: dict, baseline: dict, uncorr: float | None = None,
+                   baseline_uncorr: float | None = None) -> dict:
     """P_model/P_h at low k on validation of a variant run and of the baseline, the members' scatter
-    (standard deviation) and whether the variant is closer to 1 / scatters less (pure)."""
+    (standard deviation), P_uncorr/P_h at low k (``uncorr``, the stochasticity left) and whether the
+    variant is closer to 1 / scatters less / leaves less uncorrelated power (pure)."""
     def stats(s):
         m = _val_members(s)
         return s.get("pk_ratio_lowk_val"), (float(np.std(m)) if len(m) > 1 else None)
 
     (v, sv), (b, sb) = stats(summary), stats(baseline)
-    return {"pk_ratio_lowk_val": v, "members_std": sv, "baseline_pk_ratio_lowk_val": b, "baseline_members_std": sb,
+    return {"pk_ratio_lowk_val": v, "members_std": sv, "uncorr_ratio_lowk_val": uncorr,
+            "baseline_pk_ratio_lowk_val": b, "baseline_members_std": sb, "baseline_uncorr_ratio_lowk_val": baseline_uncorr,
             "improves_mean": None if v is None or b is None else bool(abs(v - 1) < abs(b - 1)),
-            "improves_scatter": None if sv is None or sb is None else bool(sv < sb)}
+            "improves_scatter": None if sv is None or sb is None else bool(sv < sb),
+            "improves_uncorr": None if uncorr is None or baseline_uncorr is None else bool(uncorr < baseline_uncorr)}
+
+
+def uncorr_lowk(run_dir: Path, kmax: float) -> float | None:
+    """P_uncorr/P_h of the ensemble-average f at k < kmax on the run's first validation simulation,
+    from its spectra.h5 (rank 0; None without one)."""
+    path = run_dir / "spectra.h5"
+    if not path.is_file():
+        return None
+    spectra = read_spectra(path)
+    label = next((k for k in spectra if k.startswith("val")), None)
+    if label is None:
+        return None
+    return mean_ratio_below(spectra[label]["k"], spectra[label]["uncorr_ratio_avg"], kmax)
 
 
 def _train_or_reuse(comm, timer, name, path, overrides, rd, retrain, base_dir, log_level) -> dict:
@@ -203,11 +220,14 @@ def run(comm, configs, out, overrides=None, retrain=False, thickness=10.0, slice
     for key, ov in variants.items():
         vname = f"{names[0]}__{key}"
         vs = _train_or_reuse(comm, timer, vname, configs[0], ov, out / vname, retrain, base_dir, level)
+        uncorr = comm.bcast((uncorr_lowk(out / vname, kmax), uncorr_lowk(run_dirs[0], kmax))
+                            if comm.rank == 0 else None, root=0)
         beyond[key] = {"run": vname, "run_dir": str(out / vname), "overrides": ov[len(overrides):],
-                       **variant_report(vs, summaries[0])}
+                       **variant_report(vs, summaries[0], *uncorr)}
         log.info(f"study: {key}: P_model/P_h val {beyond[key]['pk_ratio_lowk_val']} (baseline "
                  f"{beyond[key]['baseline_pk_ratio_lowk_val']}), members std {beyond[key]['members_std']} "
-                 f"(baseline {beyond[key]['baseline_members_std']})")
+                 f"(baseline {beyond[key]['baseline_members_std']}), P_uncorr/P_h {uncorr[0]} "
+                 f"(baseline {uncorr[1]})")
     rows = table_rows(names, cfgs, summaries)
     slice_data = None
     if slices:

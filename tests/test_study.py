@@ -68,7 +68,10 @@ def test_variant_report():
     assert r["pk_ratio_lowk_val"] == 0.98 and r["baseline_pk_ratio_lowk_val"] == 0.95
     assert r["members_std"] == pytest.approx(0.01) and r["baseline_members_std"] == pytest.approx(0.05)
     assert r["improves_mean"] is True and r["improves_scatter"] is True
+    assert r["improves_uncorr"] is None and r["uncorr_ratio_lowk_val"] is None
     assert study.variant_report(base, var)["improves_mean"] is False
+    assert study.variant_report(var, base, 0.01, 0.02)["improves_uncorr"] is True
+    assert study.variant_report(var, base, 0.03, 0.02)["improves_uncorr"] is False
 
 
 @pytest.mark.mpi
@@ -89,6 +92,7 @@ def test_study_beyond_the_paper(shared_tmp):
         assert r["run"] == run and r["baseline_pk_ratio_lowk_val"] == base
         assert np.isfinite(r["pk_ratio_lowk_val"]) and r["pk_ratio_lowk_val"] != base
         assert isinstance(r["improves_mean"], bool) and isinstance(r["improves_scatter"], bool)
+        assert isinstance(r["improves_uncorr"], bool) and np.isfinite(r["baseline_uncorr_ratio_lowk_val"])
     runs = {k: json.loads((out / k / "summary.json").read_text()) for k in ("base__kspace", "base__multibox")}
     assert len(runs["base__kspace"]["loss_history"][0]["kspace_loss"]) == 1
     assert runs["base__multibox"]["n_train_sims"] == 2
