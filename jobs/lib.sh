@@ -6,8 +6,9 @@
 # checkpoints every epoch into RUN_DIR/checkpoints/member_<m>.pt, and lagbias_resume_flag adds
 # --resume when one is there. With `#SBATCH --requeue` and `#SBATCH --signal=B:USR1@300`, Slurm
 # signals the batch shell 300 s before the wall-time limit; the trap requeues the job, which starts
-# again later in the same run directory and continues after the last finished epoch (the epoch
-# running at the signal is lost: lagbias_mpi.train has no signal handler of its own).
+# again later in the same run directory and continues where it stopped: the requeue ends the step
+# with SIGTERM, on which lagbias_mpi.train finishes the current optimiser step, writes a mid-epoch
+# checkpoint and exits (lagbias_mpi/stopping.py).
 
 lagbias_prepare_run_dir() {
   local dir=$1

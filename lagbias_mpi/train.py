@@ -33,7 +33,8 @@ from .parallel import global_min_max_mean, global_sum, StageTimer
 from .simdata import SimulationFileError
 from .train_config import TrainConfig, TrainRunConfig
 from .kspace import build_field_set
-from .trainer import BatchSet, StopRequested, bare_mlp_rate, build_batches, train_member
+from .stopping import StopControl, StopRequested
+from .trainer import BatchSet, bare_mlp_rate, build_batches, train_member
 
 log = get_logger("train")
 
@@ -46,6 +47,8 @@ def parse_args(argv=None):
     p.add_argument("--resume", action="store_true", help="continue from the run directory's checkpoints")
     p.add_argument("--stop-after-epochs", type=int, default=None,
                    help="stop (as if killed) after this many epochs in this invocation; for testing --resume")
+    p.add_argument("--stop-after-steps", type=int, default=None,
+                   help="stop (as on SIGTERM: mid-epoch checkpoint) after this many optimiser steps; for testing")
     return p.parse_args(argv)
 
 
@@ -117,8 +120,11 @@ class _Sim:
 
 
 def run(comm, config_path, overrides=None, out=None, resume=False, stop_after_epochs=None,
-        base_dir=None) -> dict | None:
-    """Run the whole training command on ``comm``; returns the summary dict (None if stopped)."""
+        base_dir=None, stop_after_steps=None, stop: StopControl | None = None) -> dict | None:
+    """Run the whole training command on ``comm``; returns the summary dict, or None when training
+    stopped early (SIGTERM/SIGUSR1, or the test budgets ``stop_after_epochs``/``stop_after_steps``)
+    after writing checkpoints that ``resume`` continues from. ``stop``: the :class:`StopControl` to
+    use (default: a new one with the two budgets)."""
     cfg = load_train_config(config_path, overrides)
     setup_logging(comm, cfg.run.log_level)
     base_dir = Path(base_dir) if base_dir is not None else Path.cwd()
@@ -131,7 +137,8 @@ def run(comm, config_path, overrides=None, out=None, resume=False, stop_after_ep
     handler = _add_file_log(comm, run_dir / "train.log")
     try:
         with ddp.process_group(comm):
-            return _run(comm, cfg, run_dir, train_specs, val_specs, resume, stop_after_epochs)
+            stop = stop or StopControl(stop_after_epochs, stop_after_steps)
+            return _run(comm, cfg, run_dir, train_specs, val_specs, resume, stop)
     finally:
         if handler is not None:
             logging.getLogger("lagbias_mpi").removeHandler(handler)
@@ -206,10 +213,11 @@ def _exchange_summary(comm, exch) -> dict:
 
 
 def train_ensemble(comm, cfg, trs: list, vals: list, shape: dict, ckpt_dir: Path, run_hash: str, dtype, device,
-                   resume: bool = False, budget: list | None = None):
+                   resume: bool = False, stop: StopControl | None = None):
     """Train the ``cfg.train.ensemble`` members on the prepared training simulations ``trs``
     (batches interleaved), validating on ``vals`` (collective). Returns (member states, histories,
-    batch info, bytes of the training batches), or None when stopped by ``budget``."""
+    batch info, bytes of the training batches), or None when ``stop`` stopped it (a signal or a
+    test budget; mid-epoch checkpoints are then written)."""
     tcfg = cfg.train
     k_cut = tcfg.kspace_loss.kcut(cfg.features.radii)
     if tcfg.kspace_loss.enabled:
@@ -237,7 +245,7 @@ def train_ensemble(comm, cfg, trs: list, vals: list, shape: dict, ckpt_dir: Path
                  f"{len(trs)} training simulation(s) (validation: {[v.n_selected for v in vsets]})")
         try:
             res = train_member(comm, member, shape, tset, vsets, tcfg, ckpt_dir, run_hash, dtype, device,
-                               resume=resume, epoch_budget=budget, field_sets=fsets)
+                               resume=resume, stop=stop, field_sets=fsets)
         except StopRequested as exc:
             log.warning(f"{exc}; continue with --resume")
             return None
@@ -255,7 +263,7 @@ def interleave(sets: list[BatchSet]) -> BatchSet:
     return BatchSet(batches, sum(s.n_selected for s in sets), sum(s.n_cells_local for s in sets))
 
 
-def _run(comm, cfg, run_dir, train_specs, val_specs, resume, stop_after_epochs):
+def _run(comm, cfg, run_dir, train_specs, val_specs, resume, stop: StopControl):
     timer = StageTimer(comm)
     tcfg = cfg.train
     if comm.rank == 0:
@@ -274,9 +282,9 @@ def _run(comm, cfg, run_dir, train_specs, val_specs, resume, stop_after_epochs):
              "activation": cfg.model.activation}
     run_hash = config_run_hash(cfg)
     ckpt_dir = run_dir / "checkpoints"
-    budget = [stop_after_epochs] if stop_after_epochs is not None else None
     with timer.stage("train"):
-        trained = train_ensemble(comm, cfg, trs, vals, shape, ckpt_dir, run_hash, dtype, device, resume, budget)
+        with stop.handlers():  # SIGTERM/SIGUSR1: finish the step, checkpoint, stop (see stopping.py)
+            trained = train_ensemble(comm, cfg, trs, vals, shape, ckpt_dir, run_hash, dtype, device, resume, stop)
         if trained is None:
             return None
         states, histories, batch_info, train_bytes = trained
@@ -353,7 +361,11 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     comm = MPI.COMM_WORLD
 
-    return run_command(comm, lambda: run(comm, args.config, args.set, args.out, args.resume, args.stop_after_epochs))
+    stop = StopControl(args.stop_after_epochs, args.stop_after_steps)
+    rc = run_command(comm, lambda: run(comm, args.config, args.set, args.out, args.resume, stop=stop))
+    if rc == 0 and stop.signalled is not None:
+        return 128 + int(stop.signalled)  # stopped by a signal (checkpointed): the shell's convention
+    return rc
 
 
 if __name__ == "__main__":

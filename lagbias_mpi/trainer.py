@@ -29,6 +29,7 @@ from .logs import Progress, get_logger
 from .model import build_model, f_of_y
 from .parallel import global_sum
 from .sampling import batch_of_cells, batch_order, n_batches_for, select_in_cells
+from .stopping import StopControl, StopRequested
 
 log = get_logger("trainer")
 
@@ -38,10 +39,6 @@ MAX_BATCH_MEAN_F = 1e3  # a batch whose mean f exceeds this (mass conservation a
 
 class TrainingDiverged(FloatingPointError):
     """The loss became NaN or infinite."""
-
-
-class StopRequested(Exception):
-    """Training was asked to stop early (``--stop-after-epochs``, simulating a killed job)."""
 
 
 @dataclass
@@ -118,10 +115,11 @@ def batch_terms(model, batch: Batch, guard_y: float):
     return grid, guard, f
 
 
-def reduce_terms(comm, grid, guard, s_local) -> np.ndarray:
-    """Global (grid, guard, S) of a batch: one Allreduce of three float64."""
-    local = np.array([float(grid), float(guard), float(s_local)], dtype=np.float64)
-    out = np.empty(3)
+def reduce_terms(comm, grid, guard, s_local, stop: bool = False) -> np.ndarray:
+    """Global (grid, guard, S, number of ranks that want to stop) of a batch: one Allreduce of four
+    float64 (the stop wish of :class:`~lagbias_mpi.stopping.StopControl` rides along)."""
+    local = np.array([float(grid), float(guard), float(s_local), float(stop)], dtype=np.float64)
+    out = np.empty(4)
     comm.Allreduce(local, out, op=MPI.SUM)
     return out
 
@@ -135,21 +133,23 @@ def whole_loss(totals: np.ndarray, n_global: int, eps: float | None) -> float:
 
 
 def local_objective(comm, model, batch: Batch, eps: float | None, guard_y: float,
-                    kspace_coef: torch.Tensor | None = None):
-    """(tensor to back-propagate on this rank, whole-batch loss value, global S).
+                    kspace_coef: torch.Tensor | None = None, stop: bool = False):
+    """(tensor to back-propagate on this rank, whole-batch loss value, global S, whether any rank
+    wants to stop after this step).
 
     ``kspace_coef``: the Fourier-space loss's c_i of the batch's particles (:mod:`lagbias_mpi.kspace`),
-    whose surrogate sum_i c_i f_i joins the objective (not the reported loss)."""
+    whose surrogate sum_i c_i f_i joins the objective (not the reported loss). ``stop``: this rank's
+    wish to stop after the step, reduced with the loss terms."""
     grid, guard, f = batch_terms(model, batch, guard_y)
     s_local = f.sum()
-    totals = reduce_terms(comm, grid.detach(), guard.detach(), s_local.detach())
+    totals = reduce_terms(comm, grid.detach(), guard.detach(), s_local.detach(), stop)
     obj = grid + guard
     if kspace_coef is not None:
         obj = obj + (kspace_coef * f).sum()
     if eps is not None and batch.n_global > 0:
         n = batch.n_global
         obj = obj + (2.0 * (totals[2] / n - 1.0) / (eps**2 * n)) * s_local
-    return obj * comm.size, whole_loss(totals, batch.n_global, eps), float(totals[2])
+    return obj * comm.size, whole_loss(totals, batch.n_global, eps), float(totals[2]), bool(totals[3] > 0)
 
 
 def evaluate_loss(comm, model, batches: BatchSet, eps: float | None, guard_y: float) -> tuple[float, float]:
@@ -183,20 +183,20 @@ def _empty_history() -> dict:
 
 def train_member(comm, member: int, shape: dict, train_set: BatchSet, val_sets: list[BatchSet], tcfg,
                  ckpt_dir, config_hash: str, dtype=torch.float32, device="cpu", resume: bool = False,
-                 epoch_budget: list | None = None, field_sets: list[FieldSet] | None = None) -> MemberResult:
-    """Train member ``member`` for ``tcfg.epochs`` epochs (collective); checkpoint every epoch.
+                 stop: StopControl | None = None, field_sets: list[FieldSet] | None = None) -> MemberResult:
+    """Train member ``member`` for ``tcfg.epochs`` epochs (collective); checkpoint every epoch, and
+    mid-epoch when ``stop`` asks to stop (then :class:`StopRequested` is raised; ``resume``
+    continues with the next step).
 
     ``field_sets`` (one per training simulation): with ``tcfg.kspace_loss.enabled``, the Fourier-space
     loss of the whole training grids, its coefficients computed from the current model every
     ``kspace_loss.refresh_steps`` steps and applied in every batch step (:mod:`lagbias_mpi.kspace`).
 
-    ``epoch_budget``: a one-element list counting epochs this process may still run before raising
-    :class:`StopRequested` (simulates a job killed after an epoch).
     """
     model = build_model(shape, seed=tcfg.seed * 1000 + member, dtype=dtype).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=tcfg.lr)
     sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=tcfg.lr_decay)
-    history, start = _empty_history(), 1
+    history, start, partial = _empty_history(), 1, None
     path = checkpoint_path(ckpt_dir, member)
     ckpt = load_checkpoint(comm, path) if resume else None
     if ckpt is not None:
@@ -206,13 +206,14 @@ def train_member(comm, member: int, shape: dict, train_set: BatchSet, val_sets: 
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
-        history, start = ckpt["history"], ckpt["epoch"] + 1
+        history, start, partial = ckpt["history"], ckpt["epoch"] + 1, ckpt.get("in_epoch")
         torch.random.set_rng_state(ckpt["torch_rng"])
-        log.info(f"member {member}: resumed from {path} after epoch {ckpt['epoch']}")
+        where = f"epoch {start} step {partial['step']}" if partial else f"epoch {start}"
+        log.info(f"member {member}: resumed from {path}, continuing with {where}")
     dmodel = ddp.wrap(model, comm)
     try:
         _epochs(comm, member, dmodel, model, opt, sched, history, start, path, train_set, val_sets, tcfg,
-                config_hash, shape, epoch_budget, field_sets)
+                config_hash, shape, stop or StopControl(), field_sets, partial)
     except BaseException as exc:
         traceback.clear_frames(exc.__traceback__)  # the frames would keep the DDP wrapper alive
         raise
@@ -223,20 +224,33 @@ def train_member(comm, member: int, shape: dict, train_set: BatchSet, val_sets: 
 
 
 def _epochs(comm, member, dmodel, model, opt, sched, history, start, path, train_set, val_sets, tcfg,
-            config_hash, shape, epoch_budget, field_sets=None):
-    """The epoch loop of :func:`train_member`."""
+            config_hash, shape, stop: StopControl, field_sets=None, partial=None):
+    """The epoch loop of :func:`train_member`; ``partial``: the ``in_epoch`` state of a mid-epoch
+    checkpoint (the first epoch continues after its ``step`` steps)."""
+    def payload(epoch, in_epoch=None):
+        return {"member": member, "epoch": epoch, "done": epoch == tcfg.epochs and in_epoch is None,
+                "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                "history": history, "torch_rng": torch.random.get_rng_state(), "config_hash": config_hash,
+                "shape": shape, "in_epoch": in_epoch}
+
     for epoch in range(start, tcfg.epochs + 1):
-        if epoch_budget is not None and epoch_budget[0] <= 0:
-            raise StopRequested(f"stopped before member {member} epoch {epoch}")
+        if stop.start_epoch():
+            raise StopRequested(f"stopped by {stop.reason()} before member {member} epoch {epoch}; "
+                                f"checkpoint {path}")
         eps = tcfg.eps(epoch)
         lr = opt.param_groups[0]["lr"]
-        t0 = time.perf_counter()
-        losses, s_tot = [], 0.0
+        skip, losses, s_tot, t_before = 0, [], 0.0, 0.0
+        if partial is not None:
+            skip, losses, s_tot, t_before = partial["step"], list(partial["losses"]), partial["s_tot"], partial["wall_s"]
+            partial = None
+        t0 = time.perf_counter() - t_before
         coefs, kcfg = None, tcfg.kspace_loss
         prog = Progress(comm, len(train_set), f"member {member} epoch {epoch}")
         for i, b in enumerate(batch_order(len(train_set), tcfg.seed, member, epoch)):
+            if i < skip:
+                continue
             batch = train_set.batches[b]
-            if field_sets and i % kcfg.refresh_steps == 0:
+            if field_sets and (coefs is None or i % kcfg.refresh_steps == 0):
                 kl, coefs = zip(*[kspace_coefficients(comm, model, fs, kcfg.weight, kcfg.chunk) for fs in field_sets])
                 if not np.isfinite(sum(kl)):
                     raise TrainingDiverged(f"Fourier-space loss {sum(kl):.4g} at member {member}, epoch {epoch}")
@@ -245,7 +259,8 @@ def _epochs(comm, member, dmodel, model, opt, sched, history, start, path, train
             opt.zero_grad(set_to_none=False)
             coef = None if coefs is None else torch.as_tensor(coefs[batch.box][batch.pidx], dtype=batch.x.dtype,
                                                               device=batch.x.device)
-            obj, loss, s_glob = local_objective(comm, dmodel, batch, eps, tcfg.guard_y, coef)
+            obj, loss, s_glob, stopping = local_objective(comm, dmodel, batch, eps, tcfg.guard_y, coef,
+                                                          stop.after_this_step())
             batch_mean_f = s_glob / max(batch.n_global, 1)
             if not np.isfinite(loss) or not batch_mean_f < MAX_BATCH_MEAN_F:
                 good = f"{path} (epoch {epoch - 1})" if epoch > 1 else "none (first epoch)"
@@ -262,6 +277,14 @@ def _epochs(comm, member, dmodel, model, opt, sched, history, start, path, train
             losses.append(loss)
             s_tot += s_glob
             prog.update(i + 1)
+            if stopping and i + 1 < len(train_set):
+                save_checkpoint(comm, path, payload(epoch - 1, {
+                    "epoch": epoch, "step": i + 1, "losses": losses, "s_tot": s_tot,
+                    "wall_s": comm.allreduce(time.perf_counter() - t0, op=MPI.MAX)}))
+                raise StopRequested(f"stopped by {stop.reason()} in member {member} epoch {epoch} after step "
+                                    f"{i + 1}/{len(train_set)}; checkpoint {path}")
+            if stopping:  # the epoch's last step: finish the epoch (validation, checkpoint), then stop
+                stop.epochs_left = 0
         sched.step()
         t_train = time.perf_counter() - t0
         val = [evaluate_loss(comm, model, vs, eps, tcfg.guard_y) for vs in val_sets]
@@ -274,16 +297,11 @@ def _epochs(comm, member, dmodel, model, opt, sched, history, start, path, train
         history["lr"].append(lr)
         history["epoch_wall_s"].append(comm.allreduce(time.perf_counter() - t0, op=MPI.MAX))
         history["step_wall_s"].append(comm.allreduce(t_train, op=MPI.MAX))
-        save_checkpoint(comm, path, {
-            "member": member, "epoch": epoch, "done": epoch == tcfg.epochs, "model": model.state_dict(),
-            "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "history": history,
-            "torch_rng": torch.random.get_rng_state(), "config_hash": config_hash, "shape": shape})
+        save_checkpoint(comm, path, payload(epoch))
         log.info(f"member {member} epoch {epoch}/{tcfg.epochs}: train loss {history['train_loss'][-1]:.6g} "
                  f"val loss {history['val_loss'][-1]:.6g} mean f {history['mean_f'][-1]:.5f} "
                  f"eps {eps if eps is not None else 'off'} lr {lr:.4g} "
                  f"({history['epoch_wall_s'][-1]:.2f} s)")
-        if epoch_budget is not None:
-            epoch_budget[0] -= 1
 
 
 def bare_mlp_rate(comm, shape: dict, n_particles_global: int, tcfg, dtype=torch.float32, device="cpu") -> float:

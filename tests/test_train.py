@@ -85,21 +85,31 @@ def test_rank_count_invariance_and_outputs(comm, sims):
 
 
 @pytest.mark.mpi
-@pytest.mark.parametrize("extra", [{}, {"warmup_steps": 30}], ids=["paper", "warmup"])
-def test_resume_gives_same_model(comm, sims, extra):
-    """Resume after a "kill" reproduces the uninterrupted run (also with a learning-rate warm-up
-    longer than the run, so that it spans the restart)."""
+@pytest.mark.parametrize("extra, stop, where", [
+    ({}, {"stop_after_epochs": 3}, (1, 1, None)),
+    ({"warmup_steps": 30}, {"stop_after_epochs": 3}, (1, 1, None)),
+    ({"warmup_steps": 30}, {"stop_after_steps": 6}, (0, 1, 2)),  # mid-epoch: member 0, epoch 2 after 2 steps
+    ({}, {"stop_after_steps": 4}, (0, 1, None)),  # the last step of an epoch: the epoch is finished
+], ids=["epochs", "warmup_epochs", "warmup_mid_epoch", "epoch_end"])
+def test_resume_gives_same_model(comm, sims, extra, stop, where):
+    """Resume after a "kill" (after whole epochs, or as on SIGTERM after a step inside an epoch, with
+    a mid-epoch checkpoint) reproduces the uninterrupted run, also with a learning-rate warm-up
+    longer than the run, so that it spans the restart. 4 batches per epoch, 2 epochs, 2 members."""
     a, b, d = sims
-    tag = f"{comm.size}{'g' if extra else ''}"
+    member, epoch, step = where
+    tag = f"{comm.size}{'w' if extra else ''}{''.join(f'{k[11]}{v}' for k, v in stop.items())}"
     cfg = write_config(d / f"res{tag}.yaml", a, [b],
                        train={"epochs": 2, "ensemble": 2, "dtype": "float64", "seed": 3, "bare_steps": 1, **extra},
                        run={"log_level": "WARNING", "figures": False})
     full = run(comm, cfg, out=d / f"res_full{tag}")
     part_dir = d / f"res_part{tag}"
-    assert run(comm, cfg, out=part_dir, stop_after_epochs=3) is None  # "killed" in member 1, epoch 2
+    assert full["n_batches"] == 4
+    assert run(comm, cfg, out=part_dir, **stop) is None
     if comm.rank == 0:
-        ck = torch.load(part_dir / "checkpoints" / "member_1.pt", weights_only=False)
-        assert ck["epoch"] == 1 and not ck["done"]
+        ck = torch.load(part_dir / "checkpoints" / f"member_{member}.pt", weights_only=False)
+        assert ck["epoch"] == epoch and not ck["done"]
+        assert (ck.get("in_epoch") or {}).get("step") == step
+        assert not (part_dir / "checkpoints" / f"member_{member + 1}.pt").exists()
         assert not (part_dir / "model.pt").exists()
         assert not list((part_dir / "checkpoints").glob(".*tmp"))  # atomic: no temporary left
     comm.Barrier()

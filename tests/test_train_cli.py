@@ -118,3 +118,40 @@ def test_exception_on_one_rank_ends_job(small):
                   timeout=120)
     assert res.returncode != 0
     assert "injected failure on rank 1" in res.stderr
+
+
+@pytest.mark.skipif(MPI.COMM_WORLD.size > 1, reason="launches its own process")
+def test_sigterm_checkpoints_mid_training_and_resume_finishes(small):
+    """A real SIGTERM during training (as a batch system sends before killing or requeueing a job):
+    the step under way finishes, a checkpoint is written, the process exits with 128 + 15; --resume
+    then completes the run with every epoch in the history."""
+    import json
+    import signal
+    import time
+
+    sim, d = small
+    cfg = write_config(d / "term.yaml", sim, train={"epochs": 200, "ensemble": 1, "lr": 0.001, "bare_steps": 1},
+                       sampling={"frac": 0.5, "batch_size": 300},
+                       run={"figures": False, "log_level": "INFO"})
+    out = d / "term_run"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "lagbias_mpi.train", "--config", str(cfg), "--out", str(out)]
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen, deadline = [], time.time() + 180
+    for line in proc.stdout:  # wait until training runs (epoch 2 finished), then signal
+        seen.append(line)
+        if "member 0 epoch 2/200" in line or time.time() > deadline:
+            break
+    proc.send_signal(signal.SIGTERM)
+    rest, _ = proc.communicate(timeout=120)
+    log = "".join(seen) + rest
+    assert proc.returncode == 128 + signal.SIGTERM, log[-3000:]
+    assert "stopped by signal SIGTERM" in log
+    ck = torch.load(out / "checkpoints" / "member_0.pt", weights_only=False)
+    assert not ck["done"] and 2 <= ck["epoch"] < 200
+    assert not (out / "summary.json").exists()
+    res = subprocess.run([*cmd, "--resume", "--set", "run.log_level=WARNING"], env=env, cwd=ROOT,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    s = json.loads((out / "summary.json").read_text())
+    assert s["loss_history"][0]["epoch"] == list(range(1, 201))

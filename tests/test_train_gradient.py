@@ -63,7 +63,8 @@ def test_gradient_equals_one_rank_whole_batch(comm):
         for b in range(len(dist)):
             model = _model()
             dmodel = ddp.wrap(model, comm)
-            obj, loss, _ = local_objective(comm, dmodel, dist.batches[b], eps, -5.0)
+            obj, loss, _, stop = local_objective(comm, dmodel, dist.batches[b], eps, -5.0)
+            assert stop is False
             obj.backward()
             grads = [p.grad for p in model.parameters()]
             ref_loss, ref_grads = _reference_grad(ref_set.batches[b], eps)
