@@ -21,7 +21,7 @@ from . import __version__
 from .config import ConfigError, config_hash, load_config, to_dict
 from .cosmology import Cosmology, CosmologyError, load_cosmology
 from .fft import SlabFFT, gaussian_window
-from .fof import MAX_FOF_PARTICLES, find_halos_distributed
+from .fof import find_halos_distributed
 from .hmf import hmf_comparison
 from .ics import gaussian_field
 from .layout import slab_bounds
@@ -154,8 +154,6 @@ def check_runnable(comm, cfg: SimulateConfig) -> Cosmology:
             raise ConfigError(f"{what} = {n} is smaller than the number of ranks {comm.size}: the slab "
                               "FFT needs at least one plane per rank")
     cosmo.table_growth(cfg.z_ic)  # raises a CosmologyError naming the valid range
-    if cfg.halos.kind == "fof" and cfg.n_particles > MAX_FOF_PARTICLES:
-        raise ConfigError(f"ppd = {cfg.ppd}: FoF accepts at most {MAX_FOF_PARTICLES} particles (300^3)")
     return cosmo
 
 
