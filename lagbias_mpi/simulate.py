@@ -379,6 +379,7 @@ def run_simulation(comm, cfg: SimulateConfig, out_dir) -> dict:
         sim, vel, f_attrs, diag, npart = simulate_one(comm, cfg, cosmo, i, timer)
         with timer.stage("write"):
             write_simulation(comm, path, sim, config=cfg_dict, f_true_attrs=f_attrs, vel=vel)
+        del sim, vel  # free this realisation before the next one is built (its peak is the job's)
         realisations.append(diag)
         npart_all.append(npart)
         log.info(f"realisation {i}: {diag['n_halos']} halos, P_ic/P_lin {diag['pk_ic_ratio']:.3f}, "
