@@ -10,14 +10,34 @@ including the 1/N^3 (numpy's ``irfftn``). Wavenumbers are in h/Mpc for a box in 
 Backends sit behind :class:`FFTBackend`: ``mpi4py-fft`` (default, FFTW) is implemented; a
 pfft-python backend only needs the same five members (pencil layouts would also cut axis 1 of real
 space, which the rest of the code does not assume away: it only uses ``real_slab`` and ``local_k``).
+
+Reproducibility: FFTW's planner effort comes from ``$LAGBIAS_FFTW_PLANNER`` (default
+``FFTW_MEASURE``, as mpi4py-fft). FFTW_MEASURE times candidate algorithms, so two runs of the same
+job can pick different plans and differ at the rounding level (measured here: 1 run in 4-12 at 96^3),
+which the particle-mesh steps of the built-in simulation amplify into a halo more or less.
+``FFTW_ESTIMATE`` picks plans by a fixed heuristic: bitwise identical runs (12 of 12), but ~4x slower
+transforms at 256^3 on this machine. (Saving FFTW wisdom would give both, but mpi4py-fft 2.0.6 fails
+to import the wisdom it exports here.)
 """
 from __future__ import annotations
+
+import os
 
 import numpy as np
 
 from .layout import slab_bounds
 
 BACKENDS = ("mpi4py-fft",)
+PLANNER_ENV = "LAGBIAS_FFTW_PLANNER"
+PLANNERS = ("FFTW_ESTIMATE", "FFTW_MEASURE", "FFTW_PATIENT", "FFTW_EXHAUSTIVE")
+
+
+def planner_effort() -> str:
+    """FFTW planner effort of this process: ``$LAGBIAS_FFTW_PLANNER`` or FFTW_MEASURE."""
+    effort = os.environ.get(PLANNER_ENV, "FFTW_MEASURE").strip().upper()
+    if effort not in PLANNERS:
+        raise ValueError(f"{PLANNER_ENV}={effort!r}: choose one of {PLANNERS}")
+    return effort
 
 
 class FFTBackend:
@@ -45,7 +65,8 @@ class _Mpi4pyFFTBackend(FFTBackend):
         self.version = mpi4py_fft.__version__
         # On one rank nothing is cut: one collapsed 3-D FFTW plan (no transposes) is ~2x faster
         # than three 1-D stages. On more ranks collapsing would cut k_z instead of k_y: not used.
-        self._fft = PFFT(comm, (n, n, n), axes=(0, 1, 2), dtype=dtype, grid=(-1,), collapse=comm.size == 1)
+        self._fft = PFFT(comm, (n, n, n), axes=(0, 1, 2), dtype=dtype, grid=(-1,), collapse=comm.size == 1,
+                         planner_effort=planner_effort())
         self.real_slab = tuple(self._fft.local_slice(False))
         self.complex_slab = tuple(self._fft.local_slice(True))
 

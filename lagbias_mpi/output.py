@@ -73,7 +73,8 @@ def environment_info(comm) -> dict:
     library = MPI.Get_library_version().replace("\x00", "")  # Open MPI pads it with a NUL
     info = {"lagbias_mpi": __version__, "python": sys.version.split()[0], "numpy": np.__version__,
             "mpi4py": mpi4py.__version__, "mpi_library": library.splitlines()[0].strip(),
-            "n_ranks": comm.size, "host": platform.node()}
+            "n_ranks": comm.size, "host": platform.node(),
+            "fftw_planner": os.environ.get("LAGBIAS_FFTW_PLANNER", "FFTW_MEASURE")}
     try:
         import torch
         info["torch"] = torch.__version__

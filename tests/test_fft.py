@@ -158,3 +158,32 @@ def test_bad_arguments_refused():
     with pytest.raises(ValueError, match="shape"):
         fft.backward(np.zeros((4, 4, 4), np.complex64))
     assert fft.backend["name"] == "mpi4py-fft" and fft.backend["version"]
+
+
+def test_planner_effort_from_the_environment(monkeypatch):
+    from lagbias_mpi.fft import PLANNER_ENV, planner_effort
+
+    monkeypatch.delenv(PLANNER_ENV, raising=False)
+    assert planner_effort() == "FFTW_MEASURE"
+    monkeypatch.setenv(PLANNER_ENV, "fftw_estimate")
+    assert planner_effort() == "FFTW_ESTIMATE"
+    monkeypatch.setenv(PLANNER_ENV, "FFTW_FAST")
+    with pytest.raises(ValueError, match="LAGBIAS_FFTW_PLANNER"):
+        planner_effort()
+
+
+def test_estimate_planner_is_bitwise_reproducible_across_processes():
+    """With LAGBIAS_FFTW_PLANNER=FFTW_ESTIMATE separate processes give bitwise the same transform."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import hashlib, numpy as np; from mpi4py import MPI; from lagbias_mpi.fft import SlabFFT; "
+            "f = SlabFFT(MPI.COMM_SELF, 48, 100.0, np.float32); "
+            "x = np.random.default_rng(1).standard_normal((48, 48, 48)).astype(np.float32); "
+            "print(hashlib.md5(np.ascontiguousarray(f.forward(x)).tobytes()).hexdigest())")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OMPI_", "PMIX_"))}
+    env["LAGBIAS_FFTW_PLANNER"] = "FFTW_ESTIMATE"
+    out = {subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
+                          timeout=120).stdout.strip() for _ in range(3)}
+    assert len(out) == 1 and len(next(iter(out))) == 32
