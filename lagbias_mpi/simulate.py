@@ -8,6 +8,7 @@ uses the seed ``seed + i``. See docs/simulate.md.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import resource
 from dataclasses import dataclass, field
@@ -380,6 +381,7 @@ def run_simulation(comm, cfg: SimulateConfig, out_dir) -> dict:
         with timer.stage("write"):
             write_simulation(comm, path, sim, config=cfg_dict, f_true_attrs=f_attrs, vel=vel)
         del sim, vel  # free this realisation before the next one is built (its peak is the job's)
+        gc.collect()  # FFT plans and their buffers sit in reference cycles
         realisations.append(diag)
         npart_all.append(npart)
         log.info(f"realisation {i}: {diag['n_halos']} halos, P_ic/P_lin {diag['pk_ic_ratio']:.3f}, "
