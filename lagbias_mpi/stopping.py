@@ -55,6 +55,10 @@ class StopControl:
         self.epochs_left -= 1
         return False
 
+    def before_next_epoch(self) -> None:
+        """Make the next :meth:`start_epoch` stop (a stop wish on the last step of an epoch)."""
+        self.epochs_left = 0
+
     def after_this_step(self) -> bool:
         """Whether this rank wants to stop once the current step is done (a signal arrived, or this
         is the last step of the budget). Reduced over the ranks by the caller."""

@@ -284,7 +284,7 @@ def _epochs(comm, member, dmodel, model, opt, sched, history, start, path, train
                 raise StopRequested(f"stopped by {stop.reason()} in member {member} epoch {epoch} after step "
                                     f"{i + 1}/{len(train_set)}; checkpoint {path}")
             if stopping:  # the epoch's last step: finish the epoch (validation, checkpoint), then stop
-                stop.epochs_left = 0
+                stop.before_next_epoch()
         sched.step()
         t_train = time.perf_counter() - t0
         val = [evaluate_loss(comm, model, vs, eps, tcfg.guard_y) for vs in val_sets]
