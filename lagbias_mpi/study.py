@@ -30,11 +30,12 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import yaml
 from mpi4py import MPI
 
 from . import pipeline, sources, train
 from .cli import add_set_argument, run_command, write_summary
-from .config import ConfigError
+from .config import ConfigError, from_dict
 from .ensemble import load_ensemble, simulation_particles
 from .layout import slab_bounds
 from .logs import get_logger, setup_logging
@@ -43,6 +44,7 @@ from .paint import paint
 from .parallel import StageTimer
 from .pca import read_spectra
 from .power import mean_ratio_below, overdensity
+from .train_config import TrainRunConfig
 
 log = get_logger("study")
 
@@ -169,12 +171,30 @@ def uncorr_lowk(run_dir: Path, kmax: float) -> float | None:
     return mean_ratio_below(spectra[label]["k"], spectra[label]["uncorr_ratio_avg"], kmax)
 
 
+def finished_run_matches(rd: Path, cfg) -> str | None:
+    """Why the run directory ``rd`` cannot stand for a training with ``cfg`` (None when it can: a
+    finished run, summary.json and model.pt, whose config.yaml has the same training hash)."""
+    if not ((rd / "summary.json").is_file() and (rd / "model.pt").is_file() and (rd / "config.yaml").is_file()):
+        return "no finished run"
+    try:
+        old = from_dict(TrainRunConfig, yaml.safe_load((rd / "config.yaml").read_text()))
+    except (ValueError, yaml.YAMLError) as exc:
+        return f"its config.yaml does not load ({exc})"
+    if train.config_run_hash(old) != train.config_run_hash(cfg):
+        return "it was trained with a different configuration"
+    return None
+
+
 def _train_or_reuse(comm, timer, name, path, overrides, rd, retrain, base_dir, log_level) -> dict:
-    """Train ``path`` into ``rd`` unless a finished run is there; returns its summary on every rank."""
-    done = comm.bcast((rd / "summary.json").is_file() and (rd / "model.pt").is_file() and not retrain, root=0)
-    if done:
+    """Train ``path`` into ``rd`` unless a finished run of the same configuration is there (or
+    ``retrain``); returns its summary on every rank."""
+    cfg = train.load_train_config(path, overrides)
+    why = comm.bcast("--retrain" if retrain else finished_run_matches(rd, cfg) if comm.rank == 0 else None, root=0)
+    if why is None:
         log.info(f"study: reusing the finished run {rd}")
     else:
+        if (rd / "summary.json").is_file():
+            log.info(f"study: not reusing {rd}: {why}")
         log.info(f"study: training {name} into {rd}")
         with timer.stage(f"train_{name}"):
             train.run(comm, path, overrides, out=rd, base_dir=base_dir)

@@ -58,6 +58,15 @@ def test_study_two_sets(shared_tmp):
     s = json.loads((out / "summary.json").read_text())
     assert s["n_ranks"] == world.size and s["pk_ratio_lowk_val_kspace"] is None
     world.Barrier()
+    # a changed configuration is trained again instead of reusing the stale run (run.* does not count)
+    assert study.main(["--configs", str(c1), "--out", str(out), "--no-slices", "--set", "run.log_level=ERROR"]) == 0
+    world.Barrier()
+    assert os.stat(out / "one" / "model.pt").st_mtime_ns == stamp
+    assert study.main(["--configs", str(c1), "--out", str(out), "--no-slices", "--set", "train.seed=8"]) == 0
+    world.Barrier()
+    assert os.stat(out / "one" / "model.pt").st_mtime_ns != stamp
+    assert json.loads((out / "one" / "summary.json").read_text())["config"]["train"]["seed"] == 8
+    world.Barrier()
 
 
 def test_variant_report():
