@@ -3,8 +3,9 @@ section 4), optionally re-training on the leading PCs (Fig. 6).
 
     mpirun -n P python -m lagbias_mpi.pca --run DIR [--retrain K] [--n-sample 1000000] [--out DIR/pca]
 
-1. The training simulation's particles get their features as in training; about ``n_sample`` of
-   them are selected by a hash of (global particle id, seed), the same set on any number of ranks.
+1. The training simulations' particles get their features as in training; about ``n_sample`` of
+   them (split evenly over the training boxes) are selected by a hash of (global particle id, seed),
+   the same set on any number of ranks.
 2. grad_theta f of the ensemble-average f = <10^y_m(theta)>_m at each selected particle (torch
    autograd, float64), and M = sum_i grad f_i grad f_i^T summed over ranks with one Allreduce.
 3. Eigen-decomposition M = U diag(lambda) U^T, eigenvalues descending; the sign of each PC is
@@ -130,8 +131,12 @@ def pc_orthogonaliser(orth: Orthogonaliser, U: np.ndarray, eigenvalues: np.ndarr
 def analyse(comm, ens: Ensemble, raw_std: np.ndarray, pid: np.ndarray, n_total: int, n_sample: int,
             seed: int) -> dict:
     """PCA of grad f on the sampled particles (collective). ``raw_std``: standardised raw features."""
-    keep = sample_mask(pid, n_total, n_sample, seed)
-    theta = ens.inputs(raw_std[keep], standardised=True)
+    return analyse_sample(comm, ens, raw_std[sample_mask(pid, n_total, n_sample, seed)])
+
+
+def analyse_sample(comm, ens: Ensemble, raw_sampled: np.ndarray) -> dict:
+    """PCA of grad f on this rank's sampled particles (standardised raw features; collective)."""
+    theta = ens.inputs(raw_sampled, standardised=True)
     f, g = grad_f(_double_members(ens), theta)
     M, gsum, count = gradient_moment(comm, g)
     vals, U = principal_components(M, gsum)
@@ -237,15 +242,18 @@ def run(comm, run_dir, retrain_k=None, n_sample=1_000_000, seed=2023, out=None, 
     base_dir = Path(base_dir) if base_dir is not None else Path.cwd()
     out_dir = Path(out) if out is not None else run_dir / "pca"
     timer = StageTimer(comm)
-    train_spec, _ = sources.resolve(comm, cfg.simulation, base_dir)
-    with timer.stage("features"):
-        sim = sources.load(comm, train_spec)
-        parts = simulation_particles(comm, sim, ens)
-        n_total = sim.meta.n_particles
-        del sim
+    train_specs, _ = sources.resolve_training(comm, cfg.simulation, base_dir)
+    sampled = []
+    for spec in train_specs:  # n_sample split evenly over the training boxes
+        with timer.stage("features"):
+            sim = sources.load(comm, spec)
+            parts = simulation_particles(comm, sim, ens)
+            keep = sample_mask(parts.pid, sim.meta.n_particles, -(-n_sample // len(train_specs)), seed)
+            sampled.append(parts.raw[keep])
+            del sim, parts
     with timer.stage("pca"):
-        res = analyse(comm, ens, parts.raw, parts.pid, n_total, n_sample, seed)
-        del parts
+        res = analyse_sample(comm, ens, np.concatenate(sampled))
+        del sampled
     vals = res["eigenvalues"]
     log.info(f"pca: {res['n_sampled']} particles sampled; eigenvalues {np.array2string(vals, precision=4)} "
              f"(fractions {np.array2string(vals / vals.sum(), precision=3)}); PC0 peak of f at {res['pc0_peak']:.3f}")

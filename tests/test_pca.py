@@ -129,3 +129,18 @@ def test_command_with_retrain(trained):
 def test_bad_run_directory(tmp_path, capsys):
     assert pca.main(["--run", str(tmp_path)]) == 2
     assert "config.yaml" in capsys.readouterr().err
+
+
+@pytest.mark.mpi
+def test_pca_samples_every_training_box(trained):
+    """With two training boxes n_sample is split between them: the same box given twice with
+    n_sample 2000 samples its 1000-particle set twice, so M and its eigenvalues are exactly twice
+    those of the box alone with n_sample 1000."""
+    world = MPI.COMM_WORLD
+    a = trained.parent / "a.h5"
+    one = pca.run(world, trained, n_sample=1000, out=trained / f"pca_one{world.size}")
+    two = pca.run(world, trained, n_sample=2000, out=trained / f"pca_two{world.size}",
+                  overrides=[f"simulation.train_files=[{a},{a}]"])
+    assert two["n_sampled"] == 2 * one["n_sampled"] > 0
+    np.testing.assert_allclose(two["pc_eigenvalues"], 2 * np.asarray(one["pc_eigenvalues"]), rtol=1e-10)
+    world.Barrier()
