@@ -211,7 +211,7 @@ def parse_args(argv=None):
     p.add_argument("--n-sample", type=int, default=1_000_000, help="particles sampled for grad f")
     p.add_argument("--seed", type=int, default=2023, help="seed of the particle sample")
     p.add_argument("--out", default=None, help="output directory (default RUN/pca)")
-    add_set_argument(p, "override a key of the run's config for the re-training, e.g. train.warmup_steps=50")
+    add_set_argument(p, "override a key of the run's config (its simulations, the re-training), e.g. train.warmup_steps=50")
     return p.parse_args(argv)
 
 
@@ -230,7 +230,7 @@ def load_run(run_dir: Path, overrides: list[str] | None = None) -> tuple[TrainRu
 def run(comm, run_dir, retrain_k=None, n_sample=1_000_000, seed=2023, out=None, base_dir=None,
         overrides=None) -> dict:
     """The whole pca command on ``comm``; returns the summary dict. ``overrides`` (``key=value``)
-    change the run's config for the re-training."""
+    change the run's config (its simulations and the re-training)."""
     run_dir = Path(run_dir)
     cfg, ens, run_summary = load_run(run_dir, overrides)
     setup_logging(comm, cfg.run.log_level)
