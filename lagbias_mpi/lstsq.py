@@ -298,9 +298,10 @@ def parse_args(argv=None):
 
 
 def _check_inputs(comm, cfg: LstsqRunConfig, nn_run, base_dir: Path):
-    train_spec, val_specs = sources.resolve(comm, cfg.simulation, base_dir)
+    train_specs, val_specs, metas = sources.resolve_checked(comm, cfg.simulation, base_dir)
+    train_spec = train_specs[0]  # least squares on the first training box
     specs = [train_spec, *val_specs]
-    for spec, meta in zip(specs, sources.check_all(comm, specs)):
+    for spec, meta in zip(specs, [metas[0], *metas[len(train_specs):]]):
         if cfg.radius < meta.box / meta.n_ic * (1 - 1e-9):
             raise ConfigError(f"lstsq scale {cfg.radius} Mpc/h is below the IC grid spacing "
                               f"{meta.box / meta.n_ic:.4g} Mpc/h of {spec.get('path')}")

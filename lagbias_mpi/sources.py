@@ -99,6 +99,13 @@ def resolve(comm, sim_cfg, base_dir: Path | None = None) -> tuple[dict, list[dic
 def resolve_training(comm, sim_cfg, base_dir: Path | None = None) -> tuple[list[dict], list[dict]]:
     """(training specs, validation specs) of a :class:`SimulationConfig`, as :func:`resolve`; more
     than one training spec with several ``train_files`` or ``train_realisations``."""
+    train, val, _ = resolve_checked(comm, sim_cfg, base_dir)
+    return train, val
+
+
+def resolve_checked(comm, sim_cfg, base_dir: Path | None = None) -> tuple[list[dict], list[dict], list]:
+    """:func:`resolve_training` plus the metadata of every spec (training then validation), read
+    once on rank 0 by :func:`check_all`."""
     base = Path(base_dir) if base_dir is not None else PROJECT_ROOT
 
     def absolute(p):
@@ -130,8 +137,7 @@ def resolve_training(comm, sim_cfg, base_dir: Path | None = None) -> tuple[list[
                                       f"config gives {len(paths)} realisation(s)")
         train = [file_spec(paths[r]) for r in sim_cfg.training_realisations]
         val = [file_spec(paths[r]) for r in sim_cfg.val_realisations]
-    check_all(comm, [*train, *val])
-    return train, val
+    return train, val, check_all(comm, [*train, *val])
 
 
 def spec_name(spec: dict) -> str:

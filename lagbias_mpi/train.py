@@ -73,10 +73,9 @@ def config_run_hash(cfg: TrainRunConfig) -> str:
 
 def _validate_inputs(comm, cfg: TrainRunConfig, base_dir: Path):
     """Resolve the simulations and check what can be checked before any heavy work."""
-    train_specs, val_specs = sources.resolve_training(comm, cfg.simulation, base_dir)
+    train_specs, val_specs, metas = sources.resolve_checked(comm, cfg.simulation, base_dir)
     radii = cfg.features.radii
-    specs = [*train_specs, *val_specs]
-    for spec, meta in zip(specs, sources.check_all(comm, specs)):
+    for spec, meta in zip([*train_specs, *val_specs], metas):
         cell = meta.box / meta.n_ic
         if min(radii) < cell * (1 - 1e-9):
             raise ConfigError(f"features.scales: smoothing scale {min(radii)} Mpc/h is below the IC grid "
