@@ -223,6 +223,26 @@ def train_member(comm, member: int, shape: dict, train_set: BatchSet, val_sets: 
     return MemberResult({k: v.detach().cpu().clone() for k, v in model.state_dict().items()}, history)
 
 
+def _step(comm, dmodel, opt, batch: Batch, eps, guard_y: float, kspace_coef: np.ndarray | None, lr_step: float,
+          stop_wish: bool) -> tuple[float, float, bool]:
+    """One optimiser step on ``batch`` at learning rate ``lr_step`` (the group's lr is restored
+    afterwards, so that the scheduler and checkpoints see the epoch's lr). Returns (whole-batch
+    loss, global sum of f, whether any rank wants to stop). A non-finite loss is not stepped on."""
+    opt.zero_grad(set_to_none=False)
+    coef = None if kspace_coef is None else torch.as_tensor(kspace_coef, dtype=batch.x.dtype, device=batch.x.device)
+    obj, loss, s_glob, stopping = local_objective(comm, dmodel, batch, eps, guard_y, coef, stop_wish)
+    if not np.isfinite(loss) or not s_glob / max(batch.n_global, 1) < MAX_BATCH_MEAN_F:
+        return loss, s_glob, stopping
+    obj.backward()
+    lr = [group["lr"] for group in opt.param_groups]
+    for group in opt.param_groups:
+        group["lr"] = lr_step
+    opt.step()
+    for group, value in zip(opt.param_groups, lr):
+        group["lr"] = value
+    return loss, s_glob, stopping
+
+
 def _epochs(comm, member, dmodel, model, opt, sched, history, start, path, train_set, val_sets, tcfg,
             config_hash, shape, stop: StopControl, field_sets=None, partial=None):
     """The epoch loop of :func:`train_member`; ``partial``: the ``in_epoch`` state of a mid-epoch
@@ -256,24 +276,16 @@ def _epochs(comm, member, dmodel, model, opt, sched, history, start, path, train
                     raise TrainingDiverged(f"Fourier-space loss {sum(kl):.4g} at member {member}, epoch {epoch}")
                 if i == 0:
                     history.setdefault("kspace_loss", []).append(float(sum(kl)))
-            opt.zero_grad(set_to_none=False)
-            coef = None if coefs is None else torch.as_tensor(coefs[batch.box][batch.pidx], dtype=batch.x.dtype,
-                                                              device=batch.x.device)
-            obj, loss, s_glob, stopping = local_objective(comm, dmodel, batch, eps, tcfg.guard_y, coef,
-                                                          stop.after_this_step())
+            coef = None if coefs is None else coefs[batch.box][batch.pidx]
+            lr_step = lr * warmup_factor((epoch - 1) * len(train_set) + i, tcfg.warmup_steps)
+            loss, s_glob, stopping = _step(comm, dmodel, opt, batch, eps, tcfg.guard_y, coef, lr_step,
+                                           stop.after_this_step())
             batch_mean_f = s_glob / max(batch.n_global, 1)
             if not np.isfinite(loss) or not batch_mean_f < MAX_BATCH_MEAN_F:
                 good = f"{path} (epoch {epoch - 1})" if epoch > 1 else "none (first epoch)"
                 raise TrainingDiverged(f"loss {loss:.4g}, batch mean f {batch_mean_f:.4g} at member {member}, "
                                        f"epoch {epoch}, step {i}: training diverged and stopped; "
                                        f"last good checkpoint: {good}")
-            obj.backward()
-            warm = warmup_factor((epoch - 1) * len(train_set) + i, tcfg.warmup_steps)
-            for group in opt.param_groups:
-                group["lr"] = lr * warm
-            opt.step()
-            for group in opt.param_groups:
-                group["lr"] = lr
             losses.append(loss)
             s_tot += s_glob
             prog.update(i + 1)
