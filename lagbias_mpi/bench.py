@@ -2,13 +2,13 @@
 
 Writes ``DIR/summary.json`` (atomically) with
 - ``fft_s``: median wall time of one r2c + c2r pair of an ``n``^3 float32 field with
-  :class:`~lagbias_mpi.fft.SlabFFT` (after a warm-up); ``fft_scipy_s``: the same pair with
+  :class:`~lagbias_mpi.mpi.fft.SlabFFT` (after a warm-up); ``fft_scipy_s``: the same pair with
   ``scipy.fft.rfftn/irfftn(workers=1)`` on the same data on rank 0; ``fft_ratio_vs_scipy``;
 - ``paint_cic_particles_per_s``: uniform particles (per-particle weights) painted with CIC into
   ``n``^3 by the numba kernel, already routed, after a warm-up (global particles / wall time), its
   value per rank, the same for a common weight, and ``paint_ratio_vs_numpy``: our time over that of
-  :func:`~lagbias_mpi.paint.cic_numpy_reference` (``np.bincount``) on rank 0's particles;
-- ``exchange_MB_per_s``: bytes moved per second by :func:`~lagbias_mpi.exchange.exchange` with
+  :func:`~lagbias_mpi.mesh.paint.cic_numpy_reference` (``np.bincount``) on rank 0's particles;
+- ``exchange_MB_per_s``: bytes moved per second by :func:`~lagbias_mpi.mpi.exchange.exchange` with
   random destinations (pos float32 x3 + lagr_index int32 x3 + weight float64 = 32 B per particle);
 - ``n_ranks``, versions, the arguments and the wall time of each stage.
 ``--save-costs [PATH]`` also writes the per-unit costs (default ``lagbias_mpi/data/costs.json``)
@@ -18,212 +18,12 @@ The figures are for tracking performance; correctness is what the tests check.
 from __future__ import annotations
 
 import argparse
-import math
-import os
-import time
 from pathlib import Path
 
-import numpy as np
 from mpi4py import MPI
 
-from .logs import get_logger, setup_logging
-
-log = get_logger("bench")
-DEFAULT_COSTS_PATH = Path(__file__).resolve().parent / "data" / "costs.json"
-BOX = 1000.0  # Mpc/h; irrelevant to the timings
-
-
-def count(text: str) -> int:
-    """A positive count written as ``16777216``, ``2**24``, ``2^24`` or ``4e6``."""
-    text = str(text).strip().replace("^", "**")
-    try:
-        if "**" in text:
-            base, exp = text.split("**", 1)
-            value = int(base) ** int(exp)
-        else:
-            value = int(float(text))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a count: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"count must be >= 1, got {text!r}")
-    return value
-
-
-def plane_field(n: int, start: int, stop: int, seed: int) -> np.ndarray:
-    """Planes [start, stop) of a float32 white-noise n^3 field; each plane drawn from (seed, plane)
-    so that the field does not depend on the number of ranks."""
-    out = np.empty((stop - start, n, n), np.float32)
-    for i in range(start, stop):
-        out[i - start] = np.random.default_rng([seed, i]).standard_normal((n, n), dtype=np.float32)
-    return out
-
-
-def _timed(comm, func, repeat: int) -> tuple[float, float]:
-    """Median wall time and median CPU time (each the max over ranks) of ``repeat`` calls, each
-    between barriers. The CPU time is what a shared machine's load does not inflate."""
-    wall, cpu = [], []
-    for _ in range(repeat):
-        comm.Barrier()
-        t0, c0 = time.perf_counter(), time.process_time()
-        func()
-        c1 = time.process_time()
-        comm.Barrier()
-        wall.append(comm.allreduce(time.perf_counter() - t0, op=MPI.MAX))
-        cpu.append(comm.allreduce(c1 - c0, op=MPI.MAX))
-    return float(np.median(wall)), float(np.median(cpu))
-
-
-def bench_fft(comm, n: int, repeat: int, seed: int = 1) -> dict:
-    """r2c + c2r pair with SlabFFT (all ranks) and with scipy.fft on rank 0 (same data)."""
-    import scipy.fft
-
-    from .fft import SlabFFT
-
-    fft = SlabFFT(comm, n, BOX, np.float32)
-    local = plane_field(n, fft.real_start, fft.real_stop, seed)
-
-    def pair():
-        fft.backward(fft.forward(local))
-
-    pair()  # warm-up: FFTW plans, page faults
-    wall, cpu = _timed(comm, pair, repeat)
-    forward, _ = _timed(comm, lambda: fft.forward(local), repeat)
-    res = {"fft_n": n, "fft_s": wall, "fft_cpu_s": cpu, "fft_forward_s": forward, "fft_backend": fft.backend}
-    scipy_s = (None, None)
-    if comm.rank == 0:
-        full = local if comm.size == 1 else plane_field(n, 0, n, seed)
-
-        def scipy_pair():
-            scipy.fft.irfftn(scipy.fft.rfftn(full, workers=1), s=full.shape, axes=(0, 1, 2), workers=1)
-
-        scipy_pair()
-        scipy_s = _timed(MPI.COMM_SELF, scipy_pair, repeat)
-        del full
-    res["fft_scipy_s"], res["fft_scipy_cpu_s"] = comm.bcast(scipy_s, root=0)
-    res["fft_ratio_vs_scipy"] = res["fft_s"] / res["fft_scipy_s"]
-    res["fft_cpu_ratio_vs_scipy"] = res["fft_cpu_s"] / res["fft_scipy_cpu_s"]
-    return res
-
-
-def bench_paint(comm, n: int, n_particles: int, repeat: int, seed: int = 2) -> dict:
-    """CIC paint of uniform particles already routed to their slab; numpy reference on rank 0."""
-    from .paint import cic_numpy_reference, paint, route_to_slabs
-
-    lo = n_particles * comm.rank // comm.size
-    hi = n_particles * (comm.rank + 1) // comm.size
-    rng = np.random.default_rng([seed, comm.rank])
-    pos = ((rng.random((hi - lo, 3), dtype=np.float32) - 0.5) * np.float32(BOX)).astype(np.float32)
-    weight = rng.random(hi - lo) + 0.5
-    got = route_to_slabs(comm, pos, {"weight": weight}, n, BOX, what="bench particles")
-    del pos, weight
-    pos, weight = got["pos"], got["weight"]
-    paint(comm, pos[:1000], weight[:1000], n, BOX, routed=True, check=False)  # warm-up (JIT/cache)
-    paint(comm, pos[:1000], None, n, BOX, routed=True, check=False)
-    t_w, c_w = _timed(comm, lambda: paint(comm, pos, weight, n, BOX, routed=True), repeat)
-    t_u, _ = _timed(comm, lambda: paint(comm, pos, None, n, BOX, routed=True), repeat)
-    res = {"paint_n": n, "paint_particles": n_particles,
-           "paint_cic_s": t_w,
-           "paint_cic_particles_per_s": n_particles / t_w,
-           "paint_cic_particles_per_s_per_rank": n_particles / t_w / comm.size,
-           "paint_cic_cpu_particles_per_s_per_rank": n_particles / c_w / comm.size,
-           "paint_cic_unit_weight_particles_per_s": n_particles / t_u}
-    ratio = (None, None, None)
-    if comm.rank == 0:
-        # rank 0's particles: numpy reference against our paint of the same particles on one rank
-        ref = _timed(MPI.COMM_SELF, lambda: cic_numpy_reference(pos, weight, n, BOX), 1)
-        mine = _timed(MPI.COMM_SELF, lambda: paint(MPI.COMM_SELF, pos, weight, n, BOX, routed=True), 1)
-        ratio = (ref[0], mine[0] / ref[0], mine[1] / ref[1])
-    res["paint_numpy_s_rank0"], res["paint_ratio_vs_numpy"], res["paint_cpu_ratio_vs_numpy"] = comm.bcast(ratio)
-    res["paint_particles_rank0"] = comm.bcast(len(pos))
-    return res
-
-
-def bench_exchange(comm, n_particles: int, repeat: int, seed: int = 3) -> dict:
-    """Exchange pos + lagr_index + weight to random destinations."""
-    from .exchange import exchange
-
-    n = n_particles * (comm.rank + 1) // comm.size - n_particles * comm.rank // comm.size
-    rng = np.random.default_rng([seed, comm.rank])
-    cols = {"pos": rng.random((n, 3), dtype=np.float32),
-            "lagr_index": rng.integers(0, 2**20, (n, 3), dtype=np.int32),
-            "weight": rng.random(n)}
-    dest = rng.integers(0, comm.size, n)
-    stats = {}
-
-    def run():
-        _, stats["s"] = exchange(comm, cols, dest, what="bench exchange", return_stats=True)
-
-    run()
-    t, _ = _timed(comm, run, repeat)
-    moved = comm.allreduce(stats["s"].bytes_sent)
-    off_rank = comm.allreduce(int(np.count_nonzero(dest != comm.rank)))
-    return {"exchange_particles": n_particles, "exchange_bytes": moved, "exchange_s": t,
-            "exchange_MB_per_s": moved / t / 1e6, "exchange_off_rank_fraction": off_rank / n_particles,
-            "exchange_s_per_particle_per_rank": t * comm.size / n_particles}
-
-
-def costs_from(summary: dict) -> dict:
-    """Per-unit costs (core-seconds) for the resource planner, from a bench summary. FFT and paint
-    costs use the CPU time (robust to other jobs sharing the cores), the exchange its wall time."""
-    n3 = float(summary["fft_n"]) ** 3
-    p = summary["n_ranks"]
-    return {
-        "plan": {"route_s_per_particle": summary["exchange_s_per_particle_per_rank"]},
-        "fft_float32_s_per_cell_log2": summary["fft_cpu_s"] / 2 * p / (n3 * math.log2(n3)),
-        "paint_cic_s_per_particle": 1.0 / summary["paint_cic_cpu_particles_per_s_per_rank"],
-        "paint_numpy_cic_s_per_particle": summary["paint_numpy_s_rank0"] / summary["paint_particles_rank0"],
-        "exchange_s_per_byte": summary["exchange_s"] / (summary["exchange_bytes"] / p),
-        "measured": {"n_ranks": p, "host": summary["versions"].get("host"), "date": summary["date"],
-                     "load_average": summary["load_average"], "command": summary["command"]},
-        "notes": ("Core-seconds per unit, from `python -m lagbias_mpi.bench --save-costs` (see "
-                  "docs/benchmarks.md). 'plan' holds the keys lagbias_mpi.plan.load_costs uses (same "
-                  "definition); the others are raw primitive costs: one float32 r2c or c2r per "
-                  "N^3 log2 N^3 cells (no feature arithmetic), CIC paint per particle, exchange per byte."),
-    }
-
-
-def run(comm, out: Path, n: int, n_particles: int, repeat: int, exchange_particles: int,
-        paint_n: int | None = None, save_costs: Path | None = None) -> dict:
-    """Run the three benchmarks and write ``out/summary.json``. Collective."""
-    from .info import fftw_version
-    from .output import environment_info, write_json
-    from .parallel import StageTimer, peak_rss_mb
-
-    timer = StageTimer(comm)
-    summary: dict = {"load_average": {"start": os.getloadavg()[0]}}
-    log.info(f"bench on {comm.size} rank(s): FFT {n}^3 float32, paint {n_particles} particles into "
-             f"{paint_n or n}^3, exchange {exchange_particles} particles, {repeat} repeats")
-    with timer.stage("fft"):
-        summary.update(bench_fft(comm, n, repeat))
-    log.info(f"FFT pair {summary['fft_s']:.4g} s, scipy {summary['fft_scipy_s']:.4g} s, "
-             f"ratio {summary['fft_ratio_vs_scipy']:.2f} (CPU time ratio {summary['fft_cpu_ratio_vs_scipy']:.2f})")
-    with timer.stage("paint"):
-        summary.update(bench_paint(comm, paint_n or n, n_particles, repeat))
-    log.info(f"CIC paint {summary['paint_cic_particles_per_s']:.3g} particles/s "
-             f"({summary['paint_cic_particles_per_s_per_rank']:.3g} per rank), "
-             f"{summary['paint_ratio_vs_numpy']:.3f} x the numpy time")
-    with timer.stage("exchange"):
-        summary.update(bench_exchange(comm, exchange_particles, repeat))
-    log.info(f"exchange {summary['exchange_MB_per_s']:.1f} MB/s "
-             f"({summary['exchange_off_rank_fraction']:.0%} of the particles to other ranks)")
-    versions = environment_info(comm)
-    versions.update(fft_backend=summary.pop("fft_backend"), fftw=fftw_version())
-    for name in ("scipy", "numba"):
-        versions[name] = __import__(name).__version__
-    rss = comm.allreduce(peak_rss_mb(), op=MPI.MAX)
-    summary["load_average"]["end"] = os.getloadavg()[0]  # > number of cores: the timings are inflated
-    summary.update(n_ranks=comm.size, versions=versions, peak_rss_mb=rss, stage_s=timer.summary(),
-                   date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                   command=f"python -m lagbias_mpi.bench --out {out} --n {n} --particles {n_particles} "
-                           f"--repeat {repeat} --exchange-particles {exchange_particles}"
-                           + (f" --paint-n {paint_n}" if paint_n else ""))
-    if comm.rank == 0:
-        write_json(Path(out) / "summary.json", summary)
-        if save_costs is not None:
-            write_json(save_costs, costs_from(summary))
-            log.info(f"costs written to {save_costs}")
-    comm.Barrier()
-    return summary
+from lagbias_mpi.core.logs import setup_logging
+from lagbias_mpi.hpc.benchmarks import DEFAULT_COSTS_PATH, count, run
 
 
 def main(argv=None) -> dict:
@@ -240,7 +40,7 @@ def main(argv=None) -> dict:
                         help="also write per-unit costs for the planner to this path")
     parser.add_argument("--log-level", default="INFO", help="logging level")
     args = parser.parse_args(argv)
-    from .parallel import abort_on_exception
+    from lagbias_mpi.mpi.comm import abort_on_exception
 
     comm = MPI.COMM_WORLD
     setup_logging(comm, args.log_level)
@@ -248,7 +48,3 @@ def main(argv=None) -> dict:
         parser.error(f"--n must be >= 2 and >= the number of ranks ({comm.size}), got {args.n}")
     return abort_on_exception(comm)(run)(comm, args.out, args.n, args.particles, args.repeat,
                                          args.exchange_particles, args.paint_n, args.save_costs)
-
-
-if __name__ == "__main__":
-    main()

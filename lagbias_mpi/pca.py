@@ -16,7 +16,7 @@ section 4), optionally re-training on the leading PCs (Fig. 6).
    largest mean f (the turn-over of f for thin mass ranges, Fig. 8).
 5. ``--retrain K``: the network is trained again (same config, same sub-samples and batches) on the
    K leading PCs, theta_PC[:K] = (U^T M_orth)[:K] (raw - mu), which is an orthogonaliser of K rows,
-   so the saved ``retrain_K/model.pt`` loads with :func:`lagbias_mpi.ensemble.load_ensemble`.
+   so the saved ``retrain_K/model.pt`` loads with :func:`lagbias_mpi.bias.ensemble.load_ensemble`.
 
 Outputs (rank 0, atomic) in ``DIR/pca/``: ``summary.json``, ``figures/pc_planes.png`` (Fig. 5),
 ``figures/pc_coefficients.png`` (Fig. 7), ``figures/f_vs_pc0.png`` (Fig. 8), and with ``--retrain``
@@ -25,182 +25,12 @@ Outputs (rank 0, atomic) in ``DIR/pca/``: ``summary.json``, ``figures/pc_planes.
 from __future__ import annotations
 
 import argparse
-import copy
-import json
-import sys
-from pathlib import Path
 
-import numpy as np
-import torch
-import yaml
 from mpi4py import MPI
 
-from . import analysis_plots, ddp, sources
-from .cli import add_set_argument, run_command, write_summary
-from .config import ConfigError, apply_overrides, from_dict, to_dict
-from .ensemble import Ensemble, load_ensemble, simulation_particles
-from .evaluate import evaluate_simulation, write_spectra
-from .logs import get_logger, setup_logging
-from .orthogonalise import Orthogonaliser
-from .output import write_json
-from .parallel import StageTimer, global_sum
-from .sampling import hash_uniform
-from .train_config import TrainRunConfig
+from lagbias_mpi.workflows.cli import add_set_argument, run_command
+from lagbias_mpi.workflows.pca import run
 
-log = get_logger("pca")
-SALT_PCA = 0x9CA
-CHUNK = 1 << 16
-
-
-# ---------------------------------------------------------------- sampling and gradients
-
-def sample_mask(pid: np.ndarray, n_total: int, n_sample: int, seed: int) -> np.ndarray:
-    """Particles kept for the PCA: hash(pid, seed) < n_sample / n_total (rank-independent)."""
-    frac = min(float(n_sample) / max(int(n_total), 1), 1.0)
-    return hash_uniform(pid, seed, 0, SALT_PCA) < frac
-
-
-def _double_members(ens: Ensemble) -> list[torch.nn.Module]:
-    return [copy.deepcopy(m).double().eval() for m in ens.members]
-
-
-def grad_f(members: list[torch.nn.Module], theta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(f, grad_theta f) of the member-average f = <10^y_m> at each row of ``theta`` (float64)."""
-    n, d = theta.shape
-    f_out, g_out = np.empty(n), np.empty((n, d))
-    for lo in range(0, n, CHUNK):
-        x = torch.tensor(theta[lo:lo + CHUNK], dtype=torch.float64, requires_grad=True)
-        f = torch.stack([torch.pow(10.0, m(x)) for m in members]).mean(dim=0)
-        (g,) = torch.autograd.grad(f.sum(), x)
-        f_out[lo:lo + CHUNK] = f.detach().numpy()
-        g_out[lo:lo + CHUNK] = g.numpy()
-    return f_out, g_out
-
-
-def gradient_moment(comm, grads: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
-    """Global M = sum grad grad^T, sum of grad and count: one Allreduce."""
-    d = grads.shape[1]
-    buf = np.concatenate([(grads.T @ grads).ravel(), grads.sum(axis=0), [len(grads)]])
-    tot = global_sum(comm, buf)
-    return tot[:d * d].reshape(d, d), tot[d * d:d * d + d], int(round(tot[-1]))
-
-
-def principal_components(M: np.ndarray, grad_sum: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Eigenvalues (descending) and eigenvectors U (columns) of M, each column signed so that the
-    mean directional derivative of f along it is >= 0 (else its largest component positive)."""
-    vals, vecs = np.linalg.eigh(0.5 * (M + M.T))
-    order = np.argsort(vals)[::-1]
-    vals, vecs = vals[order], vecs[:, order]
-    for j in range(vecs.shape[1]):
-        s = float(grad_sum @ vecs[:, j])
-        if abs(s) < 1e-12 * (np.abs(grad_sum).sum() + 1e-300):
-            s = vecs[np.argmax(np.abs(vecs[:, j])), j]
-        if s < 0:
-            vecs[:, j] *= -1
-    return vals, vecs
-
-
-def binned_mean(comm, x: np.ndarray, y: np.ndarray, n_bins: int = 30, min_count: int = 20):
-    """Bin centres, mean y per bin (NaN below ``min_count`` entries) and counts over all ranks, with
-    ``n_bins`` bins uniform between the global minimum and maximum of x (two reductions)."""
-    lo = comm.allreduce(float(x.min()) if len(x) else np.inf, op=MPI.MIN)
-    hi = comm.allreduce(float(x.max()) if len(x) else -np.inf, op=MPI.MAX)
-    edges = np.linspace(lo, hi, n_bins + 1)
-    idx = np.clip(np.searchsorted(edges, x, side="right") - 1, 0, n_bins - 1)
-    buf = np.concatenate([np.bincount(idx, weights=y, minlength=n_bins),
-                          np.bincount(idx, minlength=n_bins).astype(np.float64)])
-    tot = global_sum(comm, buf)
-    counts = tot[n_bins:]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mean = np.where(counts >= min_count, tot[:n_bins] / counts, np.nan)
-    return 0.5 * (edges[1:] + edges[:-1]), mean, counts
-
-
-def peak_of(centres: np.ndarray, mean: np.ndarray) -> float:
-    """Centre of the bin with the largest (finite) mean."""
-    if not np.isfinite(mean).any():
-        return float("nan")
-    return float(centres[np.nanargmax(mean)])
-
-
-def pc_orthogonaliser(orth: Orthogonaliser, U: np.ndarray, eigenvalues: np.ndarray, k: int) -> Orthogonaliser:
-    """The K leading PCs as an orthogonaliser of the standardised raw features."""
-    return Orthogonaliser(U[:, :k].T @ orth.matrix, orth.mean, np.asarray(eigenvalues[:k], np.float64))
-
-
-def analyse(comm, ens: Ensemble, raw_std: np.ndarray, pid: np.ndarray, n_total: int, n_sample: int,
-            seed: int) -> dict:
-    """PCA of grad f on the sampled particles (collective). ``raw_std``: standardised raw features."""
-    return analyse_sample(comm, ens, raw_std[sample_mask(pid, n_total, n_sample, seed)])
-
-
-def analyse_sample(comm, ens: Ensemble, raw_sampled: np.ndarray) -> dict:
-    """PCA of grad f on this rank's sampled particles (standardised raw features; collective)."""
-    theta = ens.inputs(raw_sampled, standardised=True)
-    f, g = grad_f(_double_members(ens), theta)
-    M, gsum, count = gradient_moment(comm, g)
-    vals, U = principal_components(M, gsum)
-    pcs = theta @ U
-    centres, mean_f, counts = binned_mean(comm, pcs[:, 0], f)
-    return {"eigenvalues": vals, "U": U, "coefficients": U.T @ ens.orth.matrix, "n_sampled": count,
-            "pc0_centres": centres, "pc0_mean_f": mean_f, "pc0_counts": counts,
-            "pc0_peak": peak_of(centres, mean_f), "local_pcs": pcs, "local_f": f}
-
-
-# ---------------------------------------------------------------- re-training on the leading PCs
-
-def retrain(comm, cfg: TrainRunConfig, pc_orth: Orthogonaliser, ens: Ensemble, out_dir: Path, base_dir: Path,
-            timer: StageTimer) -> dict:
-    """Train a new ensemble on the inputs of ``pc_orth`` with the run's config and evaluate it as
-    ``train`` does. Returns {label: evaluate_simulation result}."""
-    from .train import config_run_hash, eval_nmesh, prepare_simulations, train_ensemble
-
-    tcfg = cfg.train
-    torch.set_num_threads(tcfg.threads or (1 if MPI.COMM_WORLD.size > 1 else torch.get_num_threads()))
-    dtype = getattr(torch, tcfg.dtype)
-    train_specs, val_specs = sources.resolve_training(comm, cfg.simulation, base_dir)
-    with ddp.process_group(comm):
-        device = ddp.device_for(comm)
-        sims, _, moments, names = prepare_simulations(comm, timer, cfg, train_specs, val_specs, {})
-        for s in sims:
-            s.theta = pc_orth.apply(s.parts.raw)
-        shape = {"n_in": pc_orth.matrix.shape[0], "width": cfg.model.width, "depth": cfg.model.depth,
-                 "activation": cfg.model.activation}
-        with timer.stage("retrain"):
-            trs = [s for s in sims if s.role == "train"]
-            states = train_ensemble(comm, cfg, trs, [s for s in sims if s.role != "train"], shape,
-                                    out_dir / "checkpoints", config_run_hash(cfg) + f"-pc{shape['n_in']}",
-                                    dtype, device)[0]
-    new = Ensemble(shape, states, pc_orth, moments, names, ens.radii, ens.kinds, tcfg.dtype, to_dict(cfg))
-    if comm.rank == 0:
-        new.save(out_dir / "model.pt")
-    results, meta = {}, {}
-    with timer.stage("evaluate"):
-        for s in sims:
-            nmesh = eval_nmesh(cfg.grid, s.sim.meta.box)
-            results[s.label] = evaluate_simulation(comm, new.predict_f_members(s.theta), s.parts.pos, *s.tracers,
-                                                   s.sim.meta.box, nmesh, cfg.grid.kmax_lowk)
-            meta[s.label] = {"role": s.role, "source": str(s.spec.get("path", "")), "nmesh": nmesh}
-            log.info(f"re-trained on {shape['n_in']} PCs, {s.label}: P_model/P_h low k = "
-                     f"{results[s.label]['pk_ratio_lowk']:.4f}")
-    if comm.rank == 0:
-        write_spectra(out_dir / "spectra.h5", results, meta)
-    return results
-
-
-def read_spectra(path: Path) -> dict:
-    """The groups of a ``spectra.h5`` as {label: {key: array}} (rank 0, small arrays)."""
-    import h5py
-
-    out = {}
-    with h5py.File(path, "r") as f:
-        for label, g in f.items():
-            out[label] = {k: g[k][()] for k in g}
-            out[label]["pk_ratio_lowk"] = float(g.attrs["pk_ratio_lowk"])
-    return out
-
-
-# ---------------------------------------------------------------- the command
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m lagbias_mpi.pca", description=__doc__.split("\n")[0],
@@ -215,99 +45,9 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def load_run(run_dir: Path, overrides: list[str] | None = None) -> tuple[TrainRunConfig, Ensemble, dict]:
-    """Config (with ``key=value`` overrides), ensemble and summary of a training run; clear errors
-    for a missing piece."""
-    for name in ("config.yaml", "model.pt"):
-        if not (run_dir / name).is_file():
-            raise ConfigError(f"--run {run_dir}: no {name} (is it a finished `train` run directory?)")
-    data = apply_overrides(yaml.safe_load((run_dir / "config.yaml").read_text()), overrides)
-    cfg = from_dict(TrainRunConfig, data)
-    summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").is_file() else {}
-    return cfg, load_ensemble(run_dir), summary
-
-
-def run(comm, run_dir, retrain_k=None, n_sample=1_000_000, seed=2023, out=None, base_dir=None,
-        overrides=None) -> dict:
-    """The whole pca command on ``comm``; returns the summary dict. ``overrides`` (``key=value``)
-    change the run's config (its simulations and the re-training)."""
-    run_dir = Path(run_dir)
-    cfg, ens, run_summary = load_run(run_dir, overrides)
-    setup_logging(comm, cfg.run.log_level)
-    n_in = ens.shape["n_in"]
-    if retrain_k is not None and not 1 <= retrain_k <= n_in:
-        raise ConfigError(f"--retrain {retrain_k}: must be between 1 and the number of inputs {n_in}")
-    if n_sample < 10:
-        raise ConfigError(f"--n-sample {n_sample}: need at least 10 particles")
-    base_dir = Path(base_dir) if base_dir is not None else Path.cwd()
-    out_dir = Path(out) if out is not None else run_dir / "pca"
-    timer = StageTimer(comm)
-    train_specs, _ = sources.resolve_training(comm, cfg.simulation, base_dir)
-    sampled = []
-    for spec in train_specs:  # n_sample split evenly over the training boxes
-        with timer.stage("features"):
-            sim = sources.load(comm, spec)
-            parts = simulation_particles(comm, sim, ens)
-            keep = sample_mask(parts.pid, sim.meta.n_particles, -(-n_sample // len(train_specs)), seed)
-            sampled.append(parts.raw[keep])
-            del sim, parts
-    with timer.stage("pca"):
-        res = analyse_sample(comm, ens, np.concatenate(sampled))
-        del sampled
-    vals = res["eigenvalues"]
-    log.info(f"pca: {res['n_sampled']} particles sampled; eigenvalues {np.array2string(vals, precision=4)} "
-             f"(fractions {np.array2string(vals / vals.sum(), precision=3)}); PC0 peak of f at {res['pc0_peak']:.3f}")
-    figs = out_dir / "figures"
-    if comm.rank == 0 and cfg.run.figures:
-        analysis_plots.plot_pc_planes(res["local_pcs"], res["local_f"], figs / "pc_planes.png")
-        analysis_plots.plot_pc_coefficients(res["coefficients"], ens.feature_names, figs / "pc_coefficients.png",
-                                            n_pc=min(2, n_in))
-        analysis_plots.plot_f_vs_pc0(res["pc0_centres"], res["pc0_mean_f"], figs / "f_vs_pc0.png",
-                                     run_dir.name, res["pc0_peak"])
-    summary = {
-        "n_ranks": comm.size,
-        "run": str(run_dir),
-        "n_sampled": res["n_sampled"],
-        "pc_eigenvalues": vals,
-        "pc_eigenvalue_fractions": vals / vals.sum(),
-        "pc_vectors": res["U"],
-        "pc_coefficients": res["coefficients"],
-        "feature_names": ens.feature_names,
-        "pc0_peak": res["pc0_peak"],
-        "pc0_bin_centres": res["pc0_centres"],
-        "pc0_mean_f": res["pc0_mean_f"],
-        "pk_ratio_lowk_val_original": run_summary.get("pk_ratio_lowk_val"),
-        "pk_ratio_lowk_val_retrained": None,
-        "retrain_k": retrain_k,
-    }
-    if retrain_k is not None:
-        rdir = out_dir / f"retrain_{retrain_k}"
-        pc_orth = pc_orthogonaliser(ens.orth, res["U"], vals, retrain_k)
-        new = retrain(comm, cfg, pc_orth, ens, rdir, base_dir, timer)
-        val = next((k for k in new if k != "train"), None)
-        summary["pk_ratio_lowk_val_retrained"] = new[val]["pk_ratio_lowk"] if val else None
-        summary["pk_ratio_lowk_train_retrained"] = new["train"]["pk_ratio_lowk"]
-        summary["pk_ratio_lowk_members_retrained"] = {k: r["pk_ratio_lowk_members"] for k, r in new.items()}
-        if comm.rank == 0 and cfg.run.figures and (run_dir / "spectra.h5").is_file():
-            analysis_plots.plot_retrain(read_spectra(run_dir / "spectra.h5"), new, figs / f"retrain_{retrain_k}.png",
-                                        retrain_k, cfg.grid.kmax_lowk)
-    write_summary(comm, out_dir / "summary.json", summary, timer, cfg)
-    if comm.rank == 0 and run_summary:  # the run's own summary names its PCA result too (thin mass ranges: pc0_peak)
-        write_json(run_dir / "summary.json", {**run_summary, "pc0_peak": res["pc0_peak"],
-                                              "pc_eigenvalues": vals, "pca_dir": str(out_dir)})
-    comm.Barrier()  # the outputs exist on return, on every rank
-    log.info(f"done: outputs in {out_dir}; P_model/P_h low k val original {summary['pk_ratio_lowk_val_original']}, "
-             f"re-trained {summary['pk_ratio_lowk_val_retrained']}")
-    return summary
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     comm = MPI.COMM_WORLD
 
     return run_command(comm, lambda: run(comm, args.run, args.retrain, args.n_sample, args.seed, args.out,
                                          overrides=args.set))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

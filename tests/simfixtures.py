@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from mpi4py import MPI
 
-from lagbias_mpi.simdata import LocalSimulation, SimulationMeta, write_simulation
+from lagbias_mpi.io.simfile import LocalSimulation, SimulationMeta, write_simulation
 
 
 def _field(n: int, box: float, seed: int, index: float = -2.0, sigma_psi: float = 1.5):

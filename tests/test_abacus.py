@@ -1,4 +1,4 @@
-"""AbacusSummit ingestion (lagbias_mpi.abacus) on the real Abacus test output Mini_N64_L32
+"""AbacusSummit ingestion (lagbias_mpi.io.abacus) on the real Abacus test output Mini_N64_L32
 (tests/data/abacus_Mini_N64_L32: 64^3 particles, 32 Mpc/h, z = 0, no cleaning catalogue) with a
 synthetic ic_dens_N64.asdf written here in AbacusSummit layout."""
 import glob
@@ -10,10 +10,16 @@ import numpy as np
 import pytest
 from mpi4py import MPI
 
-from lagbias_mpi.abacus import (AbacusError, AbacusSet, AbacusSource, assign_files, load_abacus,
-                                plan_collectively, validate_abacus_source, wrap_positions)
-from lagbias_mpi.config import ConfigError, from_dict
-from lagbias_mpi.parallel import gather_slabs
+from lagbias_mpi.config.abacus import AbacusSet, AbacusSource
+from lagbias_mpi.config.loader import ConfigError, from_dict
+from lagbias_mpi.io.abacus import load_abacus, wrap_positions
+from lagbias_mpi.io.abacus_files import (
+    AbacusError,
+    assign_files,
+    plan_collectively,
+    validate_abacus_source,
+)
+from lagbias_mpi.mpi.comm import gather_slabs
 
 DATA = Path(__file__).resolve().parent / "data"
 SIM = "abacus_Mini_N64_L32"
@@ -136,7 +142,7 @@ def test_config_files_parse(name):
     s = from_dict(AbacusSet, data["simulation"]["abacus"], "simulation.abacus")
     assert s.redshift == 0.5 and s.train.startswith("AbacusSummit_")
     # the whole file is a valid training config
-    from lagbias_mpi.train_config import TrainRunConfig
+    from lagbias_mpi.config.train import TrainRunConfig
 
     cfg = from_dict(TrainRunConfig, data)
     assert cfg.simulation.abacus.train == s.train and cfg.halos.min_npart == 151 and cfg.features.radii == (1.0, 2.83, 8.0)
@@ -216,7 +222,7 @@ def test_compressed_ic_read_on_one_rank_and_scattered(comm, ic_root):
     assert plan.ic_compression == "blsc" and plan.n_ic == N_IC
     plain = plan_collectively(comm, source(ic_root))
     assert plain.ic_compression is None
-    from lagbias_mpi.abacus import read_ic_slab
+    from lagbias_mpi.io.abacus import read_ic_slab
 
     a, start = read_ic_slab(comm, plan.ic_file, N_IC, plan.ic_compression)
     b, start_b = read_ic_slab(comm, plain.ic_file, N_IC, None)

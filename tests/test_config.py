@@ -8,8 +8,14 @@ from typing import Literal
 
 import pytest
 
-from lagbias_mpi.config import (ConfigError, apply_overrides, config_hash, from_dict, load_config,
-                                to_dict)
+from lagbias_mpi.config.loader import (
+    ConfigError,
+    apply_overrides,
+    config_hash,
+    from_dict,
+    load_config,
+    to_dict,
+)
 
 
 @dataclass(frozen=True)

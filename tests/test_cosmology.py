@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 from scipy.integrate import quad
 
-from lagbias_mpi.cosmology import CosmologyError, load_cosmology, sigma_tophat
-from lagbias_mpi.hmf import dn_dlnm, watson13_f
+from lagbias_mpi.nbody.cosmology import CosmologyError, load_cosmology, sigma_tophat
+from lagbias_mpi.nbody.hmf import dn_dlnm, watson13_f
 
 NAME = "AbacusSummit_base_c000_ph000"
 

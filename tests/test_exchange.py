@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from mpi4py import MPI
 
-from lagbias_mpi.exchange import exchange, pack_columns, unpack_columns
+from lagbias_mpi.mpi.exchange import exchange, pack_columns, unpack_columns
 
 
 def make_columns(rank, n, seed=0):

@@ -3,9 +3,16 @@ import numpy as np
 import pytest
 from mpi4py import MPI
 
-from lagbias_mpi import features as feat
-from lagbias_mpi.layout import slab_bounds
-from lagbias_mpi.parallel import gather_slabs
+from lagbias_mpi.bias.features import (
+    check_scales,
+    compute_features,
+    feature_names,
+    global_moments,
+    standardise,
+)
+from lagbias_mpi.config.features import resolve_scales
+from lagbias_mpi.mpi.comm import gather_slabs
+from lagbias_mpi.mpi.layout import slab_bounds
 
 N, BOX = 16, 64.0
 
@@ -48,16 +55,16 @@ def test_features_match_numpy_and_comm_self(comm):
     delta = _field()
     radii, kinds = (4.0, 8.0), ("delta", "lap", "g2", "s2")
     s0, s1 = slab_bounds(N, comm.size, comm.rank)
-    dist = feat.compute_features(comm, delta[s0:s1], BOX, radii, kinds, out_dtype=np.float64)
+    dist = compute_features(comm, delta[s0:s1], BOX, radii, kinds, out_dtype=np.float64)
     full = gather_slabs(comm, dist)
     ref = _numpy_features(delta, BOX, radii, kinds)
     scale = np.abs(ref).max(axis=(0, 1, 2))
     assert np.allclose(full / scale, ref / scale, atol=1e-10)
-    single = feat.compute_features(MPI.COMM_SELF, delta, BOX, radii, kinds, out_dtype=np.float64)
+    single = compute_features(MPI.COMM_SELF, delta, BOX, radii, kinds, out_dtype=np.float64)
     assert np.allclose(full, single, rtol=0, atol=1e-12 * scale.max())
     # standardisation with global moments: mean 0, std 1 over the whole grid, on any rank count
-    mean, std = feat.global_moments(comm, dist)
-    std_full = gather_slabs(comm, feat.standardise(dist, mean, std))
+    mean, std = global_moments(comm, dist)
+    std_full = gather_slabs(comm, standardise(dist, mean, std))
     assert np.allclose(std_full.mean(axis=(0, 1, 2)), 0, atol=1e-10)
     assert np.allclose(std_full.std(axis=(0, 1, 2)), 1, atol=1e-10)
 
@@ -66,19 +73,19 @@ def test_g2_of_plane_wave_vanishes():
     """For a single plane wave the tidal tensor is rank one: G2 = sum T_ij^2 - delta^2 = 0."""
     x = np.arange(N) * BOX / N
     delta = np.broadcast_to(np.cos(2 * np.pi * 2 * x / BOX)[:, None, None], (N, N, N)).astype(np.float32)
-    out = feat.compute_features(MPI.COMM_SELF, delta, BOX, (4.0,), ("delta", "g2"), out_dtype=np.float64)
+    out = compute_features(MPI.COMM_SELF, delta, BOX, (4.0,), ("delta", "g2"), out_dtype=np.float64)
     assert np.abs(out[..., 0]).max() > 0.1
     assert np.abs(out[..., 1]).max() < 1e-10
 
 
 def test_scale_sets_and_checks():
-    assert feat.resolve_scales("3Rf coarse") == (1.0, 2.83, 8.0)
-    assert feat.resolve_scales([2, 4]) == (2.0, 4.0)
+    assert resolve_scales("3Rf coarse") == (1.0, 2.83, 8.0)
+    assert resolve_scales([2, 4]) == (2.0, 4.0)
     with pytest.raises(ValueError, match="unknown smoothing-scale set"):
-        feat.resolve_scales("7Rf")
+        resolve_scales("7Rf")
     with pytest.raises(ValueError, match="below the IC grid spacing"):
-        feat.check_scales((1.0, 8.0), box=64.0, n_ic=16)
-    feat.check_scales((4.0,), box=64.0, n_ic=16)
-    assert feat.feature_names((1.0, 2.83), ("delta", "g2")) == ["delta_R1.00", "g2_R1.00", "delta_R2.83", "g2_R2.83"]
+        check_scales((1.0, 8.0), box=64.0, n_ic=16)
+    check_scales((4.0,), box=64.0, n_ic=16)
+    assert feature_names((1.0, 2.83), ("delta", "g2")) == ["delta_R1.00", "g2_R1.00", "delta_R2.83", "g2_R2.83"]
     with pytest.raises(ValueError, match="unknown feature"):
-        feat.compute_features(MPI.COMM_SELF, _field(), BOX, (4.0,), ("tidal",))
+        compute_features(MPI.COMM_SELF, _field(), BOX, (4.0,), ("tidal",))

@@ -4,8 +4,14 @@ import numpy as np
 import pytest
 from mpi4py import MPI
 
-from lagbias_mpi.fft import SlabFFT, gaussian_window, laplacian_kernel, smooth, tidal_kernel
-from lagbias_mpi.parallel import gather_slabs
+from lagbias_mpi.mpi.comm import gather_slabs
+from lagbias_mpi.mpi.fft import (
+    SlabFFT,
+    gaussian_window,
+    laplacian_kernel,
+    smooth,
+    tidal_kernel,
+)
 
 BOX = 50.0
 
@@ -161,7 +167,7 @@ def test_bad_arguments_refused():
 
 
 def test_planner_effort_from_the_environment(monkeypatch):
-    from lagbias_mpi.fft import PLANNER_ENV, planner_effort
+    from lagbias_mpi.mpi.fft import PLANNER_ENV, planner_effort
 
     monkeypatch.delenv(PLANNER_ENV, raising=False)
     assert planner_effort() == "FFTW_MEASURE"
@@ -178,7 +184,7 @@ def test_estimate_planner_is_bitwise_reproducible_across_processes():
     import subprocess
     import sys
 
-    code = ("import hashlib, numpy as np; from mpi4py import MPI; from lagbias_mpi.fft import SlabFFT; "
+    code = ("import hashlib, numpy as np; from mpi4py import MPI; from lagbias_mpi.mpi.fft import SlabFFT; "
             "f = SlabFFT(MPI.COMM_SELF, 48, 100.0, np.float32); "
             "x = np.random.default_rng(1).standard_normal((48, 48, 48)).astype(np.float32); "
             "print(hashlib.md5(np.ascontiguousarray(f.forward(x)).tobytes()).hexdigest())")

@@ -3,7 +3,12 @@ import numpy as np
 import pytest
 from mpi4py import MPI
 
-from lagbias_mpi.fof import find_halos, find_halos_distributed, fof_labels, periodic_com
+from lagbias_mpi.nbody.fof import (
+    find_halos,
+    find_halos_distributed,
+    fof_labels,
+    periodic_com,
+)
 
 
 def _brute_force_groups(pos, box, b):
@@ -89,7 +94,7 @@ def test_distributed_fof_same_on_all_rank_counts(comm):
 
 
 def test_fof_refuses_too_many_particles(monkeypatch):
-    import lagbias_mpi.fof as fof
+    import lagbias_mpi.nbody.fof as fof
 
     monkeypatch.setattr(fof, "MAX_FOF_PARTICLES", 10)
     with pytest.raises(ValueError, match="at most 10 particles"):  # only the old gather path refuses

@@ -7,6 +7,8 @@ import sys
 import pytest
 
 from lagbias_mpi import bench, info
+from lagbias_mpi.hpc import benchmarks as hpc_benchmarks
+from lagbias_mpi.mpi import environment as mpi_environment
 
 INFO_KEYS = {"python", "numpy", "scipy", "numba", "torch", "torch_cuda_available", "torch_cuda_devices", "mpi4py",
              "mpi_library", "mpi_standard", "fft_backend", "fft_backend_version", "fftw", "h5py", "abacusutils",
@@ -25,7 +27,7 @@ def test_info_in_process(comm, capsys):
         assert json.loads(out)["n_ranks"] == comm.size
     else:
         assert out == ""
-    assert "mpi_standard" in info.format_info(got)
+    assert "mpi_standard" in mpi_environment.format_info(got)
 
 
 @pytest.mark.skipif(shutil.which("mpirun") is None, reason="mpirun not found")
@@ -42,13 +44,13 @@ def test_info_command_under_mpirun(tmp_path, mpirun_env):
 
 @pytest.mark.parametrize("text,value", [("16", 16), ("2**24", 2**24), ("2^10", 1024), ("4e6", 4_000_000)])
 def test_count_parser(text, value):
-    assert bench.count(text) == value
+    assert hpc_benchmarks.count(text) == value
 
 
 @pytest.mark.parametrize("text", ["0", "abc", "2**x"])
 def test_count_parser_refuses(text):
     with pytest.raises(Exception, match="count"):
-        bench.count(text)
+        hpc_benchmarks.count(text)
 
 
 @pytest.mark.mpi
@@ -68,11 +70,11 @@ def test_bench_small(comm, shared_tmp):
     assert all(on_disk[k] > 0 for k in ("fft_s", "paint_cic_particles_per_s", "exchange_MB_per_s"))
     plan_costs = json.loads(costs.read_text())
     assert plan_costs["plan"]["route_s_per_particle"] > 0 and plan_costs["paint_cic_s_per_particle"] > 0
-    from lagbias_mpi.plan import load_costs
+    from lagbias_mpi.hpc.planner import load_costs
     assert load_costs(str(costs))["route_s_per_particle"] == plan_costs["plan"]["route_s_per_particle"]
 
 
 def test_plane_field_independent_of_ranks():
-    full = bench.plane_field(6, 0, 6, seed=3)
+    full = hpc_benchmarks.plane_field(6, 0, 6, seed=3)
     assert full.dtype.name == "float32"
-    assert (bench.plane_field(6, 2, 5, seed=3) == full[2:5]).all()
+    assert (hpc_benchmarks.plane_field(6, 2, 5, seed=3) == full[2:5]).all()

@@ -2,7 +2,13 @@
 import numpy as np
 import pytest
 
-from lagbias_mpi.layout import next_nonempty_rank, plane_owner, slab_bounds, slab_counts, slab_starts
+from lagbias_mpi.mpi.layout import (
+    next_nonempty_rank,
+    plane_owner,
+    slab_bounds,
+    slab_counts,
+    slab_starts,
+)
 
 
 @pytest.mark.parametrize("n", range(0, 14))

@@ -6,10 +6,12 @@ import numpy as np
 import pytest
 import scipy.optimize
 from mpi4py import MPI
+from simfixtures import make_simulation, write_config
 
 from lagbias_mpi import lstsq
-from lagbias_mpi.layout import slab_bounds
-from simfixtures import make_simulation, write_config
+from lagbias_mpi.analysis import lstsq as analysis_lstsq
+from lagbias_mpi.config import lstsq as config_lstsq
+from lagbias_mpi.mpi.layout import slab_bounds
 
 N_GRID = 8
 N_PART = 12000
@@ -28,13 +30,13 @@ def _synthetic(comm):
     return d[mine], lap[mine], cell[mine], pid[mine], (d, lap, cell)
 
 
-CFG = lstsq.LstsqConfig(n_delta=4, n_lap=3, delta_range=(-1.0, 1.0), fine_bins=512)
+CFG = config_lstsq.LstsqConfig(n_delta=4, n_lap=3, delta_range=(-1.0, 1.0), fine_bins=512)
 
 
 def _planted(comm):
     """Bins (fitted collectively), a planted f_true >= 0 with <f> = 1, and the exact truth field."""
     d, lap, cell, pid, (d_all, lap_all, cell_all) = _synthetic(comm)
-    binning = lstsq.fit_binning(comm, np.stack([d, lap], 1), (0, 1), CFG)
+    binning = analysis_lstsq.fit_binning(comm, np.stack([d, lap], 1), (0, 1), CFG)
     b_all = binning.bins(np.stack([d_all, lap_all], 1))
     f_true = np.linspace(0.0, 3.0, binning.n_bins) ** 2
     f_true /= np.bincount(b_all, minlength=binning.n_bins) @ f_true / N_PART
@@ -43,9 +45,9 @@ def _planted(comm):
 
 
 def _solve(comm, binning, field, d, lap, cell, pid, frac, members):
-    ne = lstsq.normal_equations(comm, cell, pid, binning.bins(np.stack([d, lap], 1)), binning.n_bins,
+    ne = analysis_lstsq.normal_equations(comm, cell, pid, binning.bins(np.stack([d, lap], 1)), binning.n_bins,
                                 lambda c: field[c], N_GRID**3, N_PART, frac, 5, members)
-    return ne, lstsq.solve_all(comm, ne, CFG.constraint_weight)
+    return ne, analysis_lstsq.solve_all(comm, ne, CFG.constraint_weight)
 
 
 @pytest.mark.mpi
@@ -54,7 +56,7 @@ def test_recovers_planted_piecewise_constant_f(comm):
     ne, f = _solve(comm, binning, field, d, lap, cell, pid, frac=1.0, members=1)
     assert ne.n_particles == N_PART
     np.testing.assert_allclose(f[0], f_true, rtol=1e-6, atol=1e-6)
-    assert lstsq.loss_of(ne, 0, f[0]) < 1e-8 * ne.yty[0]
+    assert analysis_lstsq.loss_of(ne, 0, f[0]) < 1e-8 * ne.yty[0]
 
 
 @pytest.mark.mpi
@@ -63,7 +65,7 @@ def test_rank_count_invariance(comm):
     binning, _, field, d, lap, cell, pid = _planted(comm)
     ne, f = _solve(comm, binning, field, d, lap, cell, pid, frac=0.3, members=3)
     _, _, _, _, (d_all, lap_all, cell_all) = _synthetic(comm)
-    self_bin = lstsq.fit_binning(MPI.COMM_SELF, np.stack([d_all, lap_all], 1), (0, 1), CFG)
+    self_bin = analysis_lstsq.fit_binning(MPI.COMM_SELF, np.stack([d_all, lap_all], 1), (0, 1), CFG)
     np.testing.assert_array_equal(self_bin.l_edges, binning.l_edges)
     ne1, f1 = _solve(MPI.COMM_SELF, self_bin, field, d_all, lap_all, cell_all,
                      np.arange(N_PART, dtype=np.uint64), frac=0.3, members=3)
@@ -78,8 +80,8 @@ def test_percentile_edges_split_counts_evenly():
     rng = np.random.default_rng(1)
     d = rng.standard_normal(40000)
     lap = rng.standard_normal(40000) * (1 + d**2)
-    cfg = lstsq.LstsqConfig(n_delta=3, n_lap=5, delta_range=(-0.5, 0.5), fine_bins=4096)
-    binning = lstsq.fit_binning(MPI.COMM_SELF, np.stack([d, lap], 1), (0, 1), cfg)
+    cfg = config_lstsq.LstsqConfig(n_delta=3, n_lap=5, delta_range=(-0.5, 0.5), fine_bins=4096)
+    binning = analysis_lstsq.fit_binning(MPI.COMM_SELF, np.stack([d, lap], 1), (0, 1), cfg)
     counts = np.bincount(binning.bins(np.stack([d, lap], 1)), minlength=15).reshape(3, 5)
     frac = counts / counts.sum(axis=1, keepdims=True)
     np.testing.assert_allclose(frac, 0.2, atol=0.01)
@@ -93,7 +95,7 @@ def test_constraints_hold_exactly_and_solution_is_optimal():
     y = a @ np.concatenate([[-2.0, 5.0], rng.random(8)]) + 0.1 * rng.standard_normal(300)
     counts = rng.integers(50, 500, 10)
     AtA, Aty = a.T @ a, a.T @ y
-    f = lstsq.solve_constrained(AtA, Aty, counts)
+    f = analysis_lstsq.solve_constrained(AtA, Aty, counts)
     assert f.min() >= 0.0
     assert f[0] == 0.0
     assert abs(counts @ f / counts.sum() - 1.0) < 1e-13
@@ -111,19 +113,19 @@ def test_constraints_hold_exactly_and_solution_is_optimal():
 
 def test_empty_bins_get_zero():
     AtA = np.diag([2.0, 0.0, 1.0])
-    f = lstsq.solve_constrained(AtA, np.array([2.0, 0.0, 1.0]), np.array([10, 0, 10]))
+    f = analysis_lstsq.solve_constrained(AtA, np.array([2.0, 0.0, 1.0]), np.array([10, 0, 10]))
     assert f[1] == 0.0
     np.testing.assert_allclose(f, [1.0, 0.0, 1.0], rtol=1e-6)
 
 
 def test_config_refuses_several_scales(tmp_path):
-    from lagbias_mpi.config import ConfigError, from_dict
+    from lagbias_mpi.config.loader import ConfigError, from_dict
 
     with pytest.raises(ConfigError, match="one scale"):
-        from_dict(lstsq.LstsqRunConfig, {"simulation": {"train_files": ["x.h5"]},
+        from_dict(config_lstsq.LstsqRunConfig, {"simulation": {"train_files": ["x.h5"]},
                                          "features": {"scales": [2.0, 4.0]}})
     with pytest.raises(ConfigError, match="lstsq.n_lap"):
-        from_dict(lstsq.LstsqRunConfig, {"simulation": {"train_files": ["x.h5"]}, "lstsq": {"n_lap": 0}})
+        from_dict(config_lstsq.LstsqRunConfig, {"simulation": {"train_files": ["x.h5"]}, "lstsq": {"n_lap": 0}})
 
 
 @pytest.fixture(scope="module")

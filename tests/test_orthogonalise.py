@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 from mpi4py import MPI
 
-from lagbias_mpi import orthogonalise as orth
-from lagbias_mpi.features import feature_names
+from lagbias_mpi.bias import orthogonalise as orth
+from lagbias_mpi.bias.features import feature_names
 
 
 def _raw(n=6000, seed=4):

@@ -3,10 +3,16 @@ import numpy as np
 import pytest
 from mpi4py import MPI
 
-from lagbias_mpi.layout import slab_bounds
-from lagbias_mpi.paint import (cell_index, cic_numpy_reference, grid_coordinates, paint, readout_cic,
-                               readout_index, route_to_slabs)
-from lagbias_mpi.parallel import gather_slabs
+from lagbias_mpi.mesh.grid import cell_index, grid_coordinates
+from lagbias_mpi.mesh.paint import (
+    cic_numpy_reference,
+    paint,
+    readout_cic,
+    readout_index,
+    route_to_slabs,
+)
+from lagbias_mpi.mpi.comm import gather_slabs
+from lagbias_mpi.mpi.layout import slab_bounds
 
 BOX = 40.0
 

@@ -9,9 +9,19 @@ import time
 import numpy as np
 import pytest
 
-from lagbias_mpi.logs import Progress, get_logger, setup_logging
-from lagbias_mpi.parallel import (ConsistencyError, StageTimer, abort_on_exception, check_count, check_sum,
-                                  gather_slabs, global_min_max_mean, global_sum, peak_rss_mb)
+from lagbias_mpi.core.logs import Progress, get_logger, setup_logging
+from lagbias_mpi.mpi.comm import (
+    ConsistencyError,
+    StageTimer,
+    abort_on_exception,
+    check_count,
+    check_sum,
+    gather_slabs,
+    global_min_max_mean,
+    global_sum,
+    peak_rss_mb,
+)
+
 
 @pytest.mark.mpi
 def test_check_count(comm):
@@ -84,7 +94,7 @@ def test_logging_rank0_speaks(comm, capsys):
 
 ABORT_SCRIPT = textwrap.dedent("""
     from mpi4py import MPI
-    from lagbias_mpi.parallel import abort_on_exception
+    from lagbias_mpi.mpi.comm import abort_on_exception
     comm = MPI.COMM_WORLD
 
     @abort_on_exception(comm)

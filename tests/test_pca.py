@@ -7,12 +7,13 @@ import numpy as np
 import pytest
 import torch
 from mpi4py import MPI
+from simfixtures import make_simulation, write_config
 
 from lagbias_mpi import pca
-from lagbias_mpi.ensemble import Ensemble, load_ensemble
-from lagbias_mpi.model import BiasMLP
-from lagbias_mpi.orthogonalise import Orthogonaliser
-from simfixtures import make_simulation, write_config
+from lagbias_mpi.analysis import pca as analysis_pca
+from lagbias_mpi.bias.ensemble import Ensemble, load_ensemble
+from lagbias_mpi.bias.model import BiasMLP
+from lagbias_mpi.bias.orthogonalise import Orthogonaliser
 
 N_IN, N_RAW, N_PART = 4, 6, 6000
 DIRECTION = np.array([0.6, -0.48, 0.0, 0.64])  # unit vector in theta space
@@ -49,8 +50,8 @@ def _particles(comm):
 def test_rank_count_invariance(comm):
     ens = _ensemble(False)
     raw, pid, mine = _particles(comm)
-    res = pca.analyse(comm, ens, raw[mine], pid[mine], N_PART, 3000, seed=4)
-    ref = pca.analyse(MPI.COMM_SELF, ens, raw, pid, N_PART, 3000, seed=4)
+    res = analysis_pca.analyse_sample(comm, ens, raw[mine][analysis_pca.sample_mask(pid[mine], N_PART, 3000, 4)])
+    ref = analysis_pca.analyse_sample(MPI.COMM_SELF, ens, raw[analysis_pca.sample_mask(pid, N_PART, 3000, 4)])
     assert res["n_sampled"] == ref["n_sampled"]
     assert 2500 < ref["n_sampled"] < 3500
     np.testing.assert_allclose(res["eigenvalues"], ref["eigenvalues"], rtol=1e-10)
@@ -64,7 +65,7 @@ def test_rank_count_invariance(comm):
 def test_leading_pc_is_the_known_direction(comm):
     ens = _ensemble(True)
     raw, pid, mine = _particles(comm)
-    res = pca.analyse(comm, ens, raw[mine], pid[mine], N_PART, 4000, seed=1)
+    res = analysis_pca.analyse_sample(comm, ens, raw[mine][analysis_pca.sample_mask(pid[mine], N_PART, 4000, 1)])
     vals, u0 = res["eigenvalues"], res["U"][:, 0]
     assert vals[0] > 0 and vals[1] < 1e-10 * vals[0]
     assert abs(abs(u0 @ DIRECTION) - 1.0) < 1e-10
@@ -76,15 +77,15 @@ def test_leading_pc_is_the_known_direction(comm):
 def test_pc0_peak_of_rising_and_falling_f(comm):
     rng = np.random.default_rng(comm.rank)
     x = rng.standard_normal(20000)
-    centres, mean, counts = pca.binned_mean(comm, x, np.exp(-((x - 0.8) ** 2)), n_bins=40)
+    centres, mean, counts = analysis_pca.binned_mean(comm, x, np.exp(-((x - 0.8) ** 2)), n_bins=40)
     assert int(counts.sum()) == 20000 * comm.size
-    assert abs(pca.peak_of(centres, mean) - 0.8) < 0.2
+    assert abs(analysis_pca.peak_of(centres, mean) - 0.8) < 0.2
 
 
 def test_pc_orthogonaliser_projects_on_leading_pcs():
     ens = _ensemble(False)
     U = np.linalg.qr(np.random.default_rng(2).standard_normal((N_IN, N_IN)))[0]
-    po = pca.pc_orthogonaliser(ens.orth, U, np.arange(N_IN, 0, -1.0), 2)
+    po = analysis_pca.pc_orthogonaliser(ens.orth, U, np.arange(N_IN, 0, -1.0), 2)
     raw = np.random.default_rng(3).standard_normal((5, N_RAW))
     np.testing.assert_allclose(po.apply(raw), ens.orth.apply(raw) @ U[:, :2], atol=1e-12)
 

@@ -12,91 +12,94 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lagbias_mpi import plan, scaling
+from lagbias_mpi import plan
+from lagbias_mpi.hpc import planner as hpc_planner
+from lagbias_mpi.hpc import problem as hpc_problem
+from lagbias_mpi.hpc import scaling_series as hpc_scaling_series
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 def test_sizes_builtin_and_abacus():
-    s = plan.load_sizes(str(REPO / "configs/abacus_base_c000_2gpc.yaml"), ["simulation.abacus.n_ic=1152"])
+    s = hpc_problem.load_sizes(str(REPO / "configs/abacus_base_c000_2gpc.yaml"), ["simulation.abacus.n_ic=1152"])
     assert (s.box, s.ppd, s.n_ic, s.source) == (2000.0, 6912, 1152, "abacus")
     assert s.n_particles == round(0.1 * 6912**3)
     assert (s.n_scales, s.n_kinds, s.n_inputs, s.train_nmesh, s.eval_nmesh, s.n_val) == (3, 3, 7, 400, 1024, 1)
-    small = plan.load_sizes(str(REPO / "configs/abacus_small_c000.yaml"))
+    small = hpc_problem.load_sizes(str(REPO / "configs/abacus_small_c000.yaml"))
     assert (small.box, small.ppd, small.n_ic, small.n_val, small.train_nmesh) == (500.0, 1728, 576, 4, 100)
-    b = plan.sizes_from_dict({"simulation": {"simulate": "configs/simulate_default.yaml",
+    b = hpc_problem.sizes_from_dict({"simulation": {"simulate": "configs/simulate_default.yaml",
                                              "simulate_set": ["ppd=64", "n_ic=128"]},
                               "features": {"scales": [2.0, 4.0]}, "sampling": {"frac": 0.1}}, REPO)
     assert (b.box, b.ppd, b.n_ic, b.n_particles, b.n_raw, b.n_inputs, b.train_nmesh) == (200.0, 64, 128, 64**3, 6, 5, 40)
     # about 4 particles per cell: every occupied cell keeps one particle (max(int(0.4), 1))
     assert b.n_selected == pytest.approx(40**3 * (1 - 2.718281828**-4.096), rel=1e-3)
-    dense = plan.sizes_from_dict({"simulation": {"simulate": "configs/simulate_default.yaml",
+    dense = hpc_problem.sizes_from_dict({"simulation": {"simulate": "configs/simulate_default.yaml",
                                                  "simulate_set": ["ppd=64", "n_ic=128"]},
                                   "grid": {"cell": 20.0}, "sampling": {"frac": 0.1}}, REPO)
     assert dense.train_nmesh == 10 and dense.n_selected == int(0.1 * 64**3)
     with pytest.raises(ValueError, match="not found"):
-        plan.sizes_from_dict({"simulation": {"simulate": "nowhere.yaml"}}, REPO)
+        hpc_problem.sizes_from_dict({"simulation": {"simulate": "nowhere.yaml"}}, REPO)
 
 
-def _size(**kw) -> plan.ProblemSize:
+def _size(**kw) -> hpc_problem.ProblemSize:
     base = dict(box=500.0, ppd=512, n_ic=512, n_particles=512**3, n_scales=3, n_kinds=3, train_nmesh=100,
                 eval_nmesh=256, frac=0.1, batch_size=100_000, epochs=50, ensemble=5, width=64, depth=5,
                 n_val=1, n_halos=100_000, source="builtin")
     base.update(kw)
-    return plan.ProblemSize(**base)
+    return hpc_problem.ProblemSize(**base)
 
 
 def test_memory_model_scales_with_ranks():
     s = _size()
-    m1, m2, m8 = (plan.memory_per_rank(s, p, imbalance=1.0) for p in (1, 2, 8))
-    base = plan.BASELINE_MB * plan.MB
-    for st in plan.STAGES:
-        d1, d2, d8 = (m["bytes"][st] - base - plan.RUNTIME_MB[st] * plan.MB for m in (m1, m2, m8))
+    m1, m2, m8 = (hpc_planner.memory_per_rank(s, p, imbalance=1.0) for p in (1, 2, 8))
+    base = hpc_planner.BASELINE_MB * hpc_planner.MB
+    for st in hpc_planner.STAGES:
+        d1, d2, d8 = (m["bytes"][st] - base - hpc_planner.RUNTIME_MB[st] * hpc_planner.MB for m in (m1, m2, m8))
         assert d8 < d2  # the data part falls with the rank count ...
         assert d8 == pytest.approx(d2 / 4, rel=0.15)  # ... about as 1/P (batch activations do too)
         if st in ("load", "features"):  # (from 2 ranks on, the FFT buffers kept after the features count)
             assert d2 == pytest.approx(d1 / 2, rel=0.15)
     assert m1["peak_bytes"] == max(m1["bytes"].values())
-    more = plan.memory_per_rank(_size(n_val=3), 8)
+    more = hpc_planner.memory_per_rank(_size(n_val=3), 8)
     assert more["peak_bytes"] > m8["peak_bytes"]  # validation sims are held together with training
 
 
 def test_fit_and_smallest_fit():
     s = _size()
-    p = plan.plan_job(s, 1, 4, 8.0)
+    p = hpc_planner.plan_job(s, 1, 4, 8.0)
     assert not p["fits"] and p["ranks"] == 4
-    best = plan.smallest_fit(s, 4, 64.0)
+    best = hpc_planner.smallest_fit(s, 4, 64.0)
     assert best is not None and best["fits"]
     if best["nodes"] > 1:
-        assert not plan.plan_job(s, best["nodes"] - 1, 4, 64.0)["fits"]
+        assert not hpc_planner.plan_job(s, best["nodes"] - 1, 4, 64.0)["fits"]
     # slab limit: never more ranks than IC / evaluation planes; ranks per node shrink to fit
-    q = plan.plan_job(s, 4, 128, 512.0)
+    q = hpc_planner.plan_job(s, 4, 128, 512.0)
     assert q["ranks"] <= 256 and q["ranks_per_node"] == 64
-    r = plan.plan_job(s, 4, 128, 512.0, ranks_per_node=128)
+    r = hpc_planner.plan_job(s, 4, 128, 512.0, ranks_per_node=128)
     assert not r["fits"] and "slab" in r["limits"][0]
-    t1, t4 = (plan.time_per_stage(s, p)["seconds"]["train"] - plan.DEFAULT_COSTS["train_fixed_s"] for p in (1, 4))
+    t1, t4 = (hpc_planner.time_per_stage(s, p)["seconds"]["train"] - hpc_planner.DEFAULT_COSTS["train_fixed_s"] for p in (1, 4))
     assert t4 == pytest.approx(t1 / 4)
 
 
 def test_abacus_base_prediction():
     """The 2 Gpc/h base box with the 1152^3 IC grid (the prediction quoted in docs/supercomputer.md)."""
-    s = plan.load_sizes(str(REPO / "configs/abacus_base_c000_2gpc.yaml"), ["simulation.abacus.n_ic=1152"])
-    best = plan.smallest_fit(s, 128, 512.0)
+    s = hpc_problem.load_sizes(str(REPO / "configs/abacus_base_c000_2gpc.yaml"), ["simulation.abacus.n_ic=1152"])
+    best = hpc_planner.smallest_fit(s, 128, 512.0)
     assert best is not None and best["ranks"] <= 1024
     assert best["memory"]["peak_bytes"] <= best["available_bytes_per_rank"]
     assert 40 <= best["nodes"] <= 120  # ~3.3e10 particles at ~1 kB per particle over 512 GB nodes
-    best256 = plan.smallest_fit(s, 128, 256.0)
+    best256 = hpc_planner.smallest_fit(s, 128, 256.0)
     assert best256["nodes"] > best["nodes"]
 
 
 def test_costs_file(tmp_path):
     f = tmp_path / "costs.json"
     f.write_text(json.dumps({"plan": {"train_s_per_particle_epoch": 1e-5, "unrelated": 3}}))
-    c = plan.load_costs(str(f))
+    c = hpc_planner.load_costs(str(f))
     assert c["train_s_per_particle_epoch"] == 1e-5 and "unrelated" not in c
-    assert c["fft_s_per_cell_log2"] == plan.DEFAULT_COSTS["fft_s_per_cell_log2"]
+    assert c["fft_s_per_cell_log2"] == hpc_planner.DEFAULT_COSTS["fft_s_per_cell_log2"]
     with pytest.raises(FileNotFoundError):
-        plan.load_costs(str(tmp_path / "none.json"))
+        hpc_planner.load_costs(str(tmp_path / "none.json"))
 
 
 def test_cli(tmp_path, capsys):
@@ -112,11 +115,11 @@ def test_cli(tmp_path, capsys):
 def test_import_baseline():
     """BASELINE_MB is the measured resident memory of an idle training process (within 30%)."""
     code = ("from mpi4py import MPI; import lagbias_mpi.train; "
-            "from lagbias_mpi.parallel import peak_rss_mb; print(peak_rss_mb())")
+            "from lagbias_mpi.mpi.comm import peak_rss_mb; print(peak_rss_mb())")
     env = dict(os.environ, OMP_NUM_THREADS="1")
     measured = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                                     check=True).stdout.split()[-1])
-    assert abs(plan.BASELINE_MB - measured) <= 0.3 * measured, measured
+    assert abs(hpc_planner.BASELINE_MB - measured) <= 0.3 * measured, measured
 
 
 # ---- against real runs ----------------------------------------------------------------------------
@@ -144,7 +147,7 @@ def local_runs(tmp_path_factory):
         cfg.write_text(yaml.safe_dump({"simulation": {"simulate": str(REPO / "configs/simulate_default.yaml")}}))
     overrides = [f"simulation.simulate_set={json.dumps(TINY_SIM)}", f"simulation.cache_dir={tmp / 'sims'}",
                  "simulation.val_realisations=[1]", "simulation.train_realisation=0", *TINY_TRAIN]
-    res = scaling.run_local(str(cfg), [1, 2], tmp / "series", overrides, timeout_s=300)
+    res = hpc_scaling_series.run_local(str(cfg), [1, 2], tmp / "series", overrides, timeout_s=300)
     return cfg, overrides, res
 
 
@@ -159,8 +162,8 @@ def test_local_series_agrees(local_runs):
 
 def test_memory_prediction_within_30_percent(local_runs):
     cfg, overrides, res = local_runs
-    size = plan.load_sizes(str(cfg), overrides)
+    size = hpc_problem.load_sizes(str(cfg), overrides)
     for run in res["runs"]:
         summary = json.loads((Path(run["run_dir"]) / "summary.json").read_text())
-        pred = plan.memory_per_rank(size, summary["n_ranks"])["peak_bytes"] / plan.MB
+        pred = hpc_planner.memory_per_rank(size, summary["n_ranks"])["peak_bytes"] / hpc_planner.MB
         assert abs(pred - summary["peak_rss_mb"]) <= 0.3 * summary["peak_rss_mb"], (run, pred, summary["peak_rss_mb"])

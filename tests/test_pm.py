@@ -3,13 +3,13 @@ import numpy as np
 import pytest
 from mpi4py import MPI
 
-from lagbias_mpi.cosmology import load_cosmology
-from lagbias_mpi.fft import SlabFFT
-from lagbias_mpi.ics import gaussian_field, white_noise
-from lagbias_mpi.lpt import lattice_for_slab, lattice_position, lpt_displacements
-from lagbias_mpi.parallel import gather_slabs
-from lagbias_mpi.pm import ForceMesh, Particles, evolve, route, wrap
-from lagbias_mpi.power import power_spectrum
+from lagbias_mpi.mesh.power import power_spectrum
+from lagbias_mpi.mpi.comm import gather_slabs
+from lagbias_mpi.mpi.fft import SlabFFT
+from lagbias_mpi.nbody.cosmology import load_cosmology
+from lagbias_mpi.nbody.ics import gaussian_field, white_noise
+from lagbias_mpi.nbody.lpt import lattice_for_slab, lattice_position, lpt_displacements
+from lagbias_mpi.nbody.pm import ForceMesh, Particles, evolve, route, wrap
 
 NAME = "AbacusSummit_base_c000_ph000"
 

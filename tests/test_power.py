@@ -4,10 +4,15 @@ import numpy as np
 import pytest
 from mpi4py import MPI
 
-from lagbias_mpi.fft import SlabFFT
-from lagbias_mpi.layout import slab_bounds
-from lagbias_mpi.paint import paint
-from lagbias_mpi.power import default_edges, mean_ratio_below, overdensity, power_spectrum
+from lagbias_mpi.mesh.paint import paint
+from lagbias_mpi.mesh.power import (
+    default_edges,
+    mean_ratio_below,
+    overdensity,
+    power_spectrum,
+)
+from lagbias_mpi.mpi.fft import SlabFFT
+from lagbias_mpi.mpi.layout import slab_bounds
 
 BOX = 100.0
 

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from lagbias_mpi import sampling
+from lagbias_mpi.training import sampling
 
 
 def _particles(n=5000, n_cells=300, seed=0):

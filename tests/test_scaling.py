@@ -12,6 +12,8 @@ import pytest
 import yaml
 
 from lagbias_mpi import scaling
+from lagbias_mpi.hpc import scaling_report as hpc_scaling_report
+from lagbias_mpi.hpc import scaling_series as hpc_scaling_series
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -47,7 +49,7 @@ def test_report_strong(tmp_path):
     dirs = [_write(tmp_path, f"r{p}", _summary(p, {k: v / p * (1 + 0.1 * (p > 1)) for k, v in stages.items()},
                                                rss=1000.0 / p + 400))
             for p in (4, 1, 2)]
-    rep = scaling.report(dirs, tmp_path / "rep", kind="strong")
+    rep = hpc_scaling_report.report(dirs, tmp_path / "rep", kind="strong")
     rows = rep["rows"]
     assert [r["n_ranks"] for r in rows] == [1, 2, 4]
     total1 = sum(stages.values()) + 0.5
@@ -75,7 +77,7 @@ def test_report_weak_guessed_and_missing_keys(tmp_path):
     d1 = _write(tmp_path, "a", _summary(1, t, n_particles=1000))
     d8 = _write(tmp_path, "b", _summary(8, {k: 1.25 * v for k, v in t.items()}, n_particles=8000,
                                         drop=("exchange_bytes", "peak_rss_mb", "cells_per_rank")))
-    rep = scaling.report([d1, d8], tmp_path / "rep")
+    rep = hpc_scaling_report.report([d1, d8], tmp_path / "rep")
     assert rep["kind"] == "weak"
     r8 = rep["rows"][1]
     assert r8["efficiency"] == pytest.approx((sum(t.values()) + 0.5) / (1.25 * sum(t.values()) + 0.5))
@@ -90,18 +92,18 @@ def test_report_refuses_run_without_ranks(tmp_path):
     s = _summary(2, {"train": 1.0})
     s.pop("n_ranks")
     with pytest.raises(ValueError, match="n_ranks"):
-        scaling.report([_write(tmp_path, "x", s)], tmp_path / "rep")
+        hpc_scaling_report.report([_write(tmp_path, "x", s)], tmp_path / "rep")
     with pytest.raises(FileNotFoundError):
-        scaling.report([tmp_path / "nothing"], tmp_path / "rep")
+        hpc_scaling_report.report([tmp_path / "nothing"], tmp_path / "rep")
 
 
 def test_loss_comparison():
     h = {1: [3.0, 2.0], 2: [3.0, 2.0 * (1 + 1e-6)], 3: [3.0, 2.2], 4: None}
-    out = scaling.compare_losses(h)
+    out = hpc_scaling_series.compare_losses(h)
     assert out["max_rel_diff"]["2"] == pytest.approx(1e-6)
     assert out["max_rel_diff"]["3"] == pytest.approx(0.1)
     assert out["max_rel_diff"]["4"] is None
-    assert scaling.loss_history({"loss_history": [{"train_loss": [1.0, None]}]})[0] == 1.0
+    assert hpc_scaling_series.loss_history({"loss_history": [{"train_loss": [1.0, None]}]})[0] == 1.0
 
 
 def _builtin_config(tmp_path: Path) -> Path:
@@ -116,20 +118,20 @@ def _builtin_config(tmp_path: Path) -> Path:
 def test_grow_config_builtin():
     data = {"simulation": {"simulate": str(REPO / "configs/simulate_default.yaml"), "simulate_set": ["ppd=64", "n_ic=128"]},
             "grid": {"cell": 5.0, "eval_nmesh": 128}}
-    same, changed = scaling.grow_config(data, 1.0)
+    same, changed = hpc_scaling_series.grow_config(data, 1.0)
     assert changed == {} and same == data
-    big, changed = scaling.grow_config(data, 8.0)
+    big, changed = hpc_scaling_series.grow_config(data, 8.0)
     assert changed == {"ppd": 128, "n_ic": 256, "box": 400.0, "grid.eval_nmesh": 256}
     assert big["simulation"]["simulate_set"] == ["ppd=128", "n_ic=256", "box=400.0"]
     assert big["grid"]["cell"] == 5.0  # the training grid follows the box: 80^3 cells
-    _, c27 = scaling.grow_config(data, 27.0)
+    _, c27 = hpc_scaling_series.grow_config(data, 27.0)
     assert c27["ppd"] == 192 and c27["n_ic"] == 384
     with pytest.raises(ValueError, match="ratio"):
-        scaling.grow_config(data, 0.5)
+        hpc_scaling_series.grow_config(data, 0.5)
     with pytest.raises(ValueError, match="AbacusSummit"):
-        scaling.grow_config({"simulation": {"abacus": {"train": "x"}}}, 2.0)
+        hpc_scaling_series.grow_config({"simulation": {"abacus": {"train": "x"}}}, 2.0)
     with pytest.raises(ValueError, match="cannot grow"):
-        scaling.grow_config({"simulation": {"train_files": ["a.h5"]}}, 2.0)
+        hpc_scaling_series.grow_config({"simulation": {"train_files": ["a.h5"]}}, 2.0)
 
 
 def _member_lines(text: str) -> dict:
@@ -139,7 +141,7 @@ def _member_lines(text: str) -> dict:
 def test_plan_strong_series(tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)
     cfg = _builtin_config(tmp_path)
-    series = scaling.plan_series(str(cfg), "strong", [4, 1, 2], 8, tmp_path / "out", ["train.epochs=3"],
+    series = hpc_scaling_series.plan_series(str(cfg), "strong", [4, 1, 2], 8, tmp_path / "out", ["train.epochs=3"],
                                  time_limit="00:20:00")
     out = tmp_path / "out"
     assert [m["nodes"] for m in series["members"]] == [1, 2, 4]
@@ -165,7 +167,7 @@ def test_plan_strong_series(tmp_path, monkeypatch):
 def test_plan_weak_series_grows_problem(tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)
     cfg = _builtin_config(tmp_path)
-    series = scaling.plan_series(str(cfg), "weak", [1, 8], 4, tmp_path / "out", gpus_per_node=0)
+    series = hpc_scaling_series.plan_series(str(cfg), "weak", [1, 8], 4, tmp_path / "out", gpus_per_node=0)
     m1, m8 = series["members"]
     assert m1["size"]["n_particles"] * 8 == m8["size"]["n_particles"]
     assert m8["size"] == {"box": 400.0, "ppd": 256, "n_ic": 512, "n_particles": 256**3,
@@ -177,18 +179,18 @@ def test_plan_weak_series_grows_problem(tmp_path, monkeypatch):
 
 def test_plan_gpu_and_refusals(tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)
-    series = scaling.plan_series("configs/abacus_small_c000.yaml", "strong", [1, 2], 128, tmp_path / "g",
+    series = hpc_scaling_series.plan_series("configs/abacus_small_c000.yaml", "strong", [1, 2], 128, tmp_path / "g",
                                  gpus_per_node=4)
     text = Path(series["members"][1]["script"]).read_text()
     opts = _member_lines(text)
     assert opts["gpus-per-node"] == "4" and opts["ntasks-per-node"] == "4" and "lagbias_srun --gpu" in text
-    big = scaling.plan_series("configs/abacus_small_c000.yaml", "strong", [4], 128, tmp_path / "b")
+    big = hpc_scaling_series.plan_series("configs/abacus_small_c000.yaml", "strong", [4], 128, tmp_path / "b")
     assert big["warnings"] and "slab" in big["warnings"][0]
     with pytest.raises(ValueError, match="AbacusSummit"):
-        scaling.plan_series("configs/abacus_small_c000.yaml", "weak", [1, 2], 8, tmp_path / "w")
+        hpc_scaling_series.plan_series("configs/abacus_small_c000.yaml", "weak", [1, 2], 8, tmp_path / "w")
     assert not (tmp_path / "w").exists()
     with pytest.raises(ValueError, match="node counts"):
-        scaling.plan_series("configs/abacus_small_c000.yaml", "strong", [0], 8, tmp_path / "z")
+        hpc_scaling_series.plan_series("configs/abacus_small_c000.yaml", "strong", [0], 8, tmp_path / "z")
 
 
 def test_cli_error_is_clean(tmp_path, capsys):

@@ -4,16 +4,18 @@ import json
 import logging
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 from mpi4py import MPI
 
-from lagbias_mpi.config import ConfigError, config_hash, to_dict
-from lagbias_mpi.cosmology import CosmologyError
-from lagbias_mpi.parallel import gather_slabs
-from lagbias_mpi.simdata import h5py, load_simulation, read_meta
-from lagbias_mpi.simulate import (DEFAULT_CONFIG, ensure_simulations, load_simulate_config, main,
-                                  run_simulation)
+from lagbias_mpi.config.loader import ConfigError, config_hash, to_dict
+from lagbias_mpi.config.simulate import DEFAULT_CONFIG, load_simulate_config
+from lagbias_mpi.io.simfile import load_simulation, read_meta
+from lagbias_mpi.mpi.comm import gather_slabs
+from lagbias_mpi.nbody.cosmology import CosmologyError
+from lagbias_mpi.nbody.run import ensure_simulations, run_simulation
+from lagbias_mpi.simulate import main
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = ["name=small", "box=64.0", "ppd=32", "n_ic=64", "pm.n_steps=5", "output.figures=false"]

@@ -4,7 +4,7 @@ import signal
 
 import pytest
 
-from lagbias_mpi.stopping import StopControl
+from lagbias_mpi.training.stopping import StopControl
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])

@@ -5,9 +5,10 @@ import os
 import numpy as np
 import pytest
 from mpi4py import MPI
+from simfixtures import make_simulation, write_config
 
 from lagbias_mpi import study
-from simfixtures import make_simulation, write_config
+from lagbias_mpi.workflows import study as workflows_study
 
 # small and fast training settings shared by the study runs
 COMMON = dict(grid={"cell": 8.0, "eval_nmesh": 16, "kmax_lowk": 0.3},
@@ -26,10 +27,10 @@ def test_markdown_table_formats_missing_values():
             scales = "3Rf"
             radii = (1.41, 2.83, 5.66)
 
-    rows = study.table_rows(["a"], [C], [{"n_inputs": 7, "pk_ratio_lowk_val": 0.98,
+    rows = workflows_study.table_rows(["a"], [C], [{"n_inputs": 7, "pk_ratio_lowk_val": 0.98,
                                           "pk_ratio_lowk_members": {"train": [1.0], "val": [0.97, 0.99]}}])
     assert rows[0]["pk_ratio_lowk_val_min"] == 0.97 and rows[0]["pk_ratio_lowk_val_max"] == 0.99
-    md = study.markdown_table(rows, 0.1)
+    md = workflows_study.markdown_table(rows, 0.1)
     assert "| 3Rf | 1.41, 2.83, 5.66 | 7 | - | 0.9800 | 0.9700-0.9900 | - | - |" in md
 
 
@@ -73,14 +74,14 @@ def test_variant_report():
     base = {"pk_ratio_lowk_val": 0.95, "pk_ratio_lowk_members": {"train": [1.0, 1.0], "val": [0.9, 1.0]}}
     var = {"pk_ratio_lowk_val": 0.98,
            "pk_ratio_lowk_members": {"train0": [1.0, 1.0], "train1": [1.0, 1.0], "val": [0.97, 0.99]}}
-    r = study.variant_report(var, base)
+    r = workflows_study.variant_report(var, base)
     assert r["pk_ratio_lowk_val"] == 0.98 and r["baseline_pk_ratio_lowk_val"] == 0.95
     assert r["members_std"] == pytest.approx(0.01) and r["baseline_members_std"] == pytest.approx(0.05)
     assert r["improves_mean"] is True and r["improves_scatter"] is True
     assert r["improves_uncorr"] is None and r["uncorr_ratio_lowk_val"] is None
-    assert study.variant_report(base, var)["improves_mean"] is False
-    assert study.variant_report(var, base, 0.01, 0.02)["improves_uncorr"] is True
-    assert study.variant_report(var, base, 0.03, 0.02)["improves_uncorr"] is False
+    assert workflows_study.variant_report(base, var)["improves_mean"] is False
+    assert workflows_study.variant_report(var, base, 0.01, 0.02)["improves_uncorr"] is True
+    assert workflows_study.variant_report(var, base, 0.03, 0.02)["improves_uncorr"] is False
 
 
 @pytest.mark.mpi

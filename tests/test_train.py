@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 from mpi4py import MPI
-
-from lagbias_mpi.ensemble import load_ensemble
-from lagbias_mpi.train import run
 from simfixtures import make_simulation, write_config
+
+from lagbias_mpi.bias.ensemble import load_ensemble
+from lagbias_mpi.workflows.train import run
 
 WORLD = MPI.COMM_WORLD
 

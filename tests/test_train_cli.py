@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 import torch
 from mpi4py import MPI
-
-from lagbias_mpi import trainer
-from lagbias_mpi.train import main, run
-from lagbias_mpi.trainer import TrainingDiverged
 from simfixtures import make_simulation, write_config
+
+from lagbias_mpi.train import main
+from lagbias_mpi.training import loss as trainer
+from lagbias_mpi.training.loop import TrainingDiverged
+from lagbias_mpi.workflows.train import run
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -6,10 +6,11 @@ import pytest
 import torch
 from mpi4py import MPI
 
-from lagbias_mpi import ddp
-from lagbias_mpi.layout import plane_owner
-from lagbias_mpi.model import build_model, f_of_y
-from lagbias_mpi.trainer import build_batches, local_objective
+from lagbias_mpi.bias.model import build_model, f_of_y
+from lagbias_mpi.mpi.layout import plane_owner
+from lagbias_mpi.training import ddp
+from lagbias_mpi.training.batches import build_batches
+from lagbias_mpi.training.loss import local_objective
 
 NG, NPART = 6, 3000
 SHAPE = {"n_in": 3, "width": 8, "depth": 2, "activation": "gelu"}

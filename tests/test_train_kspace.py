@@ -6,13 +6,17 @@ import numpy as np
 import pytest
 import torch
 from mpi4py import MPI
-
-from lagbias_mpi.fft import SlabFFT
-from lagbias_mpi.model import build_model, f_of_y
-from lagbias_mpi.parallel import gather_slabs
-from lagbias_mpi.train import run
-from lagbias_mpi.kspace import build_field_set, kspace_coefficients, kspace_loss_and_gradient
 from simfixtures import make_simulation, write_config
+
+from lagbias_mpi.bias.model import build_model, f_of_y
+from lagbias_mpi.mpi.comm import gather_slabs
+from lagbias_mpi.mpi.fft import SlabFFT
+from lagbias_mpi.training.kspace import (
+    build_field_set,
+    kspace_coefficients,
+    kspace_loss_and_gradient,
+)
+from lagbias_mpi.workflows.train import run
 
 WORLD = MPI.COMM_WORLD
 N, BOX = 8, 64.0

@@ -5,10 +5,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from mpi4py import MPI
-
-from lagbias_mpi.train import run, sim_labels
-from lagbias_mpi.train_config import SimulationConfig
 from simfixtures import make_simulation, write_config
+
+from lagbias_mpi.bias.prepare import sim_labels
+from lagbias_mpi.config.train import SimulationConfig
+from lagbias_mpi.workflows.train import run
 
 WORLD = MPI.COMM_WORLD
 

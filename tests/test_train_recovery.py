@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from mpi4py import MPI
-
-from lagbias_mpi import sources
-from lagbias_mpi.ensemble import load_ensemble, simulation_particles
-from lagbias_mpi.train import run
 from simfixtures import make_simulation, write_config
+
+from lagbias_mpi.bias.ensemble import load_ensemble, simulation_particles
+from lagbias_mpi.io import sources
+from lagbias_mpi.workflows.train import run
 
 WORLD = MPI.COMM_WORLD
 

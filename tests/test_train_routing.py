@@ -2,17 +2,17 @@
 import numpy as np
 import pytest
 
-from lagbias_mpi import routing
-from lagbias_mpi.layout import slab_bounds
-from lagbias_mpi.paint import cell_index
+from lagbias_mpi.bias.routing import read_features, route_eulerian, route_lagrangian
+from lagbias_mpi.mesh.grid import cell_index, ic_index, particle_id
+from lagbias_mpi.mpi.layout import slab_bounds
 
 
 def test_ic_index_rounding():
     lagr = np.array([[0, 1, 2], [3, 4, 7]])
-    assert routing.ic_index(lagr, 8, 16).tolist() == [[0, 2, 4], [6, 8, 14]]
+    assert ic_index(lagr, 8, 16).tolist() == [[0, 2, 4], [6, 8, 14]]
     # ppd > n_ic: nearest grid point, periodic
-    assert routing.ic_index(np.array([[7, 1, 2]]), 8, 4).tolist() == [[0, 1, 1]]
-    assert routing.particle_id(np.array([[1, 2, 3]]), 10).tolist() == [123]
+    assert ic_index(np.array([[7, 1, 2]]), 8, 4).tolist() == [[0, 1, 1]]
+    assert particle_id(np.array([[1, 2, 3]]), 10).tolist() == [123]
 
 
 @pytest.mark.mpi
@@ -27,14 +27,14 @@ def test_routing_conserves_and_reads_right_values(comm):
     ii = np.arange(s0, s1)[:, None, None] * n_ic**2 + np.arange(n_ic)[None, :, None] * n_ic + np.arange(n_ic)
     slab = np.stack([ii, -ii], axis=-1).astype(np.float64)
     stats = []
-    got = routing.route_lagrangian(comm, {"lagr_index": lagr, "pos": pos}, ppd, n_ic, stats=stats)
+    got = route_lagrangian(comm, {"lagr_index": lagr, "pos": pos}, ppd, n_ic, stats=stats)
     assert comm.allreduce(len(got["pos"])) == comm.allreduce(n_local)
     assert stats[0][1].n_global == comm.allreduce(n_local)
-    vals = routing.read_features(slab, s0, got["ic_index"])
-    idx = routing.ic_index(got["lagr_index"], ppd, n_ic)
+    vals = read_features(slab, s0, got["ic_index"])
+    idx = ic_index(got["lagr_index"], ppd, n_ic)
     assert np.array_equal(vals[:, 0], (idx[:, 0] * n_ic + idx[:, 1]) * n_ic + idx[:, 2])
     assert np.array_equal(vals[:, 1], -vals[:, 0])
-    eul = routing.route_eulerian(comm, {"pos": got["pos"], "val": vals}, n_grid, box)
+    eul = route_eulerian(comm, {"pos": got["pos"], "val": vals}, n_grid, box)
     assert comm.allreduce(len(eul["pos"])) == comm.allreduce(n_local)
     g0, g1 = slab_bounds(n_grid, comm.size, comm.rank)
     ci = cell_index(eul["pos"], n_grid, box)

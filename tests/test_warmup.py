@@ -1,8 +1,8 @@
 """The learning-rate warm-up (``train.warmup_steps``)."""
 import pytest
 
-from lagbias_mpi.train_config import TrainConfig
-from lagbias_mpi.trainer import warmup_factor
+from lagbias_mpi.config.train import TrainConfig
+from lagbias_mpi.training.loop import warmup_factor
 
 
 def test_warmup_is_linear_then_flat():

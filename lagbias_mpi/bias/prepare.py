@@ -1,0 +1,126 @@
+"""Prepared simulations for training and evaluation: load, features, Lagrangian and Eulerian routing, orthogonaliser, true field.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from mpi4py import MPI
+
+from lagbias_mpi.bias.features import feature_names
+from lagbias_mpi.bias.orthogonalise import fit as fit_orthogonaliser
+from lagbias_mpi.bias.particles import eulerian_route, ic_features, lagrangian_particles
+from lagbias_mpi.bias.truth import delta_slab, true_tracers
+from lagbias_mpi.config.loader import ConfigError
+from lagbias_mpi.config.train import TrainRunConfig
+from lagbias_mpi.core.logs import get_logger
+from lagbias_mpi.io import sources
+from lagbias_mpi.io.simfile import SimulationFileError
+from lagbias_mpi.mesh.grid import cell_values, local_grid_start
+from lagbias_mpi.mpi.comm import global_sum
+
+log = get_logger("train")
+
+
+def _validate_inputs(comm, cfg: TrainRunConfig, base_dir: Path):
+    """Resolve the simulations and check what can be checked before any heavy work."""
+    train_specs, val_specs, metas = sources.resolve_checked(comm, cfg.simulation, base_dir)
+    radii = cfg.features.radii
+    for spec, meta in zip([*train_specs, *val_specs], metas):
+        cell = meta.box / meta.n_ic
+        if min(radii) < cell * (1 - 1e-9):
+            raise ConfigError(f"features.scales: smoothing scale {min(radii)} Mpc/h is below the IC grid "
+                              f"spacing {cell:.4g} Mpc/h of {spec.get('path')}")
+        n_grid = int(round(meta.box / cfg.grid.cell))
+        if n_grid < 1:
+            raise ConfigError(f"grid.cell {cfg.grid.cell} is larger than the box {meta.box}")
+        if meta.n_ic < comm.size:
+            raise ConfigError(f"IC grid {meta.n_ic}^3 cannot be cut into {comm.size} slabs")
+        if eval_nmesh(cfg.grid, meta.box) < comm.size:
+            raise ConfigError(f"evaluation grid smaller than the number of ranks {comm.size}")
+    return train_specs, val_specs
+
+
+def eval_nmesh(grid, box: float) -> int:
+    """Cells per side of the CIC evaluation grid of a ``grid`` config section for a box in Mpc/h."""
+    return grid.eval_nmesh if grid.eval_nmesh is not None else max(int(round(box / grid.eval_cell)), 2)
+
+
+class _Sim:
+    """A prepared simulation: particles on their training cell's owner, targets, tracers."""
+
+    def __init__(self, label, role, spec, sim, parts, theta, truth_slab, n_grid, tracers):
+        self.label, self.role, self.spec, self.sim = label, role, spec, sim
+        self.parts, self.theta, self.truth_slab, self.n_grid = parts, theta, truth_slab, n_grid
+        self.tracers = tracers
+
+    def targets(self, comm):
+        start = local_grid_start(comm, self.n_grid)
+        return lambda cells: cell_values(self.truth_slab, self.n_grid, start, cells)
+
+
+def sim_labels(n_train: int, n_val: int) -> list[str]:
+    """Labels of the prepared simulations: ``train`` (``train0``, ``train1``, ... for several
+    training boxes), then ``val`` (``val0``, ``val1``, ... for several)."""
+    tr = ["train"] if n_train == 1 else [f"train{i}" for i in range(n_train)]
+    return tr + (["val"] if n_val == 1 else [f"val{i}" for i in range(n_val)])
+
+
+def prepare_simulations(comm, timer, cfg, train_specs, val_specs, exch):
+    """Load, featurise and route the training then validation simulations (collective).
+
+    ``train_specs``: a list of specs. The standardisation moments are those of the first training
+    box; the orthogonaliser is fitted on the particles of all training boxes together."""
+    train_specs = list(train_specs)
+    radii, kinds = cfg.features.radii, cfg.features.kinds
+    names = feature_names(radii, kinds)
+    sims, lag, moments = [], [], None
+    n_train = len(train_specs)
+    for spec in [*train_specs, *val_specs]:
+        with timer.stage("load"):
+            log.info(f"load: {sources.spec_name(spec)} ({spec.get('path', spec['kind'])})")
+            sim = sources.load(comm, spec)
+        with timer.stage("features"):
+            log.info(f"features: {len(names)} columns on the {sim.meta.n_ic}^3 IC grid")
+            slab, mom = ic_features(comm, sim, radii, kinds, moments)
+            moments = mom if moments is None else moments
+        with timer.stage("routing"):
+            log.info(f"routing: {sim.meta.n_particles} particles to their Lagrangian slab")
+            lag.append(lagrangian_particles(comm, sim, slab))
+        del slab
+        sim.ic_delta = None  # the IC slab is not needed any more
+        sims.append(sim)
+    log.info(f"features: raw columns {names}")
+    with timer.stage("orthogonalise"):
+        raw = lag[0].raw if n_train == 1 else np.concatenate([p.raw for p in lag[:n_train]])
+        orth = fit_orthogonaliser(comm, raw, names, len(radii))
+        del raw
+        log.info(f"orthogonalise: {orth.matrix.shape[1]} raw -> {orth.matrix.shape[0]} inputs, "
+                 f"eigenvalues {np.array2string(orth.eigenvalues, precision=3)}")
+    prepared = []
+    with timer.stage("routing"):
+        labels = sim_labels(n_train, len(val_specs))
+        for i, (sim, parts, spec) in enumerate(zip(sims, lag, [*train_specs, *val_specs])):
+            n_grid = int(round(sim.meta.box / cfg.grid.cell))
+            parts = eulerian_route(comm, parts, n_grid)
+            tpos, tw, what = true_tracers(comm, sim, cfg.halos)
+            truth = delta_slab(comm, tpos, tw, n_grid, sim.meta.box, "ngp")
+            role, label = ("train" if i < n_train else "val"), labels[i]
+            n_glob = int(global_sum(comm, np.int64(parts.n_local)))
+            if n_glob != sim.meta.n_particles:
+                raise SimulationFileError(f"{spec.get('path')}: {n_glob} particles loaded, meta says "
+                                          f"{sim.meta.n_particles}")
+            log.info(f"{label}: {n_glob} particles, training grid {n_grid}^3, true field: {what}")
+            for kind, st in parts.exchange_stats:
+                exch.setdefault(f"{label}_{kind}", []).append(st)
+            prepared.append(_Sim(label, role, spec, sim, parts, orth.apply(parts.raw), truth, n_grid, (tpos, tw)))
+    return prepared, orth, moments, names
+
+
+def _exchange_summary(comm, exch) -> dict:
+    out = {}
+    for key, stats in exch.items():
+        sent = sum(s.bytes_sent for s in stats)
+        out[key] = {"bytes_sum": int(global_sum(comm, np.int64(sent))), "bytes_max": comm.allreduce(sent, op=MPI.MAX),
+                    "n_particles": stats[0].n_global}
+    return out

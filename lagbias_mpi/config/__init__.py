@@ -1,0 +1,1 @@
+"""Configuration: the YAML loader and the frozen, validated dataclasses of every command."""

@@ -1,0 +1,263 @@
+"""Configuration of ``python -m lagbias_mpi.train``: frozen dataclasses with the paper's defaults.
+
+Every key can be overridden on the command line by its dotted name (``--set train.epochs=3``).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal, Optional, Union
+
+from lagbias_mpi.config.abacus import AbacusSet
+from lagbias_mpi.config.features import KINDS, resolve_scales
+from lagbias_mpi.config.loader import config_hash, load_config, to_dict
+
+
+@dataclass(frozen=True)
+class SimulationConfig:
+    """Where the training and validation simulations come from.
+
+    Exactly one of: ``simulate`` (a simulate config YAML, generated via
+    ``simulate.ensure_simulations`` into ``cache_dir``, default ``data/sims`` under the project root;
+    realisation ``train_realisation`` trains, ``val_realisations`` validate), explicit files
+    ``train_files`` / ``val_files``, or ``abacus`` (AbacusSummit boxes, :class:`abacus.AbacusSet`).
+
+    Several training simulations (beyond the paper, off by default): more than one ``train_files``,
+    or ``train_realisations`` (replaces ``train_realisation`` when not empty). Their batches are
+    interleaved in one epoch; see docs/train.md, "Options beyond the paper".
+    """
+
+    simulate: Optional[str] = None
+    simulate_set: tuple[str, ...] = ()
+    cache_dir: Optional[str] = None
+    train_realisation: int = 0
+    train_realisations: tuple[int, ...] = ()
+    val_realisations: tuple[int, ...] = (1,)
+    train_files: tuple[str, ...] = ()
+    val_files: tuple[str, ...] = ()
+    abacus: Optional[AbacusSet] = None
+
+    def __post_init__(self):
+        given = [self.simulate is not None, bool(self.train_files), self.abacus is not None]
+        if sum(given) != 1:
+            raise ValueError("simulation: give exactly one of simulate (a simulate config), "
+                             "train_files (+ val_files) or abacus (AbacusSummit)")
+        if self.val_files and not self.train_files:
+            raise ValueError("simulation.val_files needs train_files")
+        if self.train_realisations and self.simulate is None:
+            raise ValueError("simulation.train_realisations needs simulation.simulate")
+        if any(r < 0 for r in (self.train_realisation, *self.train_realisations, *self.val_realisations)):
+            raise ValueError("simulation: realisation indices must be >= 0")
+        if len(set(self.train_realisations)) != len(self.train_realisations):
+            raise ValueError(f"simulation.train_realisations has duplicates: {list(self.train_realisations)}")
+        both = set(self.training_realisations) & set(self.val_realisations)
+        if both:
+            raise ValueError(f"simulation: training realisation(s) {sorted(both)} also validate")
+
+    @property
+    def training_realisations(self) -> tuple[int, ...]:
+        """Realisations of ``simulate`` that train (``train_realisations`` or ``(train_realisation,)``)."""
+        return self.train_realisations or (self.train_realisation,)
+
+
+@dataclass(frozen=True)
+class FeatureConfig:
+    """Smoothing scales (a Table-1 name or radii in Mpc/h) and feature kinds."""
+
+    scales: Union[str, tuple[float, ...]] = "3Rf coarse"
+    kinds: tuple[str, ...] = ("delta", "lap", "g2")
+
+    def __post_init__(self):
+        resolve_scales(self.scales)
+        bad = [k for k in self.kinds if k not in KINDS]
+        if bad or not self.kinds:
+            raise ValueError(f"features.kinds: {bad or 'empty'}; choose from {KINDS}")
+        if len(set(self.kinds)) != len(self.kinds):
+            raise ValueError("features.kinds has duplicates")
+
+    @property
+    def radii(self) -> tuple[float, ...]:
+        return resolve_scales(self.scales)
+
+
+@dataclass(frozen=True)
+class HaloConfig:
+    """True field: halos with min_npart <= N (< max_npart), or by mass in Msun/h; weighted by mass
+    (N) or number. Planted simulations use their f_true instead."""
+
+    min_npart: Optional[int] = 150
+    max_npart: Optional[int] = None
+    min_mass: Optional[float] = None
+    max_mass: Optional[float] = None
+    weighting: Literal["mass", "number"] = "mass"
+
+    def __post_init__(self):
+        if self.min_npart is not None and self.min_mass is not None:
+            raise ValueError("halos: give min_npart or min_mass, not both")
+        if self.max_npart is not None and self.max_mass is not None:
+            raise ValueError("halos: give max_npart or max_mass, not both")
+        if self.min_npart is not None and self.min_npart < 1:
+            raise ValueError("halos.min_npart must be >= 1")
+        lo = self.min_npart if self.min_npart is not None else self.min_mass
+        hi = self.max_npart if self.max_npart is not None else self.max_mass
+        if (self.min_npart is None) == (self.max_npart is None) and lo is not None and hi is not None and hi <= lo:
+            raise ValueError(f"halos: empty range [{lo}, {hi})")
+
+
+@dataclass(frozen=True)
+class GridConfig:
+    """Training grid (NGP) cell size in Mpc/h and evaluation grid (CIC) size."""
+
+    cell: float = 5.0
+    eval_nmesh: Optional[int] = 256
+    eval_cell: Optional[float] = None
+    kmax_lowk: float = 0.1  # h/Mpc, bins below enter pk_ratio_lowk
+
+    def __post_init__(self):
+        if self.cell <= 0:
+            raise ValueError("grid.cell must be > 0 Mpc/h")
+        if (self.eval_nmesh is None) == (self.eval_cell is None):
+            raise ValueError("grid: give exactly one of eval_nmesh and eval_cell")
+        if self.eval_nmesh is not None and self.eval_nmesh < 2:
+            raise ValueError("grid.eval_nmesh must be >= 2")
+        if self.eval_cell is not None and self.eval_cell <= 0:
+            raise ValueError("grid.eval_cell must be > 0")
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """Sub-sample fraction per cell and batch size in selected particles."""
+
+    frac: float = 0.1
+    batch_size: int = 100_000
+
+    def __post_init__(self):
+        if not 0 < self.frac <= 1:
+            raise ValueError(f"sampling.frac must be in (0, 1], got {self.frac}")
+        if self.batch_size < 1:
+            raise ValueError("sampling.batch_size must be >= 1")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    width: int = 64
+    depth: int = 5
+    activation: Literal["gelu", "relu", "tanh", "silu"] = "gelu"
+
+    def __post_init__(self):
+        if self.width < 1 or self.depth < 1:
+            raise ValueError("model.width and model.depth must be >= 1")
+
+
+@dataclass(frozen=True)
+class KSpaceLossConfig:
+    """Fourier-space loss (beyond the paper, off by default): weight * sum_{|k| <= k_cut} |r_k|^2 / n_cut
+    of the residual r = delta_model - delta_true on the whole training grid (all selected
+    particles; n_cut modes inside the cut), added to the real-space loss; its gradient coefficients
+    are computed from the current model every ``refresh_steps`` batch steps (each time one forward
+    pass over all selected particles and two FFTs) and applied in every step
+    (:mod:`lagbias_mpi.training.kspace`). ``k_cut`` in h/Mpc, default 1 / (largest smoothing radius);
+    ``chunk``: particles per rank per forward pass of the field."""
+
+    enabled: bool = False
+    k_cut: Optional[float] = None
+    weight: float = 1.0
+    refresh_steps: int = 1
+    chunk: int = 200_000
+
+    def __post_init__(self):
+        if self.k_cut is not None and not self.k_cut > 0:
+            raise ValueError(f"train.kspace_loss.k_cut must be > 0 h/Mpc, got {self.k_cut}")
+        if not self.weight > 0:
+            raise ValueError(f"train.kspace_loss.weight must be > 0, got {self.weight}")
+        if self.chunk < 1:
+            raise ValueError("train.kspace_loss.chunk must be >= 1")
+        if self.refresh_steps < 1:
+            raise ValueError("train.kspace_loss.refresh_steps must be >= 1")
+
+    def kcut(self, radii) -> float:
+        """k_cut in h/Mpc: the configured one or 1 / max(radii) (radii in Mpc/h)."""
+        return self.k_cut if self.k_cut is not None else 1.0 / max(radii)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Adam with lr * lr_decay^(epoch-1), the first ``warmup_steps`` optimiser steps ramped linearly
+    from lr / warmup_steps (0: none, the paper; f = 10^y reacts exponentially to the first large
+    steps); integral constraint from epoch ``constraint_from``:
+    eps = max(10^(eps_a + eps_b log10 epoch), eps_min)."""
+
+    epochs: int = 50
+    ensemble: int = 5
+    lr: float = 0.02
+    lr_decay: float = 0.9
+    seed: int = 1234
+    dtype: Literal["float32", "float64"] = "float32"
+    constraint_from: int = 2
+    eps_a: float = -1.0
+    eps_b: float = -3.0
+    eps_min: float = 1e-4
+    warmup_steps: int = 0
+    guard_y: float = -5.0
+    threads: Optional[int] = None  # torch threads per rank (default 1 under MPI)
+    bare_steps: int = 5
+    kspace_loss: KSpaceLossConfig = field(default_factory=KSpaceLossConfig)
+
+    def __post_init__(self):
+        if self.epochs < 1:
+            raise ValueError(f"train.epochs must be >= 1, got {self.epochs}")
+        if self.ensemble < 1:
+            raise ValueError(f"train.ensemble must be >= 1, got {self.ensemble}")
+        if not self.lr > 0 or not 0 < self.lr_decay <= 1:
+            raise ValueError("train.lr must be > 0 and train.lr_decay in (0, 1]")
+        if self.seed < 0:
+            raise ValueError("train.seed must be >= 0")
+        if self.eps_min <= 0 or self.constraint_from < 1:
+            raise ValueError("train.eps_min must be > 0 and train.constraint_from >= 1")
+        if self.warmup_steps < 0:
+            raise ValueError(f"train.warmup_steps must be >= 0, got {self.warmup_steps}")
+
+    def eps(self, epoch: int) -> float | None:
+        """Integral-constraint tolerance of ``epoch`` (from 1), or None when it is off."""
+        if epoch < self.constraint_from:
+            return None
+        return max(10.0 ** (self.eps_a + self.eps_b * math.log10(epoch)), self.eps_min)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    name: Optional[str] = None  # run directory runs/<name>; default: the config file's stem
+    log_level: str = "INFO"
+    figures: bool = True  # write run/figures/*.png
+    fail_on_rank: Optional[int] = None  # fault injection for tests: raise on this rank
+
+
+@dataclass(frozen=True)
+class TrainRunConfig:
+    simulation: SimulationConfig
+    features: FeatureConfig = field(default_factory=FeatureConfig)
+    halos: HaloConfig = field(default_factory=HaloConfig)
+    grid: GridConfig = field(default_factory=GridConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+def load_train_config(path, overrides=None) -> TrainRunConfig:
+    """Validated training config from YAML + ``key=value`` overrides."""
+    return load_config(TrainRunConfig, path, list(overrides or []))
+
+
+def config_run_hash(cfg: TrainRunConfig) -> str:
+    """Hash of the config without ``run``; the beyond-the-paper keys at their defaults are left out,
+    so that runs checkpointed before they existed can still be resumed."""
+    d = to_dict(cfg)
+    d.pop("run")
+    if not d["simulation"].get("train_realisations"):
+        d["simulation"].pop("train_realisations", None)
+    defaults = to_dict(TrainConfig())
+    for key in ("kspace_loss", "warmup_steps"):
+        if d["train"].get(key) == defaults[key]:
+            d["train"].pop(key)
+    return config_hash(d)

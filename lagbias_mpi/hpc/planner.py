@@ -1,0 +1,258 @@
+"""Resource planner: memory per rank and time per stage of a training job, before it is submitted.
+
+``python -m lagbias_mpi.plan --config FILE.yaml --nodes N --cores-per-node C --mem-per-node GIB
+[--gpus-per-node G] [--ranks-per-node R] [--set key=value ...] [--costs FILE] [--out plan.json]``
+
+From the sizes in the training config (box, ppd, IC grid, particles after sub-sampling, training and
+evaluation grids, scales and feature kinds, ensemble, epochs, validation boxes) it predicts, per
+stage, the resident memory of the busiest rank and the wall time, says whether the job fits the
+nodes, and finds the smallest node count that fits. Sizes come from the simulate config (built-in
+simulation), the simulation files' metadata (``train_files``) or the AbacusSummit box class of
+``simulation.abacus.train``, so no data has to be present.
+
+Memory model (``memory_per_rank``): every array ``lagbias_mpi.train`` holds at the peak of each stage,
+with its dtype (``BYTES``): all S = 1 + n_val simulations are loaded together and kept; float64
+feature slabs and FFT work arrays; an exchange of k-byte records holds ~5 k per particle (input
+columns, packed array, sorted copy, receive buffer, unpacked columns); float32 batch tensors of all
+selected particles plus the activations of one batch; float64 evaluation grids. On top: the measured
+resident memory of an idle training process (``BASELINE_MB``) and its size-independent growth during
+the run (``RUNTIME_MB``). Checked against real runs in docs/supercomputer.md and tests/test_plan.py.
+
+Time model (``time_per_stage``): per-unit costs measured on this machine (``DEFAULT_COSTS``;
+``python -m lagbias_mpi.bench --save-costs`` writes ``lagbias_mpi/data/costs.json``, whose matching
+keys are preferred) times the work per rank. Inter-node communication is only counted as injection
+bandwidth: treat times at many nodes as lower bounds.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from lagbias_mpi.hpc.problem import ProblemSize
+
+GiB = 1024**3
+
+
+MB = 1024**2
+
+
+# Measured here (Python 3.11, torch 2.13 CPU, Open MPI 4.1): resident memory of a training process
+# once its modules are imported and MPI is up (BASELINE_MB), and the run-time growth on top of it by
+# the end of each stage, independent of the problem size (torch autograd and thread pools, numba
+# kernels, matplotlib figures): sampled from /proc/self/status during a 32^3-particle run.
+BASELINE_MB = 370.0
+
+
+RUNTIME_MB = {"load": 0.0, "features": 20.0, "routing": 40.0, "orthogonalise": 40.0, "train": 90.0,
+              "evaluate": 170.0}
+
+
+BYTES = {
+    "load_particle": 24,      # lagr_index int32 x3 + pos float32 x3
+    "ic_cell": 4,             # the IC slab, float32
+    "fft_work_cell": 110,     # float64 r2c/c2r: k-slab, k^2, window, tidal kernel + temporaries, FFT copies
+    "feature_copies": 3,      # raw + float64 copy + (x - mean)^2 in global moments (numpy elides the 2nd temporary)
+    "exchange_copies": 5,     # input columns + packed + sorted copy + receive buffer + unpacked
+    "act_copies": 6,          # per hidden layer and batch particle: linear, GELU, their grads, Adam
+    "fft_cache_cell": 128,    # kept after the features on > 1 rank (mpi4py-fft plans and buffers), measured
+    "eval_cell": 56,          # model + true fields float64, their r2c slabs, paint ghost planes
+    "halo": 28,               # pos float32 x3 + npart int64 + mass float64
+}
+
+
+# Seconds per unit per rank on this machine (2-core VM, Open MPI 4.1, torch 2.13 CPU, float64 FFTs),
+# fitted to the stage times of a 96^3-particle, 192^3-IC training run (docs/supercomputer.md);
+# replaced key by key by lagbias_mpi/data/costs.json from the benchmark when present.
+DEFAULT_COSTS = {
+    "fft_s_per_cell_log2": 3.3e-9,       # one r2c or c2r of N^3 (+ its share of the feature arithmetic)
+    "route_s_per_particle": 4.0e-7,      # one exchange (hash, sort, pack, Alltoallv, unpack) per particle
+    "orth_s_per_particle_feature2": 2e-9,  # covariance + projection, per particle per F^2
+    "train_s_per_particle_epoch": 6.0e-6,  # forward + backward + Adam per selected particle per epoch
+    "build_s_per_particle": 2.5e-6,      # per-cell sub-sampling and batch construction, per particle
+    "eval_s_per_particle_member": 1.0e-5,  # network, CIC paint and spectra per particle per member
+    "eval_fixed_s": 2.0,                 # figures and spectra files
+    "train_fixed_s": 2.0,                # torch start-up and the bare-MLP rate measurement
+    "comm_s_per_byte_internode": 1.0e-10,  # ~10 GB/s injection bandwidth per node (not measured here)
+    "source": "plan.py defaults, measured on the development VM",
+}
+
+
+STAGES = ("load", "features", "routing", "orthogonalise", "train", "evaluate")
+
+
+def load_costs(path: str | None = None) -> dict:
+    """Per-unit costs: ``path``, else the benchmark's lagbias_mpi/data/costs.json, else defaults.
+    Keys missing from a file keep their default."""
+    costs = dict(DEFAULT_COSTS)
+    cand = Path(path) if path else Path(__file__).resolve().parents[1] / "data" / "costs.json"
+    if cand.is_file():
+        got = json.loads(cand.read_text())
+        got = got.get("plan", got) if isinstance(got, dict) else {}
+        used = {k: float(v) for k, v in got.items() if k in DEFAULT_COSTS and k != "source"}
+        if used:
+            costs.update(used)
+            costs["source"] = f"{cand} ({', '.join(sorted(used))}); others: plan.py defaults"
+    elif path:
+        raise FileNotFoundError(f"costs file not found: {path}")
+    return costs
+
+
+def memory_per_rank(size: ProblemSize, ranks: int, imbalance: float | None = None) -> dict:
+    """Predicted peak resident memory (bytes) of the busiest rank in each stage, and the total peak.
+
+    Follows ``lagbias_mpi.train``: the training and validation simulations (S of them, all of the
+    training one's size) are loaded one after the other; each gets its features and its Lagrangian
+    routing, then its IC slab and feature slab are dropped while its particles (lattice index,
+    position and routed copies with their features) stay, so the later stages hold S sets of
+    particles. ``imbalance``: max/mean particles per rank after Eulerian routing (default 1 on one
+    rank, else 1 + 0.05 log2 P, a guess for clustered z ~ 0.5 particles in thin slabs).
+    """
+    P = int(ranks)
+    if P < 1:
+        raise ValueError("ranks must be >= 1")
+    if imbalance is None:
+        imbalance = 1.0 if P == 1 else 1.0 + 0.05 * math.log2(P)
+    B = BYTES
+    F, m, S = size.n_raw, size.n_inputs, 1 + size.n_val
+    n_p = size.n_particles / P  # after loading and Lagrangian routing (uniform lattice)
+    n_e = n_p * imbalance  # after Eulerian routing
+    c_ic = math.ceil(size.n_ic / P) * size.n_ic**2
+    c_ev = math.ceil(size.eval_nmesh / P) * size.eval_nmesh**2
+    c_tr = math.ceil(size.train_nmesh / P) * size.train_nmesh**2
+    base = BASELINE_MB * MB
+    kept = B["load_particle"] * n_p + B["halo"] * size.n_halos / P  # per simulation, to the end
+    ic = B["ic_cell"] * c_ic  # IC slab of the simulation being prepared
+    slab = 8 * F * c_ic  # its standardised float64 feature slab
+    lag_part = (8 * F + 8 + 12) * n_p  # raw features + pid + pos after Lagrangian routing
+    rec_l = 48  # lagr_index int32 x3 + pos float32 x3 + ic_index int64 x3
+    lag_exchange = (B["exchange_copies"] * rec_l + 16 + 16 * F) * n_p  # + readout copy of the rows
+    rec_e = 8 * F + 8 + 12 + 8  # raw + pid + pos + cell
+    eul_part = rec_e * n_e
+    theta = 8 * m * n_e
+    eul_exchange = (B["exchange_copies"] - 1) * rec_e * n_e  # the inputs are the Lagrangian columns
+    sel = size.n_selected / P * imbalance
+    batches = (4 * m + 8) * sel + 16 * c_tr  # inputs + cell index per particle; scale, target per cell
+    acts = size.batch_size / P * imbalance * size.depth * size.width * 4 * B["act_copies"]
+    truth = 8 * c_tr * S
+    done = (S - 1) * (kept + lag_part)  # simulations prepared before the last one
+    # features: the training box computes its moments (3 feature-sized arrays); every box needs the
+    # FFT work on top of its feature array
+    feat_work = (8 * F + B["fft_work_cell"]) * c_ic
+    features = max(max(B["feature_copies"] * 8 * F * c_ic, feat_work), done + feat_work)
+    # on more than one rank, RSS stays higher by ~128 B per IC cell after the feature stage (measured
+    # on 2 ranks at 96^3 and 192^3; the distributed FFT's buffers): counted in every later stage
+    keep = B["fft_cache_cell"] * c_ic if P > 1 else 0.0
+    stages = {
+        "load": base + done + kept + ic,
+        "features": base + kept + ic + features,
+        "routing": base + keep + max(done + kept + ic + slab + lag_exchange,
+                                     S * (kept + lag_part) + (S - 1) * (eul_part + theta) + eul_exchange + truth),
+        "orthogonalise": base + keep + S * (kept + lag_part) + 8 * F * n_p,
+        "train": base + keep + S * (kept + eul_part + theta + batches) + truth + acts,
+        "evaluate": base + keep + S * (kept + eul_part + theta) + batches + truth
+                    + (size.ensemble + 2) * 8 * n_e + 5 * 20 * n_e + B["eval_cell"] * c_ev,
+    }
+    stages = {k: v + RUNTIME_MB[k] * MB for k, v in stages.items()}
+    return {"bytes": stages, "peak_bytes": max(stages.values()), "peak_stage": max(stages, key=stages.get),
+            "imbalance": imbalance, "particles_per_rank": n_p, "ic_cells_per_rank": c_ic,
+            "eval_cells_per_rank": c_ev, "baseline_bytes": base}
+
+
+def time_per_stage(size: ProblemSize, ranks: int, nodes: int = 1, costs: dict | None = None,
+                   gpus: int = 0) -> dict:
+    """Predicted wall time (s) of each stage on ``ranks`` ranks (lower bounds across nodes: only
+    the injection bandwidth of the routing traffic is counted)."""
+    c = dict(DEFAULT_COSTS, **(costs or {}))
+    P = int(ranks)
+    F, S = size.n_raw, 1 + size.n_val
+    n_p = size.n_particles / P
+    n_transforms = 1 + size.n_scales * (1 + (size.n_kinds >= 2) + 6 * (size.n_kinds >= 3))
+    n3 = float(size.n_ic) ** 3
+    features = S * c["fft_s_per_cell_log2"] * n3 * math.log2(n3) / P * n_transforms
+    off_node = 0.0 if nodes <= 1 else (1 - 1 / nodes)
+    route_bytes = (48 + 8 * F + 36) * n_p * P / max(nodes, 1)  # bytes leaving one node
+    routing = S * (2 * c["route_s_per_particle"] * n_p + off_node * route_bytes * c["comm_s_per_byte_internode"])
+    orth = c["orth_s_per_particle_feature2"] * n_p * F * F
+    per_epoch = c["train_s_per_particle_epoch"] * size.n_selected / P * (1 + 0.3 * size.n_val)
+    if gpus:
+        per_epoch /= 20.0  # estimate: an A100 runs this MLP ~20x faster than one CPU core
+    train = size.ensemble * (size.epochs * per_epoch + c["build_s_per_particle"] * n_p * S) + c["train_fixed_s"]
+    evaluate = S * c["eval_s_per_particle_member"] * n_p * size.ensemble + c["eval_fixed_s"]
+    stages = {"features": features, "routing": routing, "orthogonalise": orth, "train": train,
+              "evaluate": evaluate}
+    return {"seconds": stages, "total_s": sum(stages.values()), "epoch_s": per_epoch}
+
+
+def max_ranks(size: ProblemSize) -> int:
+    """Most ranks the slab decomposition allows: one plane per rank of the IC and evaluation FFTs."""
+    return min(size.n_ic, size.eval_nmesh)
+
+
+def plan_job(size: ProblemSize, nodes: int, cores_per_node: int, mem_per_node_gb: float,
+             gpus_per_node: int = 0, ranks_per_node: int | None = None, costs: dict | None = None,
+             mem_reserve: float = 0.1) -> dict:
+    """Memory and time of the job on ``nodes`` nodes and whether it fits (``mem_reserve`` of the
+    node memory is left to the OS and MPI). Without ``ranks_per_node``: one rank per core (per GPU
+    on GPU nodes), fewer when the slab FFTs allow fewer ranks in total (idle cores then give their
+    memory to the ranks of the node)."""
+    if nodes < 1 or cores_per_node < 1 or mem_per_node_gb <= 0:
+        raise ValueError("nodes, cores per node and memory per node must be positive")
+    slots = gpus_per_node if gpus_per_node else cores_per_node
+    rpn = ranks_per_node or max(1, min(slots, max_ranks(size) // nodes))
+    ranks = nodes * rpn
+    limits = []
+    if ranks > max_ranks(size):
+        limits.append(f"{ranks} ranks > {max_ranks(size)} planes of the IC / evaluation grid (slab FFT limit)")
+    mem = memory_per_rank(size, ranks)
+    if mem["particles_per_rank"] * mem["imbalance"] >= 2**31:
+        limits.append("more than 2^31 particles per rank in one exchange")
+    avail = mem_per_node_gb * GiB * (1 - mem_reserve) / rpn
+    t = time_per_stage(size, ranks, nodes, costs, gpus_per_node)
+    fits = mem["peak_bytes"] <= avail and not limits
+    return {"nodes": nodes, "ranks_per_node": rpn, "ranks": ranks, "memory": mem,
+            "available_bytes_per_rank": avail, "time": t, "fits": fits, "limits": limits}
+
+
+def smallest_fit(size: ProblemSize, cores_per_node: int, mem_per_node_gb: float, gpus_per_node: int = 0,
+                 ranks_per_node: int | None = None, costs: dict | None = None, max_nodes: int = 8192):
+    """Plan of the smallest node count that fits (doubling, then bisection), or None."""
+    def plan(n):
+        return plan_job(size, n, cores_per_node, mem_per_node_gb, gpus_per_node, ranks_per_node, costs)
+
+    lo, hi = 0, 1
+    while not plan(hi)["fits"]:
+        lo, hi = hi, hi * 2
+        if hi > max_nodes:
+            return None
+    while hi - lo > 1:  # memory per node falls with the node count: bisection is safe
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if plan(mid)["fits"] else (mid, hi)
+    return plan(hi)
+
+
+def format_table(size: ProblemSize, plan: dict, best: dict | None) -> str:
+    """Human-readable table of a plan."""
+    gb = GiB
+    mem, t = plan["memory"], plan["time"]
+    lines = [f"problem: box {size.box:g} Mpc/h, {size.ppd}^3 lattice, {size.n_particles:.4g} particles loaded, "
+             f"IC {size.n_ic}^3, training grid {size.train_nmesh}^3, eval grid {size.eval_nmesh}^3, "
+             f"{size.n_scales} scales x {size.n_kinds} kinds, {size.n_selected:.4g} selected, "
+             f"{size.n_val} validation sim(s), ensemble {size.ensemble} x {size.epochs} epochs",
+             f"job: {plan['nodes']} node(s) x {plan['ranks_per_node']} ranks = {plan['ranks']} ranks; "
+             f"available {plan['available_bytes_per_rank'] / gb:.2f} GiB per rank",
+             "", "| stage | memory per rank [GiB] | time [s] |", "|---|---|---|"]
+    for st in STAGES:
+        tt = t["seconds"].get(st)
+        lines.append(f"| {st} | {mem['bytes'][st] / gb:.3f} | {'—' if tt is None else f'{tt:.4g}'} |")
+    lines.append(f"| **peak / total** | **{mem['peak_bytes'] / gb:.3f}** ({mem['peak_stage']}) | "
+                 f"**{t['total_s']:.4g}** |")
+    lines.append("")
+    lines.append(f"fits: {'YES' if plan['fits'] else 'NO'}" + (f" ({'; '.join(plan['limits'])})" if plan['limits'] else ""))
+    lines.append(f"time per epoch: {t['epoch_s']:.4g} s")
+    if best is None:
+        lines.append("smallest node count that fits: none up to the search limit")
+    else:
+        lines.append(f"smallest node count that fits: {best['nodes']} ({best['ranks']} ranks, peak "
+                     f"{best['memory']['peak_bytes'] / gb:.2f} GiB per rank, ~{best['time']['total_s'] / 3600:.3g} h)")
+    return "\n".join(lines) + "\n"

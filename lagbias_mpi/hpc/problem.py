@@ -1,0 +1,184 @@
+"""The size of a training problem (box, particles, grids, halos) from a training config, for the planner.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from lagbias_mpi.config.loader import apply_overrides, load_yaml
+from lagbias_mpi.core.logs import get_logger
+
+log = get_logger("plan")
+
+
+@dataclass(frozen=True)
+class ProblemSize:
+    """The sizes that drive memory and time (all global)."""
+
+    box: float  # Mpc/h
+    ppd: int  # particles per dimension of the full lattice
+    n_ic: int  # IC grid cells per side
+    n_particles: int  # particles loaded per simulation (after AbacusSummit sub-sampling)
+    n_scales: int
+    n_kinds: int
+    train_nmesh: int  # training grid cells per side
+    eval_nmesh: int  # evaluation grid cells per side
+    frac: float  # selected fraction per training cell
+    batch_size: int  # selected particles per batch
+    epochs: int
+    ensemble: int
+    width: int
+    depth: int
+    n_val: int  # validation simulations (same size as the training one)
+    n_halos: int
+    source: str  # builtin | file | abacus
+
+    @property
+    def n_raw(self) -> int:
+        return self.n_scales * self.n_kinds
+
+    @property
+    def n_inputs(self) -> int:
+        return 2 * self.n_scales + 1 if self.n_kinds == 3 else self.n_raw
+
+    @property
+    def n_selected(self) -> int:
+        """Selected training particles: max(int(frac n), 1) per occupied cell (mean occupancy)."""
+        cells = self.train_nmesh**3
+        occ = self.n_particles / cells
+        occupied = cells * (1.0 - math.exp(-occ))
+        return int(max(self.frac * self.n_particles, min(occupied, self.n_particles)))
+
+
+ABACUS_SUBSAMPLE_FRACTION = {"A": 0.03, "B": 0.07, "AB": 0.10}
+
+
+# AbacusSummit box classes (box in Mpc/h, particles per dimension), from the simulation headers
+ABACUS_CLASSES = {"base": (2000.0, 6912), "small": (500.0, 1728), "highbase": (1000.0, 3456),
+                  "hugebase": (2000.0, 2304), "huge": (7500.0, 8640)}
+
+
+@functools.lru_cache(maxsize=32)
+def _abacus_header(sim_name: str, redshift: float) -> dict:
+    """BoxSize and particles per dimension of an AbacusSummit simulation: from its class in the
+    name (AbacusSummit_<class>_c<cosm>_ph<phase>), else from the abacusutils metadata (slow)."""
+    parts = str(sim_name).split("_")
+    if len(parts) >= 2 and parts[0] == "AbacusSummit" and parts[1] in ABACUS_CLASSES:
+        box, ppd = ABACUS_CLASSES[parts[1]]
+        return {"box": box, "ppd": ppd}
+    try:
+        from abacusnbody.metadata import get_meta
+        meta = get_meta(sim_name, redshift=redshift)
+        return {"box": float(meta["BoxSize"]), "ppd": int(round(float(meta["NP"]) ** (1 / 3)))}
+    except Exception as exc:  # noqa: BLE001 - any failure of the metadata lookup
+        raise ValueError(f"cannot size AbacusSummit simulation {sim_name!r}: {exc}") from None
+
+
+def _halo_estimate(box: float) -> int:
+    """Rough halo count, 3e-3 (h/Mpc)^3 x volume (FoF / CompaSO haloes of >~ 20 particles at
+    AbacusSummit resolution): it only sizes a small array."""
+    return int(3e-3 * box**3)
+
+
+def sizes_from_dict(data: dict, base_dir: Path | None = None) -> ProblemSize:
+    """:class:`ProblemSize` of a training config dict (after overrides)."""
+    from lagbias_mpi.config.features import resolve_scales
+
+    sim = data.get("simulation") or {}
+    if not isinstance(sim, dict):
+        raise ValueError("config: 'simulation' must be a section")
+    base_dir = Path(base_dir) if base_dir is not None else Path.cwd()
+    root = Path(__file__).resolve().parents[2]
+
+    def find(p):
+        p = Path(p)
+        for cand in (p, base_dir / p, root / p):
+            if cand.is_file():
+                return cand
+        return None
+
+    n_val = 1
+    if sim.get("abacus"):
+        ab = sim["abacus"]
+        header = _abacus_header(ab.get("train") or ab.get("sim_name"), float(ab.get("redshift", 0.5)))
+        fraction = ABACUS_SUBSAMPLE_FRACTION[ab.get("subsamples", "AB")]
+        box, ppd = header["box"], header["ppd"]
+        n_ic = int(ab.get("n_ic") or 576)
+        n_particles = int(round(fraction * ppd**3))
+        n_val = len(ab.get("validate", ()) or ())
+        source = "abacus"
+    elif sim.get("simulate"):
+        path = find(sim["simulate"])
+        if path is None:
+            raise ValueError(f"simulation.simulate: config file not found: {sim['simulate']}")
+        box, ppd, n_ic = builtin_sizes(path, sim.get("simulate_set"))
+        n_particles = ppd**3
+        n_val = len(sim.get("val_realisations", [1]) or ())
+        source = "builtin"
+    elif sim.get("train_files"):
+        from lagbias_mpi.io.simfile import read_meta
+        path = find(sim["train_files"][0])
+        if path is None:
+            raise ValueError(f"simulation.train_files: file not found: {sim['train_files'][0]}")
+        meta = read_meta(path)
+        box, ppd, n_ic, n_particles = meta.box, meta.ppd, meta.n_ic, meta.n_particles
+        n_val = len(sim.get("val_files") or ())
+        source = "file"
+    else:
+        raise ValueError("config: simulation section gives neither simulate, train_files nor abacus")
+    feats = data.get("features") or {}
+    scales = resolve_scales(feats.get("scales", "3Rf coarse"))
+    kinds = feats.get("kinds", ("delta", "lap", "g2"))
+    grid = data.get("grid") or {}
+    cell = float(grid.get("cell", 5.0))
+    train_nmesh = max(int(round(box / cell)), 1)
+    if grid.get("eval_cell") is not None:
+        eval_nmesh = int(round(box / float(grid["eval_cell"])))
+    else:
+        eval_nmesh = int(grid.get("eval_nmesh", 256) or 256)
+    smp = data.get("sampling") or {}
+    tr = data.get("train") or {}
+    mdl = data.get("model") or {}
+    return ProblemSize(
+        box=float(box), ppd=int(ppd), n_ic=int(n_ic), n_particles=int(n_particles),
+        n_scales=len(scales), n_kinds=len(kinds), train_nmesh=train_nmesh, eval_nmesh=eval_nmesh,
+        frac=float(smp.get("frac", 0.1)), batch_size=int(smp.get("batch_size", 100_000)),
+        epochs=int(tr.get("epochs", 50)), ensemble=int(tr.get("ensemble", 5)),
+        width=int(mdl.get("width", 64)), depth=int(mdl.get("depth", 5)), n_val=int(n_val),
+        n_halos=_halo_estimate(float(box)), source=source)
+
+
+def builtin_sizes(simulate_config, simulate_set=()) -> tuple[float, int, int]:
+    """(box, ppd, n_ic) of the built-in simulation of a simulate config file + overrides."""
+    from lagbias_mpi.config.simulate import load_simulate_config
+
+    cfg = load_simulate_config(simulate_config, list(simulate_set or ()))
+    return cfg.box, cfg.ppd, cfg.n_ic
+
+
+def check_train_config(data: dict) -> None:
+    """Validate a training config dict with the training command's own dataclasses (a
+    ``simulation.abacus`` section is accepted even where the training config does not know it yet)."""
+    from lagbias_mpi.config.loader import ConfigError, from_dict
+    from lagbias_mpi.config.train import TrainRunConfig
+    try:
+        from_dict(TrainRunConfig, data)
+    except ConfigError as exc:
+        if "simulation.abacus" not in str(exc):
+            raise
+        rest = json.loads(json.dumps(data))
+        rest["simulation"] = {k: v for k, v in rest["simulation"].items() if k != "abacus"}
+        rest["simulation"].setdefault("train_files", ["abacus"])
+        from_dict(TrainRunConfig, rest)
+        log.warning("this lagbias_mpi.train does not know simulation.abacus yet; checked the rest")
+
+
+def load_sizes(config_path: str, overrides: list[str] | None = None) -> ProblemSize:
+    """:class:`ProblemSize` of a training config file (+ ``--set`` overrides), validated with the
+    training command's own config dataclasses."""
+    data = apply_overrides(load_yaml(config_path), overrides)
+    check_train_config(data)
+    return sizes_from_dict(data, Path(config_path).resolve().parent)

@@ -1,0 +1,42 @@
+"""``spectra.h5``: the evaluation spectra of a run (docs/run_directory.md).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from lagbias_mpi.core.atomic import atomic_path
+
+
+def write_spectra(path, results: dict[str, dict], meta: dict[str, dict]) -> None:
+    """Write ``spectra.h5`` (rank 0): one group per simulation label with the arrays of
+    :func:`evaluate_simulation`, attrs role/source/pk_ratio_lowk/mean_f."""
+    import h5py
+
+    with atomic_path(path) as tmp:
+        with h5py.File(tmp, "w") as f:
+            f.attrs["format"] = "lagbias_mpi.spectra"
+            f.attrs["units"] = "k in h/Mpc, P in (Mpc/h)^3; *_members rows are ensemble members"
+            for label, res in results.items():
+                g = f.create_group(label)
+                for key, val in res.items():
+                    if isinstance(val, np.ndarray):
+                        g.create_dataset(key, data=val)
+                g.attrs["pk_ratio_lowk"] = res["pk_ratio_lowk"]
+                g.attrs["pk_ratio_lowk_members"] = np.asarray(res["pk_ratio_lowk_members"])
+                g.attrs["mean_f"] = res["mean_f"]
+                for k, v in meta.get(label, {}).items():
+                    g.attrs[k] = v
+
+
+def read_spectra(path: Path) -> dict:
+    """The groups of a ``spectra.h5`` as {label: {key: array}} (rank 0, small arrays)."""
+    import h5py
+
+    out = {}
+    with h5py.File(path, "r") as f:
+        for label, g in f.items():
+            out[label] = {k: g[k][()] for k in g}
+            out[label]["pk_ratio_lowk"] = float(g.attrs["pk_ratio_lowk"])
+    return out

@@ -1,0 +1,120 @@
+"""MPI helpers: fail-fast error handling, checked global reductions, test gathers, memory."""
+from __future__ import annotations
+
+import contextlib
+import functools
+import resource
+import sys
+import time
+import traceback
+
+import numpy as np
+from mpi4py import MPI
+
+from lagbias_mpi.core.logs import get_logger
+
+log = get_logger("parallel")
+
+
+class ConsistencyError(RuntimeError):
+    """A global invariant (particle count, mass) was violated."""
+
+
+def abort_on_exception(comm):
+    """Decorator: an exception on any rank prints its traceback and ends the whole job with
+    ``comm.Abort`` (never a hang). On one rank the exception propagates unchanged."""
+
+    def deco(func):
+        @functools.wraps(func)
+        def wrapper(*args, **kwargs):
+            try:
+                return func(*args, **kwargs)
+            except SystemExit:
+                raise
+            except BaseException as exc:  # noqa: BLE001 - we must catch everything to Abort
+                if comm.size == 1:
+                    raise
+                sys.stderr.write(f"[rank {comm.rank}] FATAL {type(exc).__name__}: {exc}\n")
+                traceback.print_exc(file=sys.stderr)
+                sys.stderr.flush()
+                time.sleep(0.2)
+                comm.Abort(1)
+
+        return wrapper
+
+    return deco
+
+
+def global_sum(comm, value):
+    """Allreduce sum of a scalar or array (float64 / int64 accumulation)."""
+    arr = np.asarray(value)
+    acc = np.float64 if arr.dtype.kind == "f" else np.int64
+    out = np.empty(arr.shape, dtype=acc)
+    comm.Allreduce(np.ascontiguousarray(arr, dtype=acc), out, op=MPI.SUM)
+    return out if out.ndim else out[()]
+
+
+def global_min_max_mean(comm, value: float) -> dict:
+    """Min, mean and max over ranks of a per-rank scalar (load-balance reporting)."""
+    vals = comm.allgather(float(value))
+    return {"min": min(vals), "mean": float(np.mean(vals)), "max": max(vals)}
+
+
+def check_count(comm, before: int, after: int, what: str) -> int:
+    """Check that the global count of ``what`` is unchanged (local counts in, global out)."""
+    g_before, g_after = comm.allreduce(int(before)), comm.allreduce(int(after))
+    if g_before != g_after:
+        raise ConsistencyError(f"{what}: global count changed from {g_before} to {g_after}")
+    return g_after
+
+
+def check_sum(comm, before: float, after: float, what: str, rtol: float = 1e-6) -> float:
+    """Check that a global float sum (mass) is conserved to ``rtol``."""
+    g_before, g_after = comm.allreduce(float(before)), comm.allreduce(float(after))
+    if not np.isclose(g_before, g_after, rtol=rtol, atol=1e-12 * max(abs(g_before), 1.0)):
+        raise ConsistencyError(f"{what}: global sum changed from {g_before!r} to {g_after!r}")
+    return g_after
+
+
+def gather_slabs(comm, slab: np.ndarray, root: int | None = None) -> np.ndarray | None:
+    """Concatenate the slabs of all ranks along axis 0 (for tests and small diagnostics only).
+    With ``root=None`` every rank gets the full array."""
+    parts = comm.allgather(slab) if root is None else comm.gather(slab, root=root)
+    if parts is None:
+        return None
+    return np.concatenate(parts, axis=0)
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process in MB (Linux: VmHWM of this process image; ru_maxrss
+    elsewhere, which Linux carries over from the parent across fork + exec)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return float(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+class StageTimer:
+    """Wall time per named stage, reported as the maximum over ranks."""
+
+    def __init__(self, comm):
+        self.comm = comm
+        self.local: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def stage(self, name: str):
+        self.comm.Barrier()
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.local[name] = self.local.get(name, 0.0) + time.perf_counter() - t0
+
+    def summary(self) -> dict[str, float]:
+        """Max over ranks of each stage's wall time (collective)."""
+        names = sorted(set().union(*self.comm.allgather(list(self.local))))
+        return {n: self.comm.allreduce(self.local.get(n, 0.0), op=MPI.MAX) for n in names}

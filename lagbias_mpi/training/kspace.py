@@ -1,0 +1,95 @@
+"""Fourier-space loss (beyond the paper, ``train.kspace_loss``): the residual r = delta_model -
+delta_true of the whole training grid, transformed with the distributed FFT and cut at |k| <= k_cut,
+
+    L_k = weight * sum_{|k| <= k_cut} |r_k|^2 / n_cut      (n_cut: modes inside the cut),
+
+which is sum_j r_j^2 (the real-space loss of all cells, Parseval) without a cut: weight 1 gives the
+cut modes' mean residual power the weight the real-space loss gives the mean of all modes.
+
+L_k is linear in f through delta_model, so its parameter gradient is that of sum_i c_i f_i over the
+selected particles with c_i = dL_k/d delta_model of particle i's cell times the cell's scale. Every
+``refresh_steps`` batch steps the field is painted from all selected particles with the current
+model (no autograd) and one FFT pair gives dL_k/dr and thus c_i; every batch step adds
+sum_{i in batch} c_i f_i to its objective, so that over an epoch the batches carry the whole
+gradient of L_k.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from lagbias_mpi.bias.model import f_of_y
+from lagbias_mpi.mpi.comm import global_sum
+from lagbias_mpi.mpi.fft import SlabFFT
+from lagbias_mpi.training.sampling import select_in_cells
+
+
+@dataclass
+class FieldSet:
+    """This rank's slab of the whole training grid of one simulation, for the Fourier-space loss."""
+
+    x: torch.Tensor  # (n_sel_local, n_in) inputs of all selected particles
+    sel: np.ndarray  # (n_sel_local,) their indices among the rank's particles of the simulation
+    n_particles_local: int  # the rank's particles of the simulation
+    idx: np.ndarray  # (n_sel_local,) flat index of each particle's cell in the local slab
+    scale: np.ndarray  # flat local slab: N_cells/N_part * n/n_sel, 0 in empty cells
+    target: np.ndarray  # flat local slab: delta_true
+    fft: SlabFFT
+    cut: np.ndarray  # local Fourier slab: 1 where |k| <= k_cut, else 0
+
+
+def build_field_set(comm, theta: np.ndarray, cell: np.ndarray, pid: np.ndarray, truth_slab: np.ndarray,
+                    n_grid: int, box: float, n_part: int, frac: float, seed: int, member: int, k_cut: float,
+                    dtype=torch.float32, device="cpu") -> FieldSet:
+    """The particles selected as in :func:`build_batches` (same seed and member) with their local
+    slab cell, and the Fourier cut ``|k| <= k_cut`` (h/Mpc) of the training grid (collective)."""
+    fft = SlabFFT(comm, n_grid, box, np.float64)
+    start = fft.real_start
+    selected, cells, n, n_sel = select_in_cells(cell, pid, frac, seed, member)
+    n_local = int(np.prod(fft.real_shape))
+    scale = np.zeros(n_local)
+    local_cells = np.asarray(cells, np.int64) - start * n_grid * n_grid
+    scale[local_cells] = (n_grid**3 / n_part) * n / n_sel
+    sel = np.nonzero(selected)[0]
+    idx = np.asarray(cell[sel], np.int64) - start * n_grid * n_grid
+    if len(idx) and (idx.min() < 0 or idx.max() >= n_local):
+        raise ValueError("kspace loss: a selected particle's cell is not on this rank")
+    cut = (fft.local_k2() <= k_cut**2).astype(np.float64)
+    return FieldSet(torch.as_tensor(np.ascontiguousarray(theta[sel]), dtype=dtype, device=device), sel, len(cell),
+                    idx, scale, np.asarray(truth_slab, np.float64).reshape(-1), fft, cut)
+
+
+def kspace_loss_and_gradient(comm, fft: SlabFFT, cut: np.ndarray, residual: np.ndarray) -> tuple[float, np.ndarray]:
+    """L = sum_k cut(k) |r_k|^2 / n_cut over all k (Hermitian weights on the half-complex slab; n_cut
+    = sum_k cut(k)) of the real residual slab r, and its gradient dL/dr = 2 (N^3 / n_cut) IFFT[cut r_k]
+    (a local real slab; collective). Without a cut, L = sum_j r_j^2."""
+    rk = fft.forward(np.asarray(residual, np.float64).reshape(fft.real_shape))
+    weights = fft.hermitian_weights() * cut
+    local = np.array([np.sum(weights * (rk.real**2 + rk.imag**2)), np.sum(weights)])
+    power, n_cut = global_sum(comm, local)
+    if n_cut <= 0:
+        raise ValueError("kspace loss: no Fourier mode inside k_cut")
+    return float(power / n_cut), (2.0 * float(fft.n) ** 3 / n_cut) * fft.backward(cut * rk)
+
+
+def _model_field(model, fs: FieldSet, chunk: int) -> np.ndarray:
+    """Flat local slab of delta_model (no gradient): scale * sum of f in the cell - 1."""
+    cellsum = np.zeros(len(fs.scale))
+    with torch.no_grad():
+        for lo in range(0, len(fs.idx), chunk):
+            f = f_of_y(model(fs.x[lo:lo + chunk])).double().cpu().numpy().reshape(-1)
+            np.add.at(cellsum, fs.idx[lo:lo + chunk], f)
+    return fs.scale * cellsum - 1.0
+
+
+def kspace_coefficients(comm, model, fs: FieldSet, weight: float, chunk: int) -> tuple[float, np.ndarray]:
+    """(weight * L_k of the current model, c) with c_i = weight * scale_j dL_k/dr_j for each of the
+    rank's particles of the simulation (0 for those not selected): sum_i c_i df_i/dtheta is the
+    parameter gradient of weight * L_k (collective, no autograd)."""
+    r = _model_field(model, fs, chunk) - fs.target
+    loss, grad = kspace_loss_and_gradient(comm, fs.fft, fs.cut, r)
+    coef = np.zeros(fs.n_particles_local)
+    coef[fs.sel] = weight * (fs.scale * grad.reshape(-1))[fs.idx]
+    return weight * loss, coef

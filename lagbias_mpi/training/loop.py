@@ -1,0 +1,221 @@
+"""Distributed training of one ensemble member: batches, the grid-sum loss, DDP steps, the epoch loop.
+
+Loss of a batch (a fixed set of cells, DESIGN.md section 1), sums over the whole batch (all ranks):
+
+    L = sum_j (delta_model[j] - delta_true[j])^2 + sum_i (y_i - y_g)^4 [y_i < y_g]
+        + (S / N - 1)^2 / eps^2,   S = sum_i f_i, N = selected particles of the batch
+
+with 1 + delta_model[j] = (N_cells / N_part) (n[j] / n_sel[j]) sum_{selected i in j} f_i. A cell and
+its particles live on one rank, so the first two terms are local sums. DDP averages gradients over
+the P ranks, so each rank back-propagates P times its local part, where the constraint enters through
+the surrogate 2 (S/N - 1) / (eps^2 N) * S_local with S the (detached) global sum from one reduction:
+the summed gradients equal the gradient of the whole-batch loss on one rank.
+"""
+from __future__ import annotations
+
+import gc
+import time
+import traceback
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from mpi4py import MPI
+
+from lagbias_mpi.bias.model import build_model
+from lagbias_mpi.core.logs import Progress, get_logger
+from lagbias_mpi.training import ddp
+from lagbias_mpi.training.batches import Batch, BatchSet
+from lagbias_mpi.training.checkpoint import (
+    checkpoint_path,
+    load_checkpoint,
+    save_checkpoint,
+)
+from lagbias_mpi.training.kspace import FieldSet, kspace_coefficients
+from lagbias_mpi.training.loss import evaluate_loss, local_objective
+from lagbias_mpi.training.sampling import batch_order
+from lagbias_mpi.training.stopping import StopControl, StopRequested
+
+log = get_logger("trainer")
+
+
+log = get_logger("trainer")
+
+
+MAX_BATCH_MEAN_F = 1e3  # a batch whose mean f exceeds this (mass conservation asks 1) has diverged
+
+
+class TrainingDiverged(FloatingPointError):
+    """The loss became NaN or infinite."""
+
+
+def warmup_factor(step: int, warmup_steps: int) -> float:
+    """Learning-rate factor of optimiser step ``step`` (from 0): linear from 1/W to 1 over the first
+    W = ``warmup_steps`` steps, then 1 (pure)."""
+    return 1.0 if step >= warmup_steps else (step + 1) / warmup_steps
+
+
+@dataclass
+class MemberResult:
+    state: dict
+    history: dict
+
+
+def _empty_history() -> dict:
+    return {"epoch": [], "train_loss": [], "val_loss": [], "mean_f": [], "val_mean_f": [], "eps": [],
+            "lr": [], "epoch_wall_s": [], "step_wall_s": []}
+
+
+def train_member(comm, member: int, shape: dict, train_set: BatchSet, val_sets: list[BatchSet], tcfg,
+                 ckpt_dir, config_hash: str, dtype=torch.float32, device="cpu", resume: bool = False,
+                 stop: StopControl | None = None, field_sets: list[FieldSet] | None = None) -> MemberResult:
+    """Train member ``member`` for ``tcfg.epochs`` epochs (collective); checkpoint every epoch, and
+    mid-epoch when ``stop`` asks to stop (then :class:`StopRequested` is raised; ``resume``
+    continues with the next step).
+
+    ``field_sets`` (one per training simulation): with ``tcfg.kspace_loss.enabled``, the Fourier-space
+    loss of the whole training grids, its coefficients computed from the current model every
+    ``kspace_loss.refresh_steps`` steps and applied in every batch step (:mod:`lagbias_mpi.training.kspace`).
+
+    """
+    model = build_model(shape, seed=tcfg.seed * 1000 + member, dtype=dtype).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=tcfg.lr)
+    sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=tcfg.lr_decay)
+    history, start, partial = _empty_history(), 1, None
+    path = checkpoint_path(ckpt_dir, member)
+    ckpt = load_checkpoint(comm, path) if resume else None
+    if ckpt is not None:
+        if ckpt["config_hash"] != config_hash:
+            raise ValueError(f"{path} was written with a different configuration (hash "
+                             f"{ckpt['config_hash']} != {config_hash}); cannot resume")
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["scheduler"])
+        history, start, partial = ckpt["history"], ckpt["epoch"] + 1, ckpt.get("in_epoch")
+        torch.random.set_rng_state(ckpt["torch_rng"])
+        where = f"epoch {start} step {partial['step']}" if partial else f"epoch {start}"
+        log.info(f"member {member}: resumed from {path}, continuing with {where}")
+    dmodel = ddp.wrap(model, comm)
+    try:
+        _epochs(comm, member, dmodel, model, opt, sched, history, start, path, train_set, val_sets, tcfg,
+                config_hash, shape, stop or StopControl(), field_sets, partial)
+    except BaseException as exc:
+        traceback.clear_frames(exc.__traceback__)  # the frames would keep the DDP wrapper alive
+        raise
+    finally:
+        del dmodel  # free DDP's reducer while the process group lives (a late free can deadlock)
+        gc.collect()
+    return MemberResult({k: v.detach().cpu().clone() for k, v in model.state_dict().items()}, history)
+
+
+def _step(comm, dmodel, opt, batch: Batch, eps, guard_y: float, kspace_coef: np.ndarray | None, lr_step: float,
+          stop_wish: bool) -> tuple[float, float, bool]:
+    """One optimiser step on ``batch`` at learning rate ``lr_step`` (the group's lr is restored
+    afterwards, so that the scheduler and checkpoints see the epoch's lr). Returns (whole-batch
+    loss, global sum of f, whether any rank wants to stop). A non-finite loss is not stepped on."""
+    opt.zero_grad(set_to_none=False)
+    coef = None if kspace_coef is None else torch.as_tensor(kspace_coef, dtype=batch.x.dtype, device=batch.x.device)
+    obj, loss, s_glob, stopping = local_objective(comm, dmodel, batch, eps, guard_y, coef, stop_wish)
+    if not np.isfinite(loss) or not s_glob / max(batch.n_global, 1) < MAX_BATCH_MEAN_F:
+        return loss, s_glob, stopping
+    obj.backward()
+    lr = [group["lr"] for group in opt.param_groups]
+    for group in opt.param_groups:
+        group["lr"] = lr_step
+    opt.step()
+    for group, value in zip(opt.param_groups, lr):
+        group["lr"] = value
+    return loss, s_glob, stopping
+
+
+def _epochs(comm, member, dmodel, model, opt, sched, history, start, path, train_set, val_sets, tcfg,
+            config_hash, shape, stop: StopControl, field_sets=None, partial=None):
+    """The epoch loop of :func:`train_member`; ``partial``: the ``in_epoch`` state of a mid-epoch
+    checkpoint (the first epoch continues after its ``step`` steps)."""
+    def payload(epoch, in_epoch=None):
+        return {"member": member, "epoch": epoch, "done": epoch == tcfg.epochs and in_epoch is None,
+                "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                "history": history, "torch_rng": torch.random.get_rng_state(), "config_hash": config_hash,
+                "shape": shape, "in_epoch": in_epoch}
+
+    for epoch in range(start, tcfg.epochs + 1):
+        if stop.start_epoch():
+            raise StopRequested(f"stopped by {stop.reason()} before member {member} epoch {epoch}; "
+                                f"checkpoint {path}")
+        eps = tcfg.eps(epoch)
+        lr = opt.param_groups[0]["lr"]
+        skip, losses, s_tot, t_before = 0, [], 0.0, 0.0
+        if partial is not None:
+            skip, losses, s_tot, t_before = partial["step"], list(partial["losses"]), partial["s_tot"], partial["wall_s"]
+            partial = None
+        t0 = time.perf_counter() - t_before
+        coefs, kcfg = None, tcfg.kspace_loss
+        prog = Progress(comm, len(train_set), f"member {member} epoch {epoch}")
+        for i, b in enumerate(batch_order(len(train_set), tcfg.seed, member, epoch)):
+            if i < skip:
+                continue
+            batch = train_set.batches[b]
+            if field_sets and (coefs is None or i % kcfg.refresh_steps == 0):
+                kl, coefs = zip(*[kspace_coefficients(comm, model, fs, kcfg.weight, kcfg.chunk) for fs in field_sets])
+                if not np.isfinite(sum(kl)):
+                    raise TrainingDiverged(f"Fourier-space loss {sum(kl):.4g} at member {member}, epoch {epoch}")
+                if i == 0:
+                    history.setdefault("kspace_loss", []).append(float(sum(kl)))
+            coef = None if coefs is None else coefs[batch.box][batch.pidx]
+            lr_step = lr * warmup_factor((epoch - 1) * len(train_set) + i, tcfg.warmup_steps)
+            loss, s_glob, stopping = _step(comm, dmodel, opt, batch, eps, tcfg.guard_y, coef, lr_step,
+                                           stop.after_this_step())
+            batch_mean_f = s_glob / max(batch.n_global, 1)
+            if not np.isfinite(loss) or not batch_mean_f < MAX_BATCH_MEAN_F:
+                good = f"{path} (epoch {epoch - 1})" if epoch > 1 else "none (first epoch)"
+                raise TrainingDiverged(f"loss {loss:.4g}, batch mean f {batch_mean_f:.4g} at member {member}, "
+                                       f"epoch {epoch}, step {i}: training diverged and stopped; "
+                                       f"last good checkpoint: {good}")
+            losses.append(loss)
+            s_tot += s_glob
+            prog.update(i + 1)
+            if stopping and i + 1 < len(train_set):
+                save_checkpoint(comm, path, payload(epoch - 1, {
+                    "epoch": epoch, "step": i + 1, "losses": losses, "s_tot": s_tot,
+                    "wall_s": comm.allreduce(time.perf_counter() - t0, op=MPI.MAX)}))
+                raise StopRequested(f"stopped by {stop.reason()} in member {member} epoch {epoch} after step "
+                                    f"{i + 1}/{len(train_set)}; checkpoint {path}")
+            if stopping:  # the epoch's last step: finish the epoch (validation, checkpoint), then stop
+                stop.before_next_epoch()
+        sched.step()
+        t_train = time.perf_counter() - t0
+        val = [evaluate_loss(comm, model, vs, eps, tcfg.guard_y) for vs in val_sets]
+        history["epoch"].append(epoch)
+        history["train_loss"].append(float(np.mean(losses)))
+        history["val_loss"].append(float(np.mean([v[0] for v in val])) if val else float("nan"))
+        history["mean_f"].append(s_tot / max(train_set.n_selected, 1))
+        history["val_mean_f"].append(float(np.mean([v[1] for v in val])) if val else float("nan"))
+        history["eps"].append(eps if eps is not None else float("nan"))
+        history["lr"].append(lr)
+        history["epoch_wall_s"].append(comm.allreduce(time.perf_counter() - t0, op=MPI.MAX))
+        history["step_wall_s"].append(comm.allreduce(t_train, op=MPI.MAX))
+        save_checkpoint(comm, path, payload(epoch))
+        log.info(f"member {member} epoch {epoch}/{tcfg.epochs}: train loss {history['train_loss'][-1]:.6g} "
+                 f"val loss {history['val_loss'][-1]:.6g} mean f {history['mean_f'][-1]:.5f} "
+                 f"eps {eps if eps is not None else 'off'} lr {lr:.4g} "
+                 f"({history['epoch_wall_s'][-1]:.2f} s)")
+
+
+def bare_mlp_rate(comm, shape: dict, n_particles_global: int, tcfg, dtype=torch.float32, device="cpu") -> float:
+    """Particles per second of a plain forward + backward + Adam step of the same network, each rank
+    on its share of ``n_particles_global`` particles (no DDP, no loss structure)."""
+    n_local = max(n_particles_global // comm.size, 1)
+    model = build_model(shape, seed=tcfg.seed + 99991, dtype=dtype).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    x = torch.randn(n_local, shape["n_in"], generator=torch.Generator().manual_seed(7), dtype=dtype).to(device)
+    times = []
+    for _ in range(tcfg.bare_steps + 1):
+        t0 = time.perf_counter()
+        opt.zero_grad()
+        y = model(x)
+        (y * y).mean().backward()
+        opt.step()
+        times.append(time.perf_counter() - t0)
+    t = float(np.median(times[1:])) if len(times) > 1 else times[0]
+    t = comm.allreduce(t, op=MPI.MAX)
+    return n_local * comm.size / t

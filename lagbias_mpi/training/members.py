@@ -1,0 +1,55 @@
+"""Training the members of an ensemble on prepared simulations.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from lagbias_mpi.core.logs import get_logger
+from lagbias_mpi.training.batches import build_batches, interleave
+from lagbias_mpi.training.kspace import build_field_set
+from lagbias_mpi.training.loop import train_member
+from lagbias_mpi.training.stopping import StopControl, StopRequested
+
+log = get_logger("train")
+
+
+def train_ensemble(comm, cfg, trs: list, vals: list, shape: dict, ckpt_dir: Path, run_hash: str, dtype, device,
+                   resume: bool = False, stop: StopControl | None = None):
+    """Train the ``cfg.train.ensemble`` members on the prepared training simulations ``trs``
+    (batches interleaved), validating on ``vals`` (collective). Returns (member states, histories,
+    batch info, bytes of the training batches), or None when ``stop`` stopped it (a signal or a
+    test budget; mid-epoch checkpoints are then written)."""
+    tcfg = cfg.train
+    k_cut = tcfg.kspace_loss.kcut(cfg.features.radii)
+    if tcfg.kspace_loss.enabled:
+        log.info(f"Fourier-space loss: weight {tcfg.kspace_loss.weight}, k <= {k_cut:.4g} h/Mpc, "
+                 f"coefficients refreshed every {tcfg.kspace_loss.refresh_steps} step(s)")
+    states, histories, batch_info, train_bytes = [], [], {}, 0
+    for member in range(tcfg.ensemble):
+        def batches(s, box=0):
+            return build_batches(comm, s.theta, s.parts.cell, s.parts.pid, s.targets(comm), s.n_grid**3,
+                                 s.sim.meta.n_particles, cfg.sampling.frac, cfg.sampling.batch_size,
+                                 tcfg.seed, member, dtype=dtype, device=device, box=box)
+
+        def field_set(s):
+            return build_field_set(comm, s.theta, s.parts.cell, s.parts.pid, s.truth_slab, s.n_grid,
+                                   s.sim.meta.box, s.sim.meta.n_particles, cfg.sampling.frac, tcfg.seed, member,
+                                   k_cut, dtype=dtype, device=device)
+        tset = interleave([batches(t, box) for box, t in enumerate(trs)])
+        fsets = [field_set(t) for t in trs] if tcfg.kspace_loss.enabled else None
+        vsets = [batches(v) for v in vals]
+        train_bytes = max(train_bytes, sum(b.nbytes for b in tset.batches))
+        batch_info.setdefault("n_selected", tset.n_selected)
+        batch_info.setdefault("n_batches", len(tset))
+        batch_info.setdefault("cells_local", tset.n_cells_local)
+        log.info(f"member {member}: {tset.n_selected} selected particles in {len(tset)} batches of "
+                 f"{len(trs)} training simulation(s) (validation: {[v.n_selected for v in vsets]})")
+        try:
+            res = train_member(comm, member, shape, tset, vsets, tcfg, ckpt_dir, run_hash, dtype, device,
+                               resume=resume, stop=stop, field_sets=fsets)
+        except StopRequested as exc:
+            log.warning(f"{exc}; continue with --resume")
+            return None
+        states.append(res.state)
+        histories.append(res.history)
+    return states, histories, batch_info, train_bytes

@@ -1,0 +1,74 @@
+"""Per-cell sub-sampling and batch membership as pure functions of global ids and the seed.
+
+Nothing here depends on a rank's random stream, so the selected particles and the batches are the
+same on any number of ranks:
+
+- a particle's priority inside its cell is ``hash(particle id, seed, member)``; a cell with n
+  particles keeps the n_sel = max(int(frac * n), 1) of lowest priority;
+- a cell's batch is ``floor(u * n_batches)`` with ``u = hash(cell id, seed, member)`` in [0, 1);
+- the order of the batches in an epoch is a permutation drawn from ``(seed, member, epoch)``.
+
+The hash is splitmix64's finaliser applied to a combination of the inputs (vectorised, uint64).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from lagbias_mpi.core.hashing import splitmix64
+
+SALT_PARTICLE = 0x5E1EC7
+
+
+SALT_BATCH = 0xBA7C4
+
+
+def hash_ids(ids: np.ndarray, seed: int, member: int, salt: int) -> np.ndarray:
+    """Hash of (id, seed, member, salt) -> uint64, identical on every rank."""
+    key = splitmix64(np.array([(int(seed) & 0xFFFFFFFF) << 32 | (int(member) & 0xFFFF) << 16 | (salt & 0xFFFF)],
+                              dtype=np.uint64))[0]
+    with np.errstate(over="ignore"):
+        return splitmix64(splitmix64(np.asarray(ids, dtype=np.uint64)) ^ key)
+
+
+def hash_uniform(ids: np.ndarray, seed: int, member: int, salt: int) -> np.ndarray:
+    """Uniform float64 in [0, 1) from :func:`hash_ids` (53 high bits)."""
+    return (hash_ids(ids, seed, member, salt) >> np.uint64(11)).astype(np.float64) * 2.0**-53
+
+
+def n_selected(n: np.ndarray, frac: float) -> np.ndarray:
+    """Particles kept in a cell of n particles: max(int(frac * n), 1) (0 for an empty cell)."""
+    n = np.asarray(n, dtype=np.int64)
+    return np.where(n > 0, np.maximum((frac * n).astype(np.int64), 1), 0)
+
+
+def select_in_cells(cell: np.ndarray, pid: np.ndarray, frac: float, seed: int, member: int):
+    """Sub-sample particles per cell (all particles of a cell must be on this rank).
+
+    Returns ``(selected, cells, n, n_sel)``: a boolean mask over the particles, the sorted unique
+    cell ids present, their particle counts and selected counts.
+    """
+    cell = np.asarray(cell, dtype=np.int64)
+    prio = hash_ids(pid, seed, member, SALT_PARTICLE)
+    order = np.lexsort((np.asarray(pid, dtype=np.uint64), prio, cell))
+    cells, first, n = np.unique(cell[order], return_index=True, return_counts=True)
+    rank_in_cell = np.arange(len(cell)) - np.repeat(first, n)
+    keep = n_selected(n, frac)
+    selected = np.zeros(len(cell), dtype=bool)
+    selected[order] = rank_in_cell < np.repeat(keep, n)
+    return selected, cells, n, keep
+
+
+def n_batches_for(total_selected: int, batch_size: int) -> int:
+    """Number of batches: round(total selected / batch size), at least 1."""
+    return max(int(round(total_selected / batch_size)), 1)
+
+
+def batch_of_cells(cells: np.ndarray, seed: int, member: int, n_batches: int) -> np.ndarray:
+    """Batch id in [0, n_batches) of each global cell id."""
+    u = hash_uniform(cells, seed, member, SALT_BATCH)
+    return np.minimum((u * n_batches).astype(np.int64), n_batches - 1)
+
+
+def batch_order(n_batches: int, seed: int, member: int, epoch: int) -> np.ndarray:
+    """Order in which the batches are processed in ``epoch``: fixed by seed, member and epoch."""
+    return np.random.default_rng([int(seed), int(member), int(epoch), 0xB0]).permutation(n_batches)

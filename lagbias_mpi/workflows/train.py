@@ -1,0 +1,171 @@
+"""``python -m lagbias_mpi.train``: train, evaluate and save an ensemble of f(theta) networks.
+
+    mpirun -n P python -m lagbias_mpi.train --config FILE.yaml [--set key=value ...] [--out DIR] [--resume]
+
+Stages (all collective, timed): features (IC smoothing + standardisation), routing (Lagrangian
+routing + feature readout, Eulerian routing, true field on the training grid), orthogonalise, train
+(DDP, per member), evaluate (spectra on the evaluation grid). The run directory layout is described
+in docs/run_directory.md.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from mpi4py import MPI
+
+from lagbias_mpi.analysis import plots
+from lagbias_mpi.bias.ensemble import Ensemble
+from lagbias_mpi.bias.evaluate import evaluate_simulation
+from lagbias_mpi.bias.prepare import (
+    _exchange_summary,
+    _validate_inputs,
+    eval_nmesh,
+    prepare_simulations,
+)
+from lagbias_mpi.config.loader import to_dict
+from lagbias_mpi.config.train import config_run_hash, load_train_config
+from lagbias_mpi.core.atomic import atomic_path
+from lagbias_mpi.core.logs import _RankFormatter, get_logger, setup_logging
+from lagbias_mpi.io.spectra import write_spectra
+from lagbias_mpi.mpi.comm import StageTimer, global_min_max_mean
+from lagbias_mpi.training import ddp
+from lagbias_mpi.training.loop import bare_mlp_rate
+from lagbias_mpi.training.members import train_ensemble
+from lagbias_mpi.training.stopping import StopControl
+from lagbias_mpi.workflows.cli import write_summary
+
+log = get_logger("train")
+
+
+def _add_file_log(comm, path: Path):
+    if comm.rank != 0:
+        return None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path, mode="a")
+    handler.setFormatter(_RankFormatter(comm.rank, comm.size))
+    logging.getLogger("lagbias_mpi").addHandler(handler)
+    return handler
+
+
+def run(comm, config_path, overrides=None, out=None, resume=False, stop_after_epochs=None,
+        base_dir=None, stop_after_steps=None, stop: StopControl | None = None) -> dict | None:
+    """Run the whole training command on ``comm``; returns the summary dict, or None when training
+    stopped early (SIGTERM/SIGUSR1, or the test budgets ``stop_after_epochs``/``stop_after_steps``)
+    after writing checkpoints that ``resume`` continues from. ``stop``: the :class:`StopControl` to
+    use (default: a new one with the two budgets)."""
+    cfg = load_train_config(config_path, overrides)
+    setup_logging(comm, cfg.run.log_level)
+    base_dir = Path(base_dir) if base_dir is not None else Path.cwd()
+    name = cfg.run.name or Path(config_path).stem
+    run_dir = Path(out) if out is not None else base_dir / "runs" / name
+    train_specs, val_specs = _validate_inputs(comm, cfg, base_dir)
+    if comm.rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    comm.Barrier()
+    handler = _add_file_log(comm, run_dir / "train.log")
+    try:
+        with ddp.process_group(comm):
+            stop = stop or StopControl(stop_after_epochs, stop_after_steps)
+            return _run(comm, cfg, run_dir, train_specs, val_specs, resume, stop)
+    finally:
+        if handler is not None:
+            logging.getLogger("lagbias_mpi").removeHandler(handler)
+            handler.close()
+
+
+def _run(comm, cfg, run_dir, train_specs, val_specs, resume, stop: StopControl):
+    timer = StageTimer(comm)
+    tcfg = cfg.train
+    if comm.rank == 0:
+        with atomic_path(run_dir / "config.yaml") as tmp:
+            tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    if cfg.run.fail_on_rank is not None and comm.rank == cfg.run.fail_on_rank:
+        raise RuntimeError(f"run.fail_on_rank={cfg.run.fail_on_rank}: injected failure on rank {comm.rank}")
+    torch.set_num_threads(tcfg.threads or (1 if MPI.COMM_WORLD.size > 1 else torch.get_num_threads()))
+    dtype = getattr(torch, tcfg.dtype)
+    device = ddp.device_for(comm)
+    exch: dict = {}
+    sims, orth, moments, names = prepare_simulations(comm, timer, cfg, train_specs, val_specs, exch)
+    trs, vals = sims[:len(train_specs)], sims[len(train_specs):]
+    tr = trs[0]
+    shape = {"n_in": orth.matrix.shape[0], "width": cfg.model.width, "depth": cfg.model.depth,
+             "activation": cfg.model.activation}
+    run_hash = config_run_hash(cfg)
+    ckpt_dir = run_dir / "checkpoints"
+    with timer.stage("train"):
+        with stop.handlers():  # SIGTERM/SIGUSR1: finish the step, checkpoint, stop (see stopping.py)
+            trained = train_ensemble(comm, cfg, trs, vals, shape, ckpt_dir, run_hash, dtype, device, resume, stop)
+        if trained is None:
+            return None
+        states, histories, batch_info, train_bytes = trained
+        bare = bare_mlp_rate(comm, shape, int(round(batch_info["n_selected"] / batch_info["n_batches"])), tcfg,
+                             dtype, device)
+    ens = Ensemble(shape, states, orth, moments, names, cfg.features.radii, cfg.features.kinds, tcfg.dtype,
+                   to_dict(cfg))
+    if comm.rank == 0:
+        ens.save(run_dir / "model.pt")
+    with timer.stage("evaluate"):
+        log.info("evaluate: ensemble-average and member f on all particles, CIC spectra")
+        results, meta = {}, {}
+        for s in sims:
+            nmesh = eval_nmesh(cfg.grid, s.sim.meta.box)
+            f_members = ens.predict_f_members(s.theta)
+            results[s.label] = evaluate_simulation(comm, f_members, s.parts.pos, *s.tracers, s.sim.meta.box,
+                                                   nmesh, cfg.grid.kmax_lowk)
+            meta[s.label] = {"role": s.role, "source": str(s.spec.get("path", "")), "nmesh": nmesh}
+            log.info(f"evaluate {s.label}: P_model/P_h at k < {cfg.grid.kmax_lowk} = "
+                     f"{results[s.label]['pk_ratio_lowk']:.4f}, mean f {results[s.label]['mean_f']:.5f}")
+        figs = run_dir / "figures"
+        if comm.rank == 0:
+            write_spectra(run_dir / "spectra.h5", results, meta)
+        if comm.rank == 0 and cfg.run.figures:
+            plots.plot_spectra(results, figs / "pk_ratio.png", cfg.grid.kmax_lowk)
+            plots.plot_loss(histories, figs / "loss.png")
+        n_show = min(tr.parts.n_local, 20000)
+        if comm.rank == 0 and n_show and cfg.run.figures:
+            f_show = ens.predict_f_members(tr.theta[:n_show]).mean(axis=0)
+            ft = tr.parts.f_true[:n_show] if tr.parts.f_true is not None else None
+            plots.plot_f(tr.theta[:n_show, 0], f_show, figs / "f_vs_theta0.png", ft)
+    epoch_wall = [float(np.sum(h["step_wall_s"])) for h in histories]
+    n_epochs_total = sum(len(h["epoch"]) for h in histories)
+    train_rate = (batch_info["n_selected"] * n_epochs_total / max(sum(epoch_wall), 1e-12))
+    summary = {
+        "n_ranks": comm.size,
+        "n_particles": sum(t.sim.meta.n_particles for t in trs),
+        "n_train_sims": len(trs),
+        "kspace_k_cut": tcfg.kspace_loss.kcut(cfg.features.radii) if tcfg.kspace_loss.enabled else None,
+        "n_selected": batch_info["n_selected"],
+        "n_batches": batch_info["n_batches"],
+        "epochs": tcfg.epochs,
+        "ensemble": tcfg.ensemble,
+        "final_train_loss": float(np.mean([h["train_loss"][-1] for h in histories])),
+        "final_val_loss": float(np.mean([h["val_loss"][-1] for h in histories])),
+        "mean_f": results[tr.label]["mean_f"],
+        "pk_ratio_lowk_train": results[tr.label]["pk_ratio_lowk"],
+        "pk_ratio_lowk_val": results[vals[0].label]["pk_ratio_lowk"] if vals else None,
+        "pk_ratio_lowk_members": {k: r["pk_ratio_lowk_members"] for k, r in results.items()},
+        "stage_wall_s": timer.summary(),
+        "epoch_wall_s": [h["epoch_wall_s"] for h in histories],
+        "bytes_per_particle": comm.allreduce(train_bytes, op=MPI.SUM) / max(batch_info["n_selected"], 1),
+        "train_particles_per_s": train_rate,
+        "bare_mlp_particles_per_s": bare,
+        "train_vs_bare": train_rate / bare,
+        "exchange_bytes": _exchange_summary(comm, exch),
+        "particles_per_rank": global_min_max_mean(comm, sum(t.parts.n_local for t in trs)),
+        "cells_per_rank": global_min_max_mean(comm, batch_info["cells_local"]),
+        "loss_history": histories,
+        "n_inputs": shape["n_in"],
+        "feature_names": names,
+        "orthogonaliser_eigenvalues": orth.eigenvalues,
+        "backend": ddp.default_backend() if comm.size > 1 else "none (1 rank)",
+    }
+    write_summary(comm, run_dir / "summary.json", summary, cfg=cfg)
+    log.info(f"done: final train loss {summary['final_train_loss']:.6g}, val loss {summary['final_val_loss']:.6g}, "
+             f"mean f {summary['mean_f']:.5f}, P ratio low-k train {summary['pk_ratio_lowk_train']:.4f} "
+             f"val {summary['pk_ratio_lowk_val']}, {train_rate:.3g} particles/s "
+             f"({100 * train_rate / bare:.0f}% of bare MLP); run directory {run_dir}")
+    return summary
