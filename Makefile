@@ -6,6 +6,10 @@ STAMP   := $(VENV)/.lagbias_installed
 NP      ?= 2
 MPIRUN  := mpirun --allow-run-as-root --oversubscribe
 PYTEST  := $(PY) -m pytest -p no:cacheprovider --color=no --with-mpi
+# Wall-clock bound of each test stage of `make test` (each test also has its own pytest timeout):
+# a stage still running after TEST_TIMEOUT seconds is sent SIGTERM, then SIGKILL 30 s later.
+TEST_TIMEOUT ?= 1200
+TIMEOUT := timeout -k 30 $(TEST_TIMEOUT)
 export OMP_NUM_THREADS := 1
 export OPENBLAS_NUM_THREADS := 1
 export MKL_NUM_THREADS := 1
@@ -24,11 +28,11 @@ run: $(STAMP)
 test: test-serial test-mpi
 
 test-serial: $(STAMP)
-	$(PYTEST) -q tests
+	$(TIMEOUT) $(PYTEST) -q tests
 
 test-mpi: $(STAMP)
-	$(MPIRUN) -n 2 sh scripts/pytest_rank.sh $(PYTEST) -q -m mpi tests
-	$(MPIRUN) -n 3 sh scripts/pytest_rank.sh $(PYTEST) -q -m mpi tests
+	$(TIMEOUT) $(MPIRUN) -n 2 sh scripts/pytest_rank.sh $(PYTEST) -q -m mpi tests
+	$(TIMEOUT) $(MPIRUN) -n 3 sh scripts/pytest_rank.sh $(PYTEST) -q -m mpi tests
 
 bench: $(STAMP)
 	$(MPIRUN) -n 1 $(PY) -m lagbias_mpi.bench --out runs/bench

@@ -12,5 +12,5 @@ setup(
         "numpy>=1.24", "scipy>=1.10", "mpi4py>=3.1", "mpi4py-fft>=2.0.5", "h5py>=3.8",
         "abacusutils>=2.0", "pyyaml>=6.0", "matplotlib>=3.7", "torch>=2.0",
     ],
-    extras_require={"test": ["pytest>=7.0", "pytest-mpi>=0.6"]},
+    extras_require={"test": ["pytest>=7.0", "pytest-mpi>=0.6", "pytest-timeout>=2.1"]},
 )

@@ -18,17 +18,29 @@ import torch
 import torch.distributed as dist
 
 from lagbias_mpi.core.logs import get_logger
-
 log = get_logger("ddp")
 
 
-log = get_logger("ddp")
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
+def _rendezvous_store(comm, timeout: timedelta):
+    """The TCPStore of the rendezvous, race-free: rank 0 starts the store server on port 0 (the
+    kernel picks a free port and the server keeps it bound), then broadcasts the port it got; the
+    other ranks connect to it. Collective."""
+    hosts = comm.allgather(socket.gethostname())
+    store, rendezvous = None, None
+    if comm.rank == 0:
+        addr = "127.0.0.1" if len(set(hosts)) == 1 else socket.gethostbyname(socket.gethostname())
+        try:
+            store = dist.TCPStore(addr, 0, comm.size, is_master=True, timeout=timeout, wait_for_workers=False)
+            rendezvous = (addr, store.port)
+        except Exception as exc:  # noqa: BLE001 - tell the other ranks, then raise everywhere
+            rendezvous = f"rank 0 could not start the torch.distributed store on {addr}: {exc}"
+    rendezvous = comm.bcast(rendezvous, root=0)
+    if isinstance(rendezvous, str):
+        raise RuntimeError(rendezvous)
+    addr, port = rendezvous
+    if comm.rank != 0:
+        store = dist.TCPStore(addr, port, comm.size, is_master=False, timeout=timeout)
+    return store, addr, port
 
 
 def default_backend() -> str:
@@ -51,21 +63,20 @@ def process_group(comm, backend: str | None = None, timeout_s: float = 600.0):
     if dist.is_initialized():
         raise RuntimeError("torch.distributed is already initialised")
     backend = backend or default_backend()
-    hosts = comm.allgather(socket.gethostname())
-    if comm.rank == 0:
-        addr = "127.0.0.1" if len(set(hosts)) == 1 else socket.gethostbyname(socket.gethostname())
-        rendezvous = (addr, _free_port())
-    else:
-        rendezvous = None
-    addr, port = comm.bcast(rendezvous, root=0)
-    dist.init_process_group(backend, init_method=f"tcp://{addr}:{port}", rank=comm.rank,
-                            world_size=comm.size, timeout=timedelta(seconds=timeout_s))
+    timeout = timedelta(seconds=timeout_s)
+    store, addr, port = _rendezvous_store(comm, timeout)
+    dist.init_process_group(backend, store=store, rank=comm.rank, world_size=comm.size, timeout=timeout)
     log.info(f"torch.distributed initialised: backend {backend}, {comm.size} ranks, {addr}:{port}")
     try:
         yield dist.group.WORLD
-    finally:
-        gc.collect()  # DDP wrappers still alive past destroy_process_group can deadlock when freed
-        dist.destroy_process_group()
+    except BaseException:
+        gc.collect()
+        dist.destroy_process_group()  # no collective here: the other ranks may be anywhere
+        raise
+    gc.collect()  # DDP wrappers still alive past destroy_process_group can deadlock when freed
+    dist.destroy_process_group()
+    comm.Barrier()  # rank 0's store server outlives every client
+    del store
 
 
 def wrap(model: torch.nn.Module, comm):
