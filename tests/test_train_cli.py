@@ -10,6 +10,7 @@ import pytest
 import torch
 from mpi4py import MPI
 from simfixtures import make_simulation, write_config
+from waits import collect_rest, wait_for_line
 
 from lagbias_mpi.train import main
 from lagbias_mpi.training import loss as trainer
@@ -128,7 +129,6 @@ def test_sigterm_checkpoints_mid_training_and_resume_finishes(small):
     then completes the run with every epoch in the history."""
     import json
     import signal
-    import time
 
     sim, d = small
     cfg = write_config(d / "term.yaml", sim, train={"epochs": 200, "ensemble": 1, "lr": 0.001, "bare_steps": 1},
@@ -138,13 +138,13 @@ def test_sigterm_checkpoints_mid_training_and_resume_finishes(small):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "lagbias_mpi.train", "--config", str(cfg), "--out", str(out)]
     proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    seen, deadline = [], time.time() + 180
-    for line in proc.stdout:  # wait until training runs (epoch 2 finished), then signal
-        seen.append(line)
-        if "member 0 epoch 2/200" in line or time.time() > deadline:
-            break
+    try:
+        seen = wait_for_line(proc, "member 0 epoch 2/200", timeout_s=180)  # training runs: signal it
+    except TimeoutError:
+        proc.kill()
+        raise
     proc.send_signal(signal.SIGTERM)
-    rest, _ = proc.communicate(timeout=120)
+    rest = collect_rest(proc, timeout_s=120)
     log = "".join(seen) + rest
     assert proc.returncode == 128 + signal.SIGTERM, log[-3000:]
     assert "stopped by signal SIGTERM" in log

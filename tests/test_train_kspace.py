@@ -1,11 +1,11 @@
 """Fourier-space loss (train.kspace_loss): its gradient against torch.fft, rank-count invariance."""
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from mpi4py import MPI
+from waits import self_run
 from simfixtures import make_simulation, write_config
 
 from lagbias_mpi.bias.model import build_model, f_of_y
@@ -99,11 +99,7 @@ def test_kspace_training_rank_invariant(comm, sims):
              "kspace_loss": {"enabled": True, "chunk": 3000}}
     cfg = write_config(d / f"k{comm.size}.yaml", a, [b], train=train, run={"log_level": "WARNING", "figures": False})
     s = run(comm, cfg, out=d / f"k_run{comm.size}")
-    ref = run(MPI.COMM_SELF, cfg, out=d / f"k_ref{comm.size}") if comm.rank == 0 else None
-    req = comm.Ibarrier()
-    while not req.Test():
-        time.sleep(0.01)
-    ref = comm.bcast(ref, root=0)
+    ref = self_run(comm, run, cfg, out=d / f"k_ref{comm.size}")
     h, r = s["loss_history"][0], ref["loss_history"][0]
     assert len(h["kspace_loss"]) == 2 and s["kspace_k_cut"] == pytest.approx(1 / 16.0)
     for key in ("train_loss", "val_loss", "kspace_loss"):

@@ -1,10 +1,10 @@
 """Training on several simulations at once (simulation.train_files with more than one file)."""
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from mpi4py import MPI
+from waits import self_run
 from simfixtures import make_simulation, write_config
 
 from lagbias_mpi.bias.prepare import sim_labels
@@ -22,11 +22,7 @@ def sims(tmp_path_factory):
 
 
 def _self_run(comm, cfg, out, **kw):
-    summary = run(MPI.COMM_SELF, cfg, out=out, **kw) if comm.rank == 0 else None
-    req = comm.Ibarrier()
-    while not req.Test():
-        time.sleep(0.01)
-    return comm.bcast(summary, root=0)
+    return self_run(comm, run, cfg, out=out, **kw)
 
 
 TRAIN = {"epochs": 2, "ensemble": 1, "dtype": "float64", "seed": 7, "bare_steps": 1}
