@@ -48,3 +48,7 @@ def main(argv=None) -> dict:
         parser.error(f"--n must be >= 2 and >= the number of ranks ({comm.size}), got {args.n}")
     return abort_on_exception(comm)(run)(comm, args.out, args.n, args.particles, args.repeat,
                                          args.exchange_particles, args.paint_n, args.save_costs)
+
+
+if __name__ == "__main__":
+    main()

@@ -88,3 +88,7 @@ def main(argv=None) -> dict:
     if args.out:
         write_json(args.out, result)
     return result
+
+
+if __name__ == "__main__":
+    main()
