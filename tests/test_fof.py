@@ -179,9 +179,13 @@ def test_slab_fof_groups_of_one_and_two(comm):
     rng = np.random.default_rng(4)
     box = 100.0
     pos = _face_clumps(rng, box)
-    for m in (1, 2):  # singletons are halos: min_members applies after merging, nothing is lost
-        ref_n = _assert_same_as_serial(comm, pos, box, 0.5, m, "random")
-        assert ref_n.sum() >= 200 if m == 1 else True
+    # min_members = 1: every particle is in exactly one group (singletons included), nothing is lost
+    ones = _assert_same_as_serial(comm, pos, box, 0.5, 1, "random")
+    assert ones.sum() == len(pos) and (ones == 1).sum() >= 150  # most of the 200 field particles are alone
+    # min_members = 2: the same groups without the singletons (min_members applies after merging)
+    twos = _assert_same_as_serial(comm, pos, box, 0.5, 2, "random")
+    assert sorted(twos.tolist()) == sorted(ones[ones >= 2].tolist()) and twos.min() >= 2
+    assert twos.sum() == len(pos) - (ones == 1).sum()
 
 
 @pytest.mark.mpi

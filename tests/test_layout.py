@@ -44,11 +44,18 @@ def test_plane_owner_consistent_with_slab_bounds(n, size):
 
 @pytest.mark.parametrize("n,size", [(5, 2), (7, 3), (2, 3), (1, 4), (8, 8), (4, 1)])
 def test_next_nonempty_rank(n, size):
+    nonempty = [r for r in range(size) if slab_bounds(n, size, r)[1] > slab_bounds(n, size, r)[0]]
     for rank in range(size):
         start, stop = slab_bounds(n, size, rank)
         nxt = next_nonempty_rank(n, size, rank)
+        nxt_start, nxt_stop = slab_bounds(n, size, nxt)
+        assert nxt in nonempty  # never an empty rank, also for an empty rank's query
+        assert nxt_start <= stop % n < nxt_stop  # it owns the plane right after this slab
         if stop > start:
-            assert slab_bounds(n, size, nxt)[0] == stop % n
+            assert nxt_start == stop % n  # and, after a non-empty slab, starts there
+            assert (nxt == rank) == (len(nonempty) == 1)
+    if size > n:  # some ranks are empty: every one of them sends its ghost to a non-empty rank
+        assert len(nonempty) == n
 
 
 def test_uneven_example():

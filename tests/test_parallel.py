@@ -55,18 +55,30 @@ def test_stage_timer_reports_max_over_ranks(comm):
         timer.local["rank0-only"] = 0.5
     times = timer.summary()
     assert set(times) == {"sleep", "rank0-only"} and times["rank0-only"] == 0.5
-    assert 0.07 <= times["sleep"] < 1.0
+    assert times["sleep"] >= 0.07  # the maximum over ranks: the slow rank's time (no upper bound: not a benchmark)
     assert comm.allgather(times["sleep"]) == [times["sleep"]] * comm.size
 
 
 @pytest.mark.mpi
 def test_gather_slabs(comm):
-    slab = np.full((comm.rank % 2 + 1, 2), comm.rank)
-    full = gather_slabs(comm, slab)
-    assert full.shape == (sum(r % 2 + 1 for r in range(comm.size)), 2)
-    rooted = gather_slabs(comm, slab, root=0)
-    assert (rooted is None) == (comm.rank != 0)
-    assert peak_rss_mb() > 1
+    def slab_of(rank):  # uneven slabs, rows numbered globally
+        start = sum(r % 2 + 1 for r in range(rank))
+        return np.stack([np.arange(start, start + rank % 2 + 1), np.full(rank % 2 + 1, rank)], axis=1)
+
+    expected = np.concatenate([slab_of(r) for r in range(comm.size)])
+    full = gather_slabs(comm, slab_of(comm.rank))
+    np.testing.assert_array_equal(full, expected)  # rank order, every row once
+    rooted = gather_slabs(comm, slab_of(comm.rank), root=0)
+    if comm.rank == 0:
+        np.testing.assert_array_equal(rooted, expected)
+    else:
+        assert rooted is None
+
+
+def test_peak_rss_is_at_least_the_current_rss():
+    with open("/proc/self/status") as status:
+        rss_mb = next(float(line.split()[1]) / 1024.0 for line in status if line.startswith("VmRSS:"))
+    assert peak_rss_mb() >= rss_mb > 0
 
 
 @pytest.mark.mpi
@@ -111,9 +123,8 @@ ABORT_SCRIPT = textwrap.dedent("""
 def test_abort_on_exception_ends_a_two_rank_job(tmp_path, mpirun_env):
     script = tmp_path / "abort.py"
     script.write_text(ABORT_SCRIPT)
-    t0 = time.time()
+    # the bound: without the abort rank 0 waits for ever, and run() raises TimeoutExpired after 60 s
     proc = subprocess.run(["mpirun", "--oversubscribe", "-n", "2", sys.executable, str(script)],
                           env=mpirun_env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0
     assert "[rank 1] FATAL RuntimeError: boom on rank 1" in proc.stderr
-    assert time.time() - t0 < 60
