@@ -69,3 +69,45 @@ def collect_rest(proc, timeout_s: float) -> str:
             break
         rest.append(line)
     return "".join(rest)
+
+
+def session_pids(sid: int) -> list[int]:
+    """Pids of the live processes of session ``sid`` (Linux /proc)."""
+    import os
+
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == sid and fields[0] != "Z":  # fields after the name: state ppid pgrp session
+            pids.append(int(entry))
+    return pids
+
+
+def kill_session(proc, timeout_s: float = 30.0) -> None:
+    """SIGKILL a process started with ``start_new_session=True`` and everything in its session (an
+    mpirun and its ranks, which have process groups of their own): a hard kill of the whole job, no
+    handler runs. Waits until none is left."""
+    import os
+    import signal
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        pids = session_pids(proc.pid)
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc.poll()
+        if not pids:
+            break
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"processes {pids} of session {proc.pid} survive SIGKILL")
+        time.sleep(0.05)
+    proc.wait(timeout=timeout_s)

@@ -202,8 +202,11 @@ class TrainConfig:
     threads: Optional[int] = None  # torch threads per rank (default 1 under MPI)
     bare_steps: int = 5
     kspace_loss: KSpaceLossConfig = field(default_factory=KSpaceLossConfig)
+    checkpoint_steps: int = 0  # also checkpoint every this many optimiser steps (0: at epoch ends only)
 
     def __post_init__(self):
+        if self.checkpoint_steps < 0:
+            raise ValueError(f"train.checkpoint_steps must be >= 0, got {self.checkpoint_steps}")
         if self.epochs < 1:
             raise ValueError(f"train.epochs must be >= 1, got {self.epochs}")
         if self.ensemble < 1:
@@ -260,4 +263,5 @@ def config_run_hash(cfg: TrainRunConfig) -> str:
     for key in ("kspace_loss", "warmup_steps"):
         if d["train"].get(key) == defaults[key]:
             d["train"].pop(key)
+    d["train"].pop("checkpoint_steps", None)  # when checkpoints are written does not change the result
     return config_hash(d)

@@ -39,9 +39,6 @@ from lagbias_mpi.training.stopping import StopControl, StopRequested
 log = get_logger("trainer")
 
 
-log = get_logger("trainer")
-
-
 MAX_BATCH_MEAN_F = 1e3  # a batch whose mean f exceeds this (mass conservation asks 1) has diverged
 
 
@@ -69,9 +66,10 @@ def _empty_history() -> dict:
 def train_member(comm, member: int, shape: dict, train_set: BatchSet, val_sets: list[BatchSet], tcfg,
                  ckpt_dir, config_hash: str, dtype=torch.float32, device="cpu", resume: bool = False,
                  stop: StopControl | None = None, field_sets: list[FieldSet] | None = None) -> MemberResult:
-    """Train member ``member`` for ``tcfg.epochs`` epochs (collective); checkpoint every epoch, and
-    mid-epoch when ``stop`` asks to stop (then :class:`StopRequested` is raised; ``resume``
-    continues with the next step).
+    """Train member ``member`` for ``tcfg.epochs`` epochs (collective); checkpoint every epoch, every
+    ``tcfg.checkpoint_steps`` optimiser steps (0: only at epoch ends) and mid-epoch when ``stop`` asks
+    to stop (then :class:`StopRequested` is raised); ``resume`` continues with the next step, also
+    after a hard kill (from the latest checkpoint).
 
     ``field_sets`` (one per training simulation): with ``tcfg.kspace_loss.enabled``, the Fourier-space
     loss of the whole training grids, its coefficients computed from the current model every
@@ -174,10 +172,13 @@ def _epochs(comm, member, dmodel, model, opt, sched, history, start, path, train
             losses.append(loss)
             s_tot += s_glob
             prog.update(i + 1)
-            if stopping and i + 1 < len(train_set):
+            every = getattr(tcfg, "checkpoint_steps", 0)
+            periodic = every > 0 and ((epoch - 1) * len(train_set) + i + 1) % every == 0
+            if (stopping or periodic) and i + 1 < len(train_set):  # mid-epoch checkpoint (same on all ranks)
                 save_checkpoint(comm, path, payload(epoch - 1, {
-                    "epoch": epoch, "step": i + 1, "losses": losses, "s_tot": s_tot,
+                    "epoch": epoch, "step": i + 1, "losses": list(losses), "s_tot": s_tot,
                     "wall_s": comm.allreduce(time.perf_counter() - t0, op=MPI.MAX)}))
+            if stopping and i + 1 < len(train_set):
                 raise StopRequested(f"stopped by {stop.reason()} in member {member} epoch {epoch} after step "
                                     f"{i + 1}/{len(train_set)}; checkpoint {path}")
             if stopping:  # the epoch's last step: finish the epoch (validation, checkpoint), then stop
