@@ -104,8 +104,45 @@ def _meta_from_attrs(attrs, path: Path) -> SimulationMeta:
         raise SimulationFileError(f"{path}: missing attribute {exc}") from None
 
 
+def _expected_layout(meta: SimulationMeta) -> dict:
+    """{dataset: (shape, allowed numpy dtype kinds, required)} of a file with metadata ``meta``."""
+    n, nh = meta.n_particles, meta.n_halos
+    return {"ic/delta": ((meta.n_ic,) * 3, "f", True),
+            "particles/lagr_index": ((n, 3), "iu", True),
+            "particles/pos": ((n, 3), "f", True),
+            "particles/vel": ((n, 3), "f", False),
+            "halos/pos": ((nh, 3), "f", False),
+            "halos/npart": ((nh,), "iu", False),
+            "halos/mass": ((nh,), "f", False),
+            "planted/f_true": ((n,), "f", meta.kind == "planted")}
+
+
+def _check_layout(f, meta: SimulationMeta, path: Path) -> None:
+    """Refuse a file whose metadata or datasets (presence, shape, dtype) do not fit the schema
+    (cheap: no data is read)."""
+    if not (np.isfinite(meta.box) and meta.box > 0) or meta.ppd < 1 or meta.n_ic < 1 or meta.n_particles < 0 \
+            or meta.n_halos < 0:
+        raise SimulationFileError(f"{path}: meaningless metadata box={meta.box}, ppd={meta.ppd}, n_ic={meta.n_ic}, "
+                                  f"n_particles={meta.n_particles}, n_halos={meta.n_halos}")
+    for name, (shape, kinds, required) in _expected_layout(meta).items():
+        if name not in f:
+            if required:
+                raise SimulationFileError(f"{path}: dataset /{name} missing")
+            continue
+        d = f[name]
+        if not isinstance(d, h5py.Dataset):
+            raise SimulationFileError(f"{path}: /{name} is not a dataset")
+        if d.shape != shape:
+            raise SimulationFileError(f"{path}: /{name} has shape {d.shape}, expected {shape}")
+        if d.dtype.kind not in kinds:
+            what = {"f": "floating point", "iu": "integer"}[kinds]
+            raise SimulationFileError(f"{path}: /{name} has dtype {d.dtype}, expected {what}")
+    if ("halos/pos" in f) != ("halos/npart" in f):
+        raise SimulationFileError(f"{path}: /halos/pos and /halos/npart must be given together")
+
+
 def read_meta(path: str | os.PathLike) -> SimulationMeta:
-    """Metadata of a simulation file (cheap; any rank)."""
+    """Metadata of a simulation file, its datasets checked against the schema (cheap; any rank)."""
     path = Path(path)
     if not path.is_file():
         raise SimulationFileError(f"simulation file not found: {path}")
@@ -113,22 +150,56 @@ def read_meta(path: str | os.PathLike) -> SimulationMeta:
         with h5py.File(path, "r") as f:
             if f.attrs.get("format") != FORMAT:
                 raise SimulationFileError(f"{path} is not a lagbias_mpi simulation file")
-            return _meta_from_attrs(f.attrs, path)
+            meta = _meta_from_attrs(f.attrs, path)
+            _check_layout(f, meta, path)
+            return meta
     except OSError as exc:
         raise SimulationFileError(f"cannot read simulation file {path}: {exc}") from None
+
+
+def _value_problems(meta: SimulationMeta, ic, lagr, pos, f_true, halo_pos) -> list[tuple[str, int, str]]:
+    """(what, count, an example) of the bad values in this rank's share (pure)."""
+    half = 0.5 * meta.box * (1 + 1e-6)
+    checks = [
+        ("non-finite values in /ic/delta", ~np.isfinite(ic), ic),
+        ("non-finite positions in /particles/pos", ~np.isfinite(pos).all(axis=1), pos),
+        (f"positions outside the box [-{meta.box / 2:g}, {meta.box / 2:g}) Mpc/h in /particles/pos",
+         np.isfinite(pos).all(axis=1) & (np.abs(pos) > half).any(axis=1), pos),
+        (f"lattice indices outside [0, ppd = {meta.ppd}) in /particles/lagr_index",
+         ((lagr < 0) | (lagr >= meta.ppd)).any(axis=1), lagr),
+        ("non-finite halo positions in /halos/pos", ~np.isfinite(halo_pos).all(axis=1), halo_pos),
+    ]
+    if f_true is not None:
+        checks.append(("negative or non-finite weights in /planted/f_true", ~(np.isfinite(f_true) & (f_true >= 0)),
+                       f_true))
+    out = []
+    for what, bad, values in checks:
+        count = int(np.count_nonzero(bad))
+        example = str(values[np.unravel_index(np.argmax(bad), bad.shape)]) if count else ""  # a value or a row
+        out.append((what, count, example))
+    return out
+
+
+def check_values(comm, path, meta: SimulationMeta, ic, lagr, pos, f_true, halo_pos) -> None:
+    """Refuse, on every rank with the same message naming the file, values that the pipeline cannot
+    use: NaN in the initial density, NaN or out-of-box positions, lattice indices outside [0, ppd),
+    bad planted weights (collective: one allgather of a few counts)."""
+    per_rank = comm.allgather(_value_problems(meta, ic, lagr, pos, f_true, halo_pos))
+    problems = []
+    for i, (what, _, _) in enumerate(per_rank[0]):
+        count = sum(r[i][1] for r in per_rank)
+        if count:
+            example = next(r[i][2] for r in per_rank if r[i][1])
+            problems.append(f"{count} {what} (e.g. {example})")
+    if problems:
+        raise SimulationFileError(f"{path}: " + "; ".join(problems))
 
 
 def load_simulation(comm, path: str | os.PathLike, with_halos: bool = True) -> LocalSimulation:
     """Read a simulation file: each rank gets its IC slab and a balanced share of particles and halos."""
     path = Path(path)
-    meta = read_meta(path)
+    meta = read_meta(path)  # refuses a file that does not fit the schema
     with h5py.File(path, "r") as f:
-        for name in ("ic/delta", "particles/lagr_index", "particles/pos"):
-            if name not in f:
-                raise SimulationFileError(f"{path}: dataset /{name} missing")
-        if f["ic/delta"].shape != (meta.n_ic,) * 3:
-            raise SimulationFileError(f"{path}: /ic/delta has shape {f['ic/delta'].shape}, "
-                                      f"expected {(meta.n_ic,) * 3}")
         s0, s1 = slab_bounds(meta.n_ic, comm.size, comm.rank)
         ic = f["ic/delta"][s0:s1].astype(np.float32)
         lo, hi = row_range(meta.n_particles, comm)
@@ -141,6 +212,7 @@ def load_simulation(comm, path: str | os.PathLike, with_halos: bool = True) -> L
             hn = f["halos/npart"][hlo:hhi].astype(np.int64)
         else:
             hpos, hn = np.zeros((0, 3), np.float32), np.zeros(0, np.int64)
+    check_values(comm, path, meta, ic, lagr, pos, f_true, hpos)
     return LocalSimulation(meta, ic, s0, lagr, pos, hpos, hn, f_true)
 
 
