@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 from mpi4py import MPI
 
+from lagbias_mpi.core.faults import fail_point
 from lagbias_mpi.mpi.comm import check_count
 
 
@@ -66,6 +67,7 @@ def exchange(comm, columns: dict[str, np.ndarray], dest: np.ndarray, what: str =
     if n and send_counts.max() < n:  # group the rows by destination (a byte-row take is fast)
         rows = np.take(rows, np.argsort(dest, kind="stable"), axis=0)
     recv_counts = np.empty(comm.size, dtype=np.int64)
+    fail_point(comm, "exchange")  # tests: one rank fails while the others wait in the Alltoall
     comm.Alltoall(send_counts, recv_counts)
     if comm.size == 1:
         recvbuf = rows.view(packed.dtype).reshape(n)

@@ -23,6 +23,7 @@ import torch
 from mpi4py import MPI
 
 from lagbias_mpi.bias.model import build_model
+from lagbias_mpi.core.faults import fail_point
 from lagbias_mpi.core.logs import Progress, get_logger
 from lagbias_mpi.training import ddp
 from lagbias_mpi.training.batches import Batch, BatchSet
@@ -114,6 +115,7 @@ def _step(comm, dmodel, opt, batch: Batch, eps, guard_y: float, kspace_coef: np.
     opt.zero_grad(set_to_none=False)
     coef = None if kspace_coef is None else torch.as_tensor(kspace_coef, dtype=batch.x.dtype, device=batch.x.device)
     obj, loss, s_glob, stopping = local_objective(comm, dmodel, batch, eps, guard_y, coef, stop_wish)
+    fail_point(comm, "ddp_step")  # tests: one rank fails while the others enter DDP's all-reduce
     if not np.isfinite(loss) or not s_glob / max(batch.n_global, 1) < MAX_BATCH_MEAN_F:
         return loss, s_glob, stopping
     obj.backward()
