@@ -19,7 +19,7 @@ from lagbias_mpi.workflows.train import run
 
 ROOT = Path(__file__).resolve().parent.parent
 WORLD = MPI.COMM_WORLD
-TRAIN = {"epochs": 3, "ensemble": 1, "dtype": "float64", "seed": 5, "lr": 0.005, "bare_steps": 1}
+TRAIN = {"epochs": 10, "ensemble": 1, "dtype": "float64", "seed": 5, "lr": 0.005, "bare_steps": 1}
 
 
 @pytest.fixture(scope="module")
@@ -58,12 +58,12 @@ def test_sigkill_mid_epoch_then_resume_gives_the_same_model(small, mpirun_env, n
     proc = subprocess.Popen(_command(n_ranks, cfg, out), env=mpirun_env, cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
-        wait_for_line(proc, "member 0 epoch 1/3", timeout_s=300)  # epoch 2 under way: kill everything
+        wait_for_line(proc, "member 0 epoch 1/10", timeout_s=300)  # epoch 2 under way: kill everything
     finally:
         kill_session(proc)
     assert not (out / "summary.json").exists() and not (out / "model.pt").exists()  # killed before the end
     ckpt = torch.load(out / "checkpoints" / "member_0.pt", weights_only=False)
-    assert 1 <= ckpt["epoch"] < 3 and not ckpt["done"]
+    assert 1 <= ckpt["epoch"] < 10 and not ckpt["done"]
     res = subprocess.run(_command(n_ranks, cfg, out, "--resume", "--set", "run.log_level=WARNING"), env=mpirun_env,
                          cwd=ROOT, capture_output=True, text=True, timeout=400)
     assert res.returncode == 0, res.stderr[-3000:]
