@@ -11,7 +11,7 @@ Writes ``DIR/summary.json`` (atomically) with
 - ``exchange_MB_per_s``: bytes moved per second by :func:`~lagbias_mpi.mpi.exchange.exchange` with
   random destinations (pos float32 x3 + lagr_index int32 x3 + weight float64 = 32 B per particle);
 - ``n_ranks``, versions, the arguments and the wall time of each stage.
-``--save-costs [PATH]`` also writes the per-unit costs (default ``lagbias_mpi/data/costs.json``)
+``--save-costs [PATH]`` also writes the per-unit costs (default: ``$LAGBIAS_COSTS`` or ``~/.cache/lagbias_mpi/costs.json``, where the planner looks first)
 that the resource planner (:mod:`lagbias_mpi.plan`) loads; see docs/benchmarks.md.
 The figures are for tracking performance; correctness is what the tests check.
 """
@@ -31,7 +31,6 @@ from lagbias_mpi.core.logs import get_logger
 log = get_logger("bench")
 
 
-DEFAULT_COSTS_PATH = Path(__file__).resolve().parents[1] / "data" / "costs.json"
 
 
 BOX = 1000.0  # Mpc/h; irrelevant to the timings
