@@ -1,4 +1,4 @@
-"""``python -m lagbias_mpi.lstsq``: Paper I's binned least-squares f for one smoothing scale.
+"""The body of ``python -m lagbias_mpi.lstsq`` (collective): Paper I's binned least-squares f for one smoothing scale.
 
     mpirun -n P python -m lagbias_mpi.lstsq --config FILE.yaml [--set key=value ...] [--nn-run DIR] [--out DIR]
 

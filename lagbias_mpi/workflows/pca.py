@@ -1,4 +1,4 @@
-"""``python -m lagbias_mpi.pca``: principal components of grad_theta f of a trained ensemble (paper
+"""The body of ``python -m lagbias_mpi.pca`` (collective): principal components of grad_theta f of a trained ensemble (paper
 section 4), optionally re-training on the leading PCs (Fig. 6).
 
     mpirun -n P python -m lagbias_mpi.pca --run DIR [--retrain K] [--n-sample 1000000] [--out DIR/pca]

@@ -1,4 +1,4 @@
-"""``python -m lagbias_mpi.study``: the smoothing-scale study of the paper's Table 1 (Figs. 4 and 10).
+"""The body of ``python -m lagbias_mpi.study`` (collective): the smoothing-scale study of the paper's Table 1 (Figs. 4 and 10).
 
     mpirun -n P python -m lagbias_mpi.study --configs configs/table1/*.yaml --out DIR [--set key=value ...]
 

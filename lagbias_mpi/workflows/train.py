@@ -1,4 +1,4 @@
-"""``python -m lagbias_mpi.train``: train, evaluate and save an ensemble of f(theta) networks.
+"""The body of ``python -m lagbias_mpi.train`` (collective): train, evaluate and save an ensemble of f(theta) networks.
 
     mpirun -n P python -m lagbias_mpi.train --config FILE.yaml [--set key=value ...] [--out DIR] [--resume]
 
