@@ -1,11 +1,5 @@
-"""The body of ``python -m lagbias_mpi.train`` (collective): train, evaluate and save an ensemble of f(theta) networks.
-
-    mpirun -n P python -m lagbias_mpi.train --config FILE.yaml [--set key=value ...] [--out DIR] [--resume]
-
-Stages (all collective, timed): features (IC smoothing + standardisation), routing (Lagrangian
-routing + feature readout, Eulerian routing, true field on the training grid), orthogonalise, train
-(DDP, per member), evaluate (spectra on the evaluation grid). The run directory layout is described
-in docs/run_directory.md.
+"""The collective body of ``python -m lagbias_mpi.train`` (usage and outputs: the command's docstring
+and docs/). Called with the communicator; returns the summary dict.
 """
 from __future__ import annotations
 
