@@ -127,7 +127,7 @@ def _check_layout(f, meta: SimulationMeta, path: Path) -> None:
                 raise SimulationFileError(f"{path}: dataset /{name} missing")
             continue
         d = f[name]
-        if not isinstance(d, h5py.Dataset):
+        if not hasattr(d, "dtype"):  # a group
             raise SimulationFileError(f"{path}: /{name} is not a dataset")
         if d.shape != shape:
             raise SimulationFileError(f"{path}: /{name} has shape {d.shape}, expected {shape}")
