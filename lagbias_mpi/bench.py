@@ -2,8 +2,10 @@
 
 Writes ``DIR/summary.json`` (atomically) with
 - ``fft_s``: median wall time of one r2c + c2r pair of an ``n``^3 float32 field with
-  :class:`~lagbias_mpi.mpi.fft.SlabFFT` (after a warm-up); ``fft_scipy_s``: the same pair with
-  ``scipy.fft.rfftn/irfftn(workers=1)`` on the same data on rank 0; ``fft_ratio_vs_scipy``;
+  :class:`~lagbias_mpi.mpi.fft.SlabFFT` (after a warm-up; the backend in use); ``fft_scipy_s``: the
+  same pair with ``scipy.fft.rfftn/irfftn(workers=1)`` on the same data on rank 0;
+  ``fft_ratio_vs_scipy``; ``fft_s_by_backend`` (and ``fft_cpu_s_by_backend``): the pair with every
+  installed backend (mpi4py-fft, pfft) and scipy, side by side in the same run;
 - ``paint_cic_particles_per_s``: uniform particles (per-particle weights) painted with CIC into
   ``n``^3 by the numba kernel, already routed, after a warm-up (global particles / wall time), its
   value per rank, the same for a common weight, and ``paint_ratio_vs_numpy``: our time over that of

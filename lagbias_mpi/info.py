@@ -1,8 +1,8 @@
 """``python -m lagbias_mpi.info``: the software this installation runs on, and the number of ranks.
 
 Prints Python, numpy, scipy, numba, torch (CUDA availability and device count), mpi4py, the MPI
-library and standard versions, the FFT backend in use (mpi4py-fft) with its version and the FFTW
-library it loaded, h5py (and HDF5), abacusutils, and the number of MPI ranks. Runs under mpirun
+library and standard versions, the FFT backend in use (``$LAGBIAS_FFT_BACKEND``: mpi4py-fft, the
+default, or pfft) with its version, the FFT backends installed, the FFTW library mpi4py-fft loaded, h5py (and HDF5), abacusutils, and the number of MPI ranks. Runs under mpirun
 (rank 0 prints). ``--json`` prints the same as JSON.
 """
 from __future__ import annotations

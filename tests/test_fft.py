@@ -157,7 +157,7 @@ def test_bad_arguments_refused():
     with pytest.raises(ValueError, match="dtype"):
         SlabFFT(MPI.COMM_SELF, 4, BOX, np.int32)
     with pytest.raises(ValueError, match="backend"):
-        SlabFFT(MPI.COMM_SELF, 4, BOX, backend="pfft")
+        SlabFFT(MPI.COMM_SELF, 4, BOX, backend="no-such-fft")
     fft = SlabFFT(MPI.COMM_SELF, 4, BOX)
     with pytest.raises(ValueError, match="shape"):
         fft.forward(np.zeros((4, 4, 5), np.float32))

@@ -68,3 +68,26 @@ def test_uneven_example():
 def test_bad_queries_refused(args):
     with pytest.raises(ValueError, match="bad slab query"):
         slab_bounds(*args)
+
+
+@pytest.mark.parametrize("n,size", [(10, 3), (4, 3), (9, 2), (7, 4)])
+def test_plane_transfer_moves_every_plane_once(n, size):
+    """Between our slabs and blocks of ceil(n/size) (PFFT's layout): what each rank sends is what
+    the receiver expects, and every plane lands where the other layout keeps it."""
+    from lagbias_mpi.mpi.layout import plane_transfer
+
+    ours = slab_starts(n, size)
+    block = -(-n // size)
+    theirs = np.minimum(np.arange(size + 1) * block, n)
+    dst = np.full(n, -1)
+    for r in range(size):
+        send, send_off = plane_transfer(ours[r], ours[r + 1], theirs[:-1], theirs[1:])
+        for q in range(size):
+            recv, recv_off = plane_transfer(theirs[q], theirs[q + 1], ours[:-1], ours[1:])
+            assert send[q] == recv[r]
+            planes = np.arange(ours[r], ours[r + 1])[send_off[q]:send_off[q] + send[q]]
+            np.testing.assert_array_equal(planes, np.arange(theirs[q], theirs[q + 1])[recv_off[r]:recv_off[r] + recv[r]])
+            dst[planes] = q
+    np.testing.assert_array_equal(dst, np.searchsorted(theirs, np.arange(n), side="right") - 1)
+    with pytest.raises(ValueError, match="bad slabs"):
+        plane_transfer(3, 2, [0], [4])

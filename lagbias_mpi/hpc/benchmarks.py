@@ -62,22 +62,39 @@ def _timed(comm, func, repeat: int) -> tuple[float, float]:
     return float(np.median(wall)), float(np.median(cpu))
 
 
-def bench_fft(comm, n: int, repeat: int, seed: int = 1) -> dict:
-    """r2c + c2r pair with SlabFFT (all ranks) and with scipy.fft on rank 0 (same data)."""
-    import scipy.fft
-
+def _bench_fft_backend(comm, n: int, repeat: int, seed: int, backend: str) -> dict:
+    """Pair and forward times of one SlabFFT backend (after a warm-up: plans, page faults)."""
     from lagbias_mpi.mpi.fft import SlabFFT
 
-    fft = SlabFFT(comm, n, BOX, np.float32)
+    fft = SlabFFT(comm, n, BOX, np.float32, backend=backend)
     local = plane_field(n, fft.real_start, fft.real_stop, seed)
 
     def pair():
         fft.backward(fft.forward(local))
 
-    pair()  # warm-up: FFTW plans, page faults
+    pair()
     wall, cpu = _timed(comm, pair, repeat)
     forward, _ = _timed(comm, lambda: fft.forward(local), repeat)
-    res = {"fft_n": n, "fft_s": wall, "fft_cpu_s": cpu, "fft_forward_s": forward, "fft_backend": fft.backend}
+    return {"wall": wall, "cpu": cpu, "forward": forward, "backend": fft.backend}
+
+
+def bench_fft(comm, n: int, repeat: int, seed: int = 1) -> dict:
+    """r2c + c2r pair with SlabFFT (all ranks) on every installed backend, and with scipy.fft on
+    rank 0 (same data). ``fft_s`` etc. are those of the backend in use (``$LAGBIAS_FFT_BACKEND``);
+    ``fft_s_by_backend``/``fft_cpu_s_by_backend`` hold every backend and ``scipy`` side by side."""
+    import scipy.fft
+
+    from lagbias_mpi.mpi.fft import backend_name, installed_backends
+
+    selected = backend_name()
+    by_backend = {name: _bench_fft_backend(comm, n, repeat, seed, name) for name in installed_backends()}
+    mine = by_backend[selected]
+    res = {"fft_n": n, "fft_s": mine["wall"], "fft_cpu_s": mine["cpu"], "fft_forward_s": mine["forward"],
+           "fft_backend": mine["backend"],
+           "fft_s_by_backend": {name: b["wall"] for name, b in by_backend.items()},
+           "fft_cpu_s_by_backend": {name: b["cpu"] for name, b in by_backend.items()},
+           "fft_forward_s_by_backend": {name: b["forward"] for name, b in by_backend.items()},
+           "fft_backend_versions": {name: b["backend"]["version"] for name, b in by_backend.items()}}
     scipy_s = (None, None)
     if comm.rank == 0:
         full = local if comm.size == 1 else plane_field(n, 0, n, seed)
@@ -89,6 +106,8 @@ def bench_fft(comm, n: int, repeat: int, seed: int = 1) -> dict:
         scipy_s = _timed(MPI.COMM_SELF, scipy_pair, repeat)
         del full
     res["fft_scipy_s"], res["fft_scipy_cpu_s"] = comm.bcast(scipy_s, root=0)
+    res["fft_s_by_backend"]["scipy"] = res["fft_scipy_s"]
+    res["fft_cpu_s_by_backend"]["scipy"] = res["fft_scipy_cpu_s"]
     res["fft_ratio_vs_scipy"] = res["fft_s"] / res["fft_scipy_s"]
     res["fft_cpu_ratio_vs_scipy"] = res["fft_cpu_s"] / res["fft_scipy_cpu_s"]
     return res
@@ -184,6 +203,7 @@ def run(comm, out: Path, n: int, n_particles: int, repeat: int, exchange_particl
              f"{paint_n or n}^3, exchange {exchange_particles} particles, {repeat} repeats")
     with timer.stage("fft"):
         summary.update(bench_fft(comm, n, repeat))
+    log.info("FFT pair by backend (wall s): " + ", ".join(f"{k} {v:.4g}" for k, v in summary["fft_s_by_backend"].items()))
     log.info(f"FFT pair {summary['fft_s']:.4g} s, scipy {summary['fft_scipy_s']:.4g} s, "
              f"ratio {summary['fft_ratio_vs_scipy']:.2f} (CPU time ratio {summary['fft_cpu_ratio_vs_scipy']:.2f})")
     with timer.stage("paint"):

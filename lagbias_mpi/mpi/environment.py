@@ -1,4 +1,5 @@
-"""What a run ran on: versions of Python, numpy, torch, mpi4py and the MPI library, FFT backend, ranks.
+"""What a run ran on: versions of Python, numpy, torch, mpi4py and the MPI library, FFT backend
+(``$LAGBIAS_FFT_BACKEND``: mpi4py-fft or pfft) and its version, ranks.
 """
 from __future__ import annotations
 
@@ -44,12 +45,21 @@ def fftw_version() -> str | None:
     return None
 
 
+def fft_backend_info() -> dict:
+    """``fft_backend`` (the one ``SlabFFT`` uses in this process: ``$LAGBIAS_FFT_BACKEND`` or
+    mpi4py-fft) and ``fft_backend_version`` (None when its package is missing)."""
+    from lagbias_mpi.mpi.fft import BACKEND_ENV, BACKENDS, backend_version
+
+    name = os.environ.get(BACKEND_ENV, "").strip() or BACKENDS[0]
+    return {"fft_backend": name, "fft_backend_version": backend_version(name) if name in BACKENDS else None}
+
+
 def collect(comm) -> dict:
     """Everything ``info`` prints, as a dict (rank-local: no collective call)."""
     import mpi4py
     from mpi4py import MPI
 
-    from lagbias_mpi.mpi.fft import BACKENDS
+    from lagbias_mpi.mpi.fft import installed_backends
 
     info = {
         "lagbias_mpi": __version__,
@@ -64,8 +74,8 @@ def collect(comm) -> dict:
         "mpi4py": mpi4py.__version__,
         "mpi_library": MPI.Get_library_version().replace("\x00", "").splitlines()[0].strip(),
         "mpi_standard": "{}.{}".format(*MPI.Get_version()),
-        "fft_backend": BACKENDS[0],
-        "fft_backend_version": _version("mpi4py_fft", "mpi4py-fft"),
+        **fft_backend_info(),
+        "fft_backends_installed": ", ".join(installed_backends()),
         "fftw": fftw_version(),
         "h5py": _version("h5py"),
         "hdf5": None,
@@ -105,7 +115,7 @@ def environment_info(comm) -> dict:
     info = {"lagbias_mpi": __version__, "python": sys.version.split()[0], "numpy": np.__version__,
             "mpi4py": mpi4py.__version__, "mpi_library": library.splitlines()[0].strip(),
             "n_ranks": comm.size, "host": platform.node(),
-            "fftw_planner": os.environ.get("LAGBIAS_FFTW_PLANNER", "FFTW_MEASURE")}
+            "fftw_planner": os.environ.get("LAGBIAS_FFTW_PLANNER", "FFTW_MEASURE"), **fft_backend_info()}
     try:
         import torch
         info["torch"] = torch.__version__

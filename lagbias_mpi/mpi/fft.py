@@ -7,9 +7,13 @@ a transposed slab FFT); ``SlabFFT.local_k`` gives the k-vectors of the local Fou
 Conventions: ``forward`` is the unnormalised DFT (numpy's ``rfftn``), ``backward`` its inverse
 including the 1/N^3 (numpy's ``irfftn``). Wavenumbers are in h/Mpc for a box in Mpc/h.
 
-Backends sit behind :class:`FFTBackend`: ``mpi4py-fft`` (default, FFTW) is implemented; a
-pfft-python backend only needs the same five members (pencil layouts would also cut axis 1 of real
-space, which the rest of the code does not assume away: it only uses ``real_slab`` and ``local_k``).
+Backends sit behind :class:`FFTBackend`: ``mpi4py-fft`` (default, FFTW) and ``pfft``
+(pfft-python, :mod:`lagbias_mpi.mpi.fft_pfft`; ``make pfft`` installs it), both on slabs with the
+same real and Fourier layouts. ``SlabFFT(..., backend=None)`` (what every stage uses) takes the
+backend from ``$LAGBIAS_FFT_BACKEND`` (default ``mpi4py-fft``), so one variable switches features,
+paint/power, ICs and PM of a whole job; set it identically on every rank (mpirun passes it on).
+What PFFT's pencils (a 2-D process mesh, for grids with fewer planes than ranks) would take is
+written in :mod:`lagbias_mpi.mpi.fft_pfft`.
 
 Reproducibility: FFTW's planner effort comes from ``$LAGBIAS_FFTW_PLANNER`` (default
 ``FFTW_MEASURE``, as mpi4py-fft). FFTW_MEASURE times candidate algorithms, so two runs of the same
@@ -27,7 +31,62 @@ import numpy as np
 
 from lagbias_mpi.mpi.layout import slab_bounds
 
-BACKENDS = ("mpi4py-fft",)
+BACKENDS = ("mpi4py-fft", "pfft")
+
+
+BACKEND_ENV = "LAGBIAS_FFT_BACKEND"
+
+
+_BACKEND_MODULES = {"mpi4py-fft": ("mpi4py_fft", "mpi4py-fft"), "pfft": ("pfft", "pfft-python")}
+
+
+INSTALL_HINT = {"mpi4py-fft": "pip install --no-build-isolation mpi4py-fft",
+                "pfft": "`make pfft` (builds it without internet) or `pip install pfft-python`"}
+
+
+def backend_name(name: str | None = None) -> str:
+    """The FFT backend to use: ``name`` if given, else ``$LAGBIAS_FFT_BACKEND``, else mpi4py-fft.
+    Refuses an unknown name, and a known one that is not installed (naming how to install it)."""
+    if name is None:
+        name = os.environ.get(BACKEND_ENV, "").strip() or BACKENDS[0]
+        where = f"{BACKEND_ENV}={name!r}"
+    else:
+        where = f"FFT backend {name!r}"
+    if name not in BACKENDS:
+        raise ValueError(f"{where}: unknown FFT backend; available: {BACKENDS}")
+    if not backend_installed(name):
+        raise ValueError(f"{where}: {_BACKEND_MODULES[name][1]} is not installed; install it with "
+                         f"{INSTALL_HINT[name]}")
+    return name
+
+
+def backend_installed(name: str) -> bool:
+    """Whether the Python package of backend ``name`` imports."""
+    import importlib
+
+    try:
+        importlib.import_module(_BACKEND_MODULES[name][0])
+    except ImportError:
+        return False
+    return True
+
+
+def installed_backends() -> list[str]:
+    """Names of the backends whose package imports, in :data:`BACKENDS` order."""
+    return [name for name in BACKENDS if backend_installed(name)]
+
+
+def backend_version(name: str) -> str | None:
+    """Installed version of backend ``name``'s package (None when missing)."""
+    from importlib import metadata
+
+    if not backend_installed(name):
+        return None
+    module, dist = _BACKEND_MODULES[name]
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:  # pragma: no cover - built in place
+        return getattr(__import__(module), "__version__", "unknown")
 
 
 PLANNER_ENV = "LAGBIAS_FFTW_PLANNER"
@@ -85,25 +144,30 @@ class _Mpi4pyFFTBackend(FFTBackend):
 
 
 class SlabFFT:
-    """Distributed real FFT of an ``n``^3 grid over ``comm`` for a periodic box of ``box`` Mpc/h.
+    """Distributed real FFT of an ``n``^3 grid over ``comm`` for a periodic box of ``box`` Mpc/h,
+    with ``backend`` (default: :func:`backend_name`, i.e. ``$LAGBIAS_FFT_BACKEND`` or mpi4py-fft).
 
     Attributes: ``real_shape``/``real_start`` (local real slab, planes along axis 0),
     ``complex_shape`` (local Fourier slab, cut along axis 1), ``backend`` (name and version).
     """
 
-    def __init__(self, comm, n: int, box: float, dtype=np.float32, backend: str = "mpi4py-fft"):
+    def __init__(self, comm, n: int, box: float, dtype=np.float32, backend: str | None = None):
         if n < 2:
             raise ValueError(f"FFT grid must have at least 2 cells per side, got {n}")
         if comm.size > n:
             raise ValueError(f"FFT of {n}^3 cannot be cut into slabs over {comm.size} ranks (ranks > N)")
-        if backend not in BACKENDS:
-            raise ValueError(f"unknown FFT backend {backend!r}; available: {BACKENDS}")
+        backend = backend_name(backend)
         self.comm, self.n, self.box = comm, int(n), float(box)
         self.dtype = np.dtype(dtype)
         if self.dtype not in (np.float32, np.float64):
             raise ValueError(f"FFT dtype must be float32 or float64, got {self.dtype}")
         self.cdtype = np.result_type(self.dtype, np.complex64)
-        self._backend = _Mpi4pyFFTBackend(comm, self.n, self.dtype)
+        if backend == "pfft":
+            from lagbias_mpi.mpi.fft_pfft import PfftBackend
+
+            self._backend = PfftBackend(comm, self.n, self.dtype)
+        else:
+            self._backend = _Mpi4pyFFTBackend(comm, self.n, self.dtype)
         start, stop = slab_bounds(self.n, comm.size, comm.rank)
         if (self._backend.real_slab[0].start, self._backend.real_slab[0].stop) != (start, stop):
             raise RuntimeError("FFT backend slab layout differs from lagbias_mpi.mpi.layout")

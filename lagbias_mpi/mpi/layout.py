@@ -49,3 +49,16 @@ def next_nonempty_rank(n: int, size: int, rank: int) -> int:
     """Rank that owns the plane right after the slab of ``rank`` (periodic); its CIC ghost target."""
     _, stop = slab_bounds(n, size, rank)
     return plane_owner(stop % n, n, size) if n else rank
+
+
+def plane_transfer(start: int, stop: int, starts, stops) -> tuple[np.ndarray, np.ndarray]:
+    """Planes of the slab ``[start, stop)`` that each rank's slab ``[starts[r], stops[r])`` of another
+    layout of the same grid holds: ``(counts, offsets)`` per rank, offsets counted from ``start``
+    (0 where the count is 0). Used both ways when a field moves between two slab layouts: against the
+    destination slabs it gives what to send, against the source slabs what to receive."""
+    starts, stops = np.asarray(starts, np.int64), np.asarray(stops, np.int64)
+    if starts.shape != stops.shape or np.any(stops < starts) or stop < start:
+        raise ValueError(f"bad slabs [{start}, {stop}) vs {starts.tolist()}..{stops.tolist()}")
+    lo, hi = np.maximum(start, starts), np.minimum(stop, stops)
+    counts = np.maximum(0, hi - lo)
+    return counts, np.where(counts > 0, lo - start, 0)
