@@ -198,3 +198,33 @@ def test_without_halos_and_moment_warning(trained):
     assert np.isclose(s["mean_f"], s["sum_f"] / 24**3)
     if WORLD.rank == 0:
         assert sorted(p.name for p in (d / f"nohalo_out{WORLD.size}").iterdir()) == ["model_field.h5", "summary.json"]
+
+
+def test_config_refuses_bad_keys(tmp_path):
+    from lagbias_mpi.config.predict import load_predict_config
+
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump({"simulation": {"file": "x.h5"}}))
+    assert load_predict_config(path).output.assignment == "cic"
+    for override, message in [("output.foo=1", "output.foo"), ("output.nmesh=1", "output.nmesh must be >= 2"),
+                              ("output.compare=maybe", "output.compare"), ("simulation.realisation=2",
+                                                                           "need simulation.simulate"),
+                              ("checks.moment_tolerance=0", "moment_tolerance")]:
+        with pytest.raises(ConfigError, match=message):
+            load_predict_config(path, [override])
+
+
+def test_planner_predict_below_training():
+    """The predict memory model: below training's for the same box, growing with members."""
+    from dataclasses import replace
+
+    from lagbias_mpi.hpc.planner import memory_per_rank
+    from lagbias_mpi.hpc.predict_plan import predict_memory_per_rank
+    from lagbias_mpi.hpc.problem import load_sizes
+
+    root = Path(__file__).resolve().parents[1]
+    size = load_sizes(str(root / "configs" / "abacus_base_c000_2gpc.yaml"), ["simulation.abacus.n_ic=1152"])
+    for ranks in (1, 64, 480):
+        pred = predict_memory_per_rank(size, ranks)
+        assert pred["peak_bytes"] < memory_per_rank(replace(size, n_val=0), ranks)["peak_bytes"]
+        assert predict_memory_per_rank(size, ranks, members=True)["peak_bytes"] >= pred["peak_bytes"]
