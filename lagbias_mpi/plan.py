@@ -65,13 +65,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _predict_plan(size, plan: dict, args) -> dict:
     """Memory and time of the predict command on the same ranks, printed beside the training peak."""
-    from lagbias_mpi.hpc.predict_plan import STAGES, predict_memory_per_rank, predict_time
+    from lagbias_mpi.hpc.predict_plan import (
+        STAGES,
+        predict_memory_per_rank,
+        predict_time,
+    )
 
     mem = predict_memory_per_rank(size, plan["ranks"], members=args.predict_members, particle_f=True)
     t = predict_time(size, plan["ranks"], plan["nodes"], load_costs(args.costs), members=args.predict_members)
     gb = 1024**3
-    lines = ["", f"predict on {plan['ranks']} ranks (one box, {size.ensemble}-member model, "
-             f"{size.eval_nmesh}^3 model field):", "", "| stage | memory per rank [GiB] |", "|---|---|"]
+    head = (f"predict on {plan['ranks']} ranks (one box, {size.ensemble}-member model, "
+            f"{size.eval_nmesh}^3 model field):")
+    lines = ["", head, "", "| stage | memory per rank [GiB] |", "|---|---|"]
     lines += [f"| {st} | {mem['bytes'][st] / gb:.3f} |" for st in STAGES]
     lines.append(f"| **peak** | **{mem['peak_bytes'] / gb:.3f}** ({mem['peak_stage']}); training peak "
                  f"{plan['memory']['peak_bytes'] / gb:.3f} |")

@@ -128,7 +128,7 @@ def test_rank_invariance_and_hdf5_layout(trained, assignment):
     assert attrs["training_config_hash"] == s["training_config_hash"] == ref["training_config_hash"]
     n_part = 24**3
     painted = field.sum(dtype=np.float64) * n_part / 20**3
-    pid, pattrs = _read(d / f"inv_out{tag}" / "particles_f.h5", "pid")
+    pid, _ = _read(d / f"inv_out{tag}" / "particles_f.h5", "pid")
     f, _ = _read(d / f"inv_out{tag}" / "particles_f.h5", "f")
     fm, _ = _read(d / f"inv_out{tag}" / "particles_f.h5", "f_members")
     assert np.isclose(painted, attrs["sum_f"], rtol=1e-5)

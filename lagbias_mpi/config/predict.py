@@ -6,7 +6,7 @@ Every key can be overridden on the command line by its dotted name (``--set outp
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Literal
 
 from lagbias_mpi.config.abacus import AbacusSet, AbacusSource
 from lagbias_mpi.config.loader import load_config
@@ -20,12 +20,12 @@ class PredictSimulationConfig:
     ``cache_dir`` when missing) and its ``realisation``; ``file`` (a lagbias_mpi simulation file);
     ``abacus`` (one AbacusSummit simulation, :class:`~lagbias_mpi.config.abacus.AbacusSource`)."""
 
-    simulate: Optional[str] = None
+    simulate: str | None = None
     simulate_set: tuple[str, ...] = ()
-    cache_dir: Optional[str] = None
+    cache_dir: str | None = None
     realisation: int = 0
-    file: Optional[str] = None
-    abacus: Optional[AbacusSource] = None
+    file: str | None = None
+    abacus: AbacusSource | None = None
 
     def __post_init__(self):
         given = [self.simulate is not None, self.file is not None, self.abacus is not None]
@@ -68,13 +68,13 @@ class OutputConfig:
     simulation has halos), ``require`` (refuse a simulation without), ``off``; ``kmax`` [h/Mpc]:
     the low-k figures average the bins below it (default the training's ``grid.kmax_lowk``)."""
 
-    name: Optional[str] = None
-    nmesh: Optional[int] = None
+    name: str | None = None
+    nmesh: int | None = None
     assignment: Literal["cic", "ngp"] = "cic"
     particle_f: bool = False
     members: bool = False
     compare: Literal["auto", "require", "off"] = "auto"
-    kmax: Optional[float] = None
+    kmax: float | None = None
     figures: bool = True
 
     def __post_init__(self):
@@ -110,7 +110,7 @@ class PredictConfig:
 
     simulation: PredictSimulationConfig
     output: OutputConfig = field(default_factory=OutputConfig)
-    halos: Optional[HaloConfig] = None
+    halos: HaloConfig | None = None
     checks: ChecksConfig = field(default_factory=ChecksConfig)
     run: PredictRunSection = field(default_factory=PredictRunSection)
 

@@ -20,8 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lagbias_mpi.analysis import plots
-from lagbias_mpi.analysis import predict_figures
+from lagbias_mpi.analysis import plots, predict_figures
 from lagbias_mpi.bias.ensemble import load_ensemble
 from lagbias_mpi.bias.evaluate import evaluate_simulation
 from lagbias_mpi.bias.features import feature_names, global_moments
@@ -97,9 +96,10 @@ def moment_check(comm, slab, names, tolerance: float) -> dict:
     for name, m, s in zip(names, mean_s, std_s):
         if abs(m) > tolerance or abs(s - 1) > tolerance:
             report["beyond_tolerance"].append(name)
-            log.warning(f"feature {name}: this box's mean differs from the training mean by {m:+.4f} "
-                        f"training std and its std is {s:.4f} x the training std (tolerance "
-                        f"{tolerance}); the model is applied with the training moments")
+            if comm.rank == 0:
+                log.warning(f"feature {name}: this box's mean differs from the training mean by {m:+.4f} "
+                            f"training std and its std is {s:.4f} x the training std (tolerance "
+                            f"{tolerance}); the model is applied with the training moments")
     return report
 
 
