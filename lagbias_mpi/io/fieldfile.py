@@ -12,11 +12,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import h5py
 import numpy as np
 
 from lagbias_mpi import __version__
 from lagbias_mpi.core.atomic import atomic_path
+from lagbias_mpi.io.hdf5 import open_h5
 from lagbias_mpi.mpi.layout import slab_bounds
 
 FIELD_FORMAT = "lagbias_mpi.model_field"
@@ -79,7 +79,7 @@ def write_field(comm, path, slab: np.ndarray, nmesh: int, attrs: dict, dtype=np.
         raise ValueError(f"write_field: slab shape {slab.shape}, expected {(stop - start, nmesh, nmesh)}")
 
     def create(tmp):
-        with h5py.File(tmp, "w") as f:
+        with open_h5(tmp, "w") as f:
             f.attrs["format"], f.attrs["format_version"] = FIELD_FORMAT, FORMAT_VERSION
             f.attrs["code_version"], f.attrs["nmesh"] = __version__, int(nmesh)
             for k, v in attrs.items():
@@ -89,7 +89,7 @@ def write_field(comm, path, slab: np.ndarray, nmesh: int, attrs: dict, dtype=np.
 
     def write(tmp):
         if stop > start:
-            with h5py.File(tmp, "r+") as f:
+            with open_h5(tmp, "r+") as f:
                 f["field"][start:stop] = slab.astype(dtype, copy=False)
 
     _in_turn(comm, path, create, write)
@@ -112,7 +112,7 @@ def write_particles(comm, path, columns: dict[str, np.ndarray], attrs: dict) -> 
     shapes = comm.bcast({k: (v.shape, str(v.dtype)) for k, v in columns.items()}, root=0)
 
     def create(tmp):
-        with h5py.File(tmp, "w") as f:
+        with open_h5(tmp, "w") as f:
             f.attrs["format"], f.attrs["format_version"] = PARTICLES_FORMAT, FORMAT_VERSION
             f.attrs["code_version"], f.attrs["n_particles"] = __version__, total
             for k, v in attrs.items():
@@ -123,7 +123,7 @@ def write_particles(comm, path, columns: dict[str, np.ndarray], attrs: dict) -> 
 
     def write(tmp):
         if n:
-            with h5py.File(tmp, "r+") as f:
+            with open_h5(tmp, "r+") as f:
                 for name, v in columns.items():
                     if name in along1:
                         f[name][:, off:off + n] = v
@@ -135,7 +135,7 @@ def write_particles(comm, path, columns: dict[str, np.ndarray], attrs: dict) -> 
 
 def read_field_attrs(path) -> dict:
     """Root attributes of a ``model_field.h5`` (any rank; cheap)."""
-    with h5py.File(path, "r") as f:
+    with open_h5(path, "r") as f:
         if f.attrs.get("format") != FIELD_FORMAT:
             raise ValueError(f"{path} is not a {FIELD_FORMAT} file")
         return {k: (v.item() if isinstance(v, np.generic) else v) for k, v in f.attrs.items()}

@@ -23,7 +23,7 @@ import numpy as np
 from lagbias_mpi.analysis import plots, predict_figures
 from lagbias_mpi.bias.ensemble import load_ensemble
 from lagbias_mpi.bias.evaluate import evaluate_simulation
-from lagbias_mpi.bias.features import feature_names, global_moments
+from lagbias_mpi.bias.features import feature_names
 from lagbias_mpi.bias.particles import ic_features, lagrangian_particles
 from lagbias_mpi.bias.prepare import eval_nmesh
 from lagbias_mpi.bias.truth import true_tracers
@@ -36,7 +36,12 @@ from lagbias_mpi.io.fieldfile import write_field, write_particles
 from lagbias_mpi.io.spectra import write_spectra
 from lagbias_mpi.mesh.paint import paint
 from lagbias_mpi.mesh.power import mean_ratio_below, overdensity, power_spectrum
-from lagbias_mpi.mpi.comm import StageTimer, global_min_max_mean, global_sum
+from lagbias_mpi.mpi.comm import (
+    StageTimer,
+    global_min_max_mean,
+    global_moments,
+    global_sum,
+)
 from lagbias_mpi.mpi.fft import SlabFFT
 from lagbias_mpi.mpi.layout import slab_bounds
 from lagbias_mpi.workflows.cli import write_summary
