@@ -39,7 +39,33 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--costs", default=None, help="costs JSON (default: lagbias_mpi/data/costs.json, else built-in)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
     ap.add_argument("--out", default=None, help="write the plan as JSON here")
+    ap.add_argument("--predict", action="store_true",
+                    help="also plan python -m lagbias_mpi.predict of the config's training box with its "
+                         "model (memory per rank per stage; eval grid = output.nmesh)")
+    ap.add_argument("--predict-members", action="store_true", help="with --predict: output.members: true")
     return ap
+
+
+def _predict_plan(size, plan: dict, args) -> dict:
+    """Memory and time of the predict command on the same ranks, printed beside the training peak."""
+    from lagbias_mpi.hpc.predict_plan import (
+        STAGES,
+        predict_memory_per_rank,
+        predict_time,
+    )
+
+    mem = predict_memory_per_rank(size, plan["ranks"], members=args.predict_members, particle_f=True)
+    t = predict_time(size, plan["ranks"], plan["nodes"], load_costs(args.costs), members=args.predict_members)
+    gb = 1024**3
+    head = (f"predict on {plan['ranks']} ranks (one box, {size.ensemble}-member model, "
+            f"{size.eval_nmesh}^3 model field):")
+    lines = ["", head, "", "| stage | memory per rank [GiB] |", "|---|---|"]
+    lines += [f"| {st} | {mem['bytes'][st] / gb:.3f} |" for st in STAGES]
+    lines.append(f"| **peak** | **{mem['peak_bytes'] / gb:.3f}** ({mem['peak_stage']}); training peak "
+                 f"{plan['memory']['peak_bytes'] / gb:.3f} |")
+    lines.append(f"predict time ~{t['total_s']:.4g} s ({mem['bytes_per_particle']:.0f} B per particle above the baseline)")
+    sys.stdout.write("\n".join(lines) + "\n")
+    return {"memory": mem, "time": t}
 
 
 def main(argv=None) -> dict:
@@ -68,6 +94,8 @@ def main(argv=None) -> dict:
                                                          "peak_bytes": best["memory"]["peak_bytes"],
                                                          "total_s": best["time"]["total_s"]},
               "costs": costs, "model": {"baseline_mb": BASELINE_MB, "bytes": BYTES}}
+    if args.predict:
+        result["predict"] = _predict_plan(size, plan, args)
     if args.out:
         write_json(args.out, result)
     return result
