@@ -13,15 +13,16 @@ from lagbias_mpi.bias import features as feat
 from lagbias_mpi.bias.routing import read_features, route_eulerian, route_lagrangian
 from lagbias_mpi.io.simfile import LocalSimulation, SimulationMeta
 from lagbias_mpi.mesh.grid import particle_id
+from lagbias_mpi.mpi.cells import CellOwnership
 
 
 @dataclass
 class Particles:
     """This rank's particles of one simulation (after Lagrangian routing, then Eulerian routing).
 
-    ``raw``: standardised raw features (n, n_raw) float64; ``pid``: global id (uint64);
-    ``pos``: final position (n, 3) Mpc/h; ``cell``: global flat training-cell id (after Eulerian
-    routing); ``f_true`` for planted simulations.
+    ``raw``: standardised raw features (n, n_raw) float32; ``pid``: global id (uint64);
+    ``pos``: final position (n, 3) Mpc/h; ``cell``: global flat training-cell id and ``ownership``:
+    which rank owns which cells (after Eulerian routing); ``f_true`` for planted simulations.
     """
 
     meta: SimulationMeta
@@ -31,6 +32,7 @@ class Particles:
     cell: np.ndarray | None = None
     f_true: np.ndarray | None = None
     exchange_stats: list = field(default_factory=list)
+    ownership: CellOwnership | None = None
 
     @property
     def n_local(self) -> int:
@@ -55,16 +57,16 @@ def lagrangian_particles(comm, sim: LocalSimulation, feature_slab: np.ndarray) -
         cols["f_true"] = sim.f_true
     stats: list = []
     got = route_lagrangian(comm, cols, meta.ppd, meta.n_ic, stats=stats)
-    raw = read_features(feature_slab, sim.ic_start, got["ic_index"]).astype(np.float64)
+    raw = read_features(feature_slab, sim.ic_start, got["ic_index"])
     return Particles(meta, raw, particle_id(got["lagr_index"], meta.ppd), got["pos"],
                      f_true=got.get("f_true"), exchange_stats=stats)
 
 
 def eulerian_route(comm, parts: Particles, n_grid: int) -> Particles:
-    """Send particles to the owner of their training-grid cell plane (sets ``cell``)."""
+    """Send particles to the owner of their training-grid cell (sets ``cell`` and ``ownership``)."""
     cols = {"raw": parts.raw, "pid": parts.pid, "pos": parts.pos}
     if parts.f_true is not None:
         cols["f_true"] = parts.f_true
-    got = route_eulerian(comm, cols, n_grid, parts.meta.box, stats=parts.exchange_stats)
+    got, own = route_eulerian(comm, cols, n_grid, parts.meta.box, stats=parts.exchange_stats)
     return Particles(parts.meta, got["raw"], got["pid"], got["pos"], got["cell"], got.get("f_true"),
-                     parts.exchange_stats)
+                     parts.exchange_stats, own)

@@ -10,13 +10,13 @@ from mpi4py import MPI
 from lagbias_mpi.bias.features import feature_names
 from lagbias_mpi.bias.orthogonalise import fit as fit_orthogonaliser
 from lagbias_mpi.bias.particles import eulerian_route, ic_features, lagrangian_particles
+from lagbias_mpi.bias.routing import slab_to_owners
 from lagbias_mpi.bias.truth import delta_slab, true_tracers
 from lagbias_mpi.config.loader import ConfigError
 from lagbias_mpi.config.train import TrainRunConfig
 from lagbias_mpi.core.logs import get_logger
 from lagbias_mpi.io import sources
 from lagbias_mpi.io.simfile import SimulationFileError
-from lagbias_mpi.mesh.grid import cell_values, local_grid_start
 from lagbias_mpi.mpi.comm import global_sum
 
 log = get_logger("train")
@@ -47,16 +47,20 @@ def eval_nmesh(grid, box: float) -> int:
 
 
 class _Sim:
-    """A prepared simulation: particles on their training cell's owner, targets, tracers."""
+    """A prepared simulation: particles on their training cell's owner, the true field at the cells
+    this rank owns (``truth``: 1-d over the range ``parts.ownership.bounds(rank)``), tracers."""
 
-    def __init__(self, label, role, spec, sim, parts, theta, truth_slab, n_grid, tracers):
+    def __init__(self, label, role, spec, sim, parts, theta, truth, n_grid, tracers):
         self.label, self.role, self.spec, self.sim = label, role, spec, sim
-        self.parts, self.theta, self.truth_slab, self.n_grid = parts, theta, truth_slab, n_grid
+        self.parts, self.theta, self.truth, self.n_grid = parts, theta, truth, n_grid
         self.tracers = tracers
 
+    @property
+    def ownership(self):
+        return self.parts.ownership
+
     def targets(self, comm):
-        start = local_grid_start(comm, self.n_grid)
-        return lambda cells: cell_values(self.truth_slab, self.n_grid, start, cells)
+        return lambda cells: self.ownership.local_values(self.truth, comm.rank, cells)
 
 
 def sim_labels(n_train: int, n_val: int) -> list[str]:
@@ -104,7 +108,8 @@ def prepare_simulations(comm, timer, cfg, train_specs, val_specs, exch):
             n_grid = int(round(sim.meta.box / cfg.grid.cell))
             parts = eulerian_route(comm, parts, n_grid)
             tpos, tw, what = true_tracers(comm, sim, cfg.halos)
-            truth = delta_slab(comm, tpos, tw, n_grid, sim.meta.box, "ngp")
+            truth = slab_to_owners(comm, delta_slab(comm, tpos, tw, n_grid, sim.meta.box, "ngp"), n_grid,
+                                   parts.ownership)
             role, label = ("train" if i < n_train else "val"), labels[i]
             n_glob = int(global_sum(comm, np.int64(parts.n_local)))
             if n_glob != sim.meta.n_particles:
@@ -113,7 +118,7 @@ def prepare_simulations(comm, timer, cfg, train_specs, val_specs, exch):
             log.info(f"{label}: {n_glob} particles, training grid {n_grid}^3, true field: {what}")
             for kind, st in parts.exchange_stats:
                 exch.setdefault(f"{label}_{kind}", []).append(st)
-            prepared.append(_Sim(label, role, spec, sim, parts, orth.apply(parts.raw), truth, n_grid, (tpos, tw)))
+            prepared.append(_Sim(label, role, spec, sim, parts, orth.apply(parts.raw).astype(np.float32), truth, n_grid, (tpos, tw)))
     return prepared, orth, moments, names
 
 

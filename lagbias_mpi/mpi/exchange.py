@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 from mpi4py import MPI
 
+from lagbias_mpi.mpi.cells import range_overlaps
 from lagbias_mpi.mpi.comm import check_count
 
 
@@ -90,4 +91,28 @@ def exchange(comm, columns: dict[str, np.ndarray], dest: np.ndarray, what: str =
     if return_stats:
         stats = ExchangeStats(n, len(recvbuf), int(n * itemsize), int(len(recvbuf) * itemsize), n_global)
         return out, stats
+    return out
+
+
+def redistribute_ranges(comm, values: np.ndarray, src_edges: np.ndarray, dst_edges: np.ndarray) -> np.ndarray:
+    """Move a 1-d array distributed as contiguous pieces ``[src_edges[r], src_edges[r+1])`` (this
+    rank's piece is ``values``) to pieces ``[dst_edges[r], dst_edges[r+1])``; returns this rank's new
+    piece (same dtype). Collective; used to bring grid values from plane slabs to cell owners and back."""
+    values = np.ascontiguousarray(values).reshape(-1)
+    sc, sd, rc, rd = range_overlaps(src_edges, dst_edges, comm.rank)
+    if len(values) != int(src_edges[comm.rank + 1] - src_edges[comm.rank]):
+        raise ValueError(f"rank {comm.rank} holds {len(values)} values for the range "
+                         f"[{src_edges[comm.rank]}, {src_edges[comm.rank + 1]})")
+    out = np.empty(int(rc.sum()), dtype=values.dtype)
+    if comm.size == 1:
+        out[:] = values
+        return out
+    if max(int(sc.sum()), int(rc.sum())) >= 2**31:
+        raise OverflowError("more than 2**31 grid values through one rank in one redistribution")
+    rowtype = MPI.BYTE.Create_contiguous(values.dtype.itemsize).Commit()
+    try:
+        comm.Alltoallv([values.view(np.uint8), (sc.astype(np.int32), sd.astype(np.int32)), rowtype],
+                       [out.view(np.uint8), (rc.astype(np.int32), rd.astype(np.int32)), rowtype])
+    finally:
+        rowtype.Free()
     return out

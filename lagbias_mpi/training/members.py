@@ -32,9 +32,9 @@ def train_ensemble(comm, cfg, trs: list, vals: list, shape: dict, ckpt_dir: Path
                                  tcfg.seed, member, dtype=dtype, device=device, box=box)
 
         def field_set(s):
-            return build_field_set(comm, s.theta, s.parts.cell, s.parts.pid, s.truth_slab, s.n_grid,
+            return build_field_set(comm, s.theta, s.parts.cell, s.parts.pid, s.truth, s.n_grid,
                                    s.sim.meta.box, s.sim.meta.n_particles, cfg.sampling.frac, tcfg.seed, member,
-                                   k_cut, dtype=dtype, device=device)
+                                   k_cut, dtype=dtype, device=device, ownership=s.ownership)
         tset = interleave([batches(t, box) for box, t in enumerate(trs)])
         fsets = [field_set(t) for t in trs] if tcfg.kspace_loss.enabled else None
         vsets = [batches(v) for v in vals]

@@ -77,6 +77,11 @@ def run(comm, config_path, overrides=None, out=None, resume=False, stop_after_ep
             handler.close()
 
 
+def _balance(stats: dict) -> dict:
+    """Min/mean/max over ranks plus ``max_over_mean`` (1 = perfect balance)."""
+    return {**stats, "max_over_mean": stats["max"] / stats["mean"] if stats["mean"] else float("nan")}
+
+
 def _run(comm, cfg, run_dir, train_specs, val_specs, resume, stop: StopControl):
     timer = StageTimer(comm)
     tcfg = cfg.train
@@ -155,8 +160,9 @@ def _run(comm, cfg, run_dir, train_specs, val_specs, resume, stop: StopControl):
         "bare_mlp_particles_per_s": bare,
         "train_vs_bare": train_rate / bare,
         "exchange_bytes": _exchange_summary(comm, exch),
-        "particles_per_rank": global_min_max_mean(comm, sum(t.parts.n_local for t in trs)),
-        "cells_per_rank": global_min_max_mean(comm, batch_info["cells_local"]),
+        "particles_per_rank": _balance(global_min_max_mean(comm, sum(t.parts.n_local for t in trs))),
+        "cells_per_rank": global_min_max_mean(comm, sum(int(t.ownership.counts()[comm.rank]) for t in trs)),
+        "occupied_cells_per_rank": global_min_max_mean(comm, batch_info["cells_local"]),
         "loss_history": histories,
         "n_inputs": shape["n_in"],
         "feature_names": names,
