@@ -33,6 +33,7 @@ class Particles:
     f_true: np.ndarray | None = None
     exchange_stats: list = field(default_factory=list)
     ownership: CellOwnership | None = None
+    theta: np.ndarray | None = None  # (n, n_in) float32 orthogonalised inputs, when routed with them
 
     @property
     def n_local(self) -> int:
@@ -62,11 +63,20 @@ def lagrangian_particles(comm, sim: LocalSimulation, feature_slab: np.ndarray) -
                      f_true=got.get("f_true"), exchange_stats=stats)
 
 
-def eulerian_route(comm, parts: Particles, n_grid: int) -> Particles:
-    """Send particles to the owner of their training-grid cell (sets ``cell`` and ``ownership``)."""
-    cols = {"raw": parts.raw, "pid": parts.pid, "pos": parts.pos}
+def eulerian_route(comm, parts: Particles, n_grid: int, theta: np.ndarray | None = None,
+                   keep_raw: bool = True) -> Particles:
+    """Send particles to the owner of their training-grid cell (sets ``cell`` and ``ownership``).
+
+    Only what the next stages need travels: ``pid``, ``pos``, ``f_true`` (planted), the inputs
+    ``theta`` when given (float32; then ``theta`` is set) and the raw features when ``keep_raw``.
+    Bytes per particle: 8 + 12 + 4 n_in (+ 4 n_raw) (+ 8 for f_true), plus the 8 B cell id."""
+    cols = {"pid": parts.pid, "pos": parts.pos}
+    if keep_raw:
+        cols["raw"] = parts.raw
+    if theta is not None:
+        cols["theta"] = np.asarray(theta, np.float32)
     if parts.f_true is not None:
         cols["f_true"] = parts.f_true
     got, own = route_eulerian(comm, cols, n_grid, parts.meta.box, stats=parts.exchange_stats)
-    return Particles(parts.meta, got["raw"], got["pid"], got["pos"], got["cell"], got.get("f_true"),
-                     parts.exchange_stats, own)
+    return Particles(parts.meta, got.get("raw"), got["pid"], got["pos"], got["cell"], got.get("f_true"),
+                     parts.exchange_stats, own, got.get("theta"))
