@@ -25,12 +25,12 @@ def route_lagrangian(comm, columns: dict[str, np.ndarray], ppd: int, n_ic: int, 
                      stats: list | None = None) -> dict[str, np.ndarray]:
     """Send particle columns (must contain ``lagr_index``) to the owner of their IC plane; the
     result has an extra ``ic_index`` column. Collective."""
-    idx = ic_index(columns["lagr_index"], ppd, n_ic)
-    dest = plane_owner(idx[:, 0], n_ic, comm.size) if len(idx) else np.zeros(0, np.int64)
-    cols = dict(columns)
-    cols["ic_index"] = idx
-    got, st = exchange(comm, cols, np.asarray(dest, np.int64), what=f"{what} (Lagrangian routing)",
+    plane = ic_index(columns["lagr_index"], ppd, n_ic)[:, 0] if len(columns["lagr_index"]) else np.zeros(0, np.int64)
+    dest = plane_owner(plane, n_ic, comm.size) if len(plane) else np.zeros(0, np.int64)
+    del plane
+    got, st = exchange(comm, dict(columns), np.asarray(dest, np.int64), what=f"{what} (Lagrangian routing)",
                        return_stats=True)
+    got["ic_index"] = ic_index(got["lagr_index"], ppd, n_ic)  # recomputed here: 24 B less on the wire
     if stats is not None:
         stats.append(("lagrangian", st))
     return got
