@@ -14,6 +14,7 @@ from lagbias_mpi.bias.routing import read_features, route_eulerian, route_lagran
 from lagbias_mpi.io.simfile import LocalSimulation, SimulationMeta
 from lagbias_mpi.mesh.grid import particle_id
 from lagbias_mpi.mpi.cells import CellOwnership
+from lagbias_mpi.mpi.comm import global_moments
 
 
 @dataclass
@@ -46,7 +47,7 @@ def ic_features(comm, sim: LocalSimulation, radii, kinds, moments=None):
     feat.check_scales(radii, sim.meta.box, sim.meta.n_ic)
     raw = feat.compute_features(comm, sim.ic_delta, sim.meta.box, radii, kinds)
     if moments is None:
-        moments = feat.global_moments(comm, raw)
+        moments = global_moments(comm, raw)
     return feat.standardise(raw, *moments), moments
 
 

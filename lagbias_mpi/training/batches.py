@@ -1,15 +1,5 @@
-"""Distributed training of one ensemble member: batches, the grid-sum loss, DDP steps, the epoch loop.
-
-Loss of a batch (a fixed set of cells, DESIGN.md section 1), sums over the whole batch (all ranks):
-
-    L = sum_j (delta_model[j] - delta_true[j])^2 + sum_i (y_i - y_g)^4 [y_i < y_g]
-        + (S / N - 1)^2 / eps^2,   S = sum_i f_i, N = selected particles of the batch
-
-with 1 + delta_model[j] = (N_cells / N_part) (n[j] / n_sel[j]) sum_{selected i in j} f_i. A cell and
-its particles live on one rank, so the first two terms are local sums. DDP averages gradients over
-the P ranks, so each rank back-propagates P times its local part, where the constraint enters through
-the surrogate 2 (S/N - 1) / (eps^2 N) * S_local with S the (detached) global sum from one reduction:
-the summed gradients equal the gradient of the whole-batch loss on one rank.
+"""Global batches of training cells: the selected particles of each batch on this rank as contiguous tensors,
+with the per-cell scale and targets (paper eq. 2.5); the same batches on any number of ranks.
 """
 from __future__ import annotations
 
