@@ -12,9 +12,12 @@ import numpy as np
 from lagbias_mpi.bias import features as feat
 from lagbias_mpi.bias.routing import read_features, route_eulerian, route_lagrangian
 from lagbias_mpi.io.simfile import LocalSimulation, SimulationMeta
-from lagbias_mpi.mesh.grid import particle_id
+from lagbias_mpi.mesh.grid import ic_index, particle_id
 from lagbias_mpi.mpi.cells import CellOwnership
 from lagbias_mpi.mpi.comm import global_moments
+
+
+READOUT_CHUNK = 1 << 20  # particles per step of the feature readout
 
 
 @dataclass
@@ -51,17 +54,27 @@ def ic_features(comm, sim: LocalSimulation, radii, kinds, moments=None):
     return feat.standardise(raw, *moments), moments
 
 
-def lagrangian_particles(comm, sim: LocalSimulation, feature_slab: np.ndarray) -> Particles:
-    """Route ``sim``'s particles to their IC slab owner and read their features there."""
+def lagrangian_particles(comm, sim: LocalSimulation, feature_slab: np.ndarray,
+                         release_loaded: bool = False) -> Particles:
+    """Route ``sim``'s particles to their IC slab owner and read their features there.
+    ``release_loaded``: drop ``sim``'s loaded particle arrays once they are sent (before the readout)."""
     meta = sim.meta
     cols = {"lagr_index": sim.lagr_index, "pos": sim.pos}
     if sim.f_true is not None:
         cols["f_true"] = sim.f_true
+    if release_loaded:
+        sim.lagr_index = sim.pos = sim.f_true = None
     stats: list = []
-    got = route_lagrangian(comm, cols, meta.ppd, meta.n_ic, stats=stats)
-    raw = read_features(feature_slab, sim.ic_start, got["ic_index"])
-    return Particles(meta, raw, particle_id(got["lagr_index"], meta.ppd), got["pos"],
-                     f_true=got.get("f_true"), exchange_stats=stats)
+    got = route_lagrangian(comm, cols, meta.ppd, meta.n_ic, stats=stats, with_ic_index=False)
+    del cols
+    lagr = got.pop("lagr_index")
+    raw = np.empty((len(lagr), feature_slab.shape[-1]), feature_slab.dtype)
+    for lo in range(0, len(lagr), READOUT_CHUNK):  # IC grid points a chunk at a time (24 B each)
+        idx = ic_index(lagr[lo:lo + READOUT_CHUNK], meta.ppd, meta.n_ic)
+        raw[lo:lo + READOUT_CHUNK] = read_features(feature_slab, sim.ic_start, idx)
+    pid = particle_id(lagr, meta.ppd)
+    del lagr
+    return Particles(meta, raw, pid, got["pos"], f_true=got.get("f_true"), exchange_stats=stats)
 
 
 def eulerian_route(comm, parts: Particles, n_grid: int, theta: np.ndarray | None = None,

@@ -92,7 +92,7 @@ def _load_lagrangian(comm, timer, cfg, spec, moments, names):
         slab, mom = ic_features(comm, sim, cfg.features.radii, cfg.features.kinds, moments)
     with timer.stage("routing"):
         log.info(f"routing: {sim.meta.n_particles} particles to their Lagrangian slab")
-        parts = lagrangian_particles(comm, sim, slab)
+        parts = lagrangian_particles(comm, sim, slab, release_loaded=True)
     del slab
     sim.ic_delta = sim.pos = sim.lagr_index = sim.f_true = None  # routed copies live in ``parts``
     return sim, parts, (mom if moments is None else moments)
