@@ -2,6 +2,7 @@
 """
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 
 import numpy as np
@@ -90,6 +91,7 @@ def _load_lagrangian(comm, timer, cfg, spec, moments, names):
     with timer.stage("features"):
         log.info(f"features: {len(names)} columns on the {sim.meta.n_ic}^3 IC grid")
         slab, mom = ic_features(comm, sim, cfg.features.radii, cfg.features.kinds, moments)
+        gc.collect()  # the FFT objects hold reference cycles: free their work arrays now
     with timer.stage("routing"):
         log.info(f"routing: {sim.meta.n_particles} particles to their Lagrangian slab")
         parts = lagrangian_particles(comm, sim, slab, release_loaded=True)

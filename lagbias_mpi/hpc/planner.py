@@ -56,7 +56,6 @@ BYTES = {
     "load_particle": 24,      # lagr_index int32 x3 + pos float32 x3
     "ic_cell": 4,             # the IC slab, float32
     "fft_work_cell": 110,     # float64 r2c/c2r: k-slab, k^2, window, tidal kernel + temporaries, FFT copies
-    "feature_copies": 3,      # raw + float64 copy + (x - mean)^2 in global moments (numpy elides the 2nd temporary)
     "act_copies": 6,          # per hidden layer and batch particle: linear, GELU, their grads, Adam
     "fft_cache_cell": 128,    # kept after the features on > 1 rank (mpi4py-fft plans and buffers), measured
     "eval_cell": 56,          # model + true fields float64, their r2c slabs, paint ghost planes
@@ -153,8 +152,9 @@ def memory_per_rank(size: ProblemSize, ranks: int, imbalance: float | None = Non
     eul_rec = 4 * m + 8 + 12  # theta float32 + pid + pos
     prepared = (eul_rec + 8) * n_e  # + the cell id
     chunk = 3 * min(EXCHANGE_CHUNK, eul_rec * n_p)  # packed send rows, receive buffer, row targets of one round
-    feat_work = (4 * F + B["fft_work_cell"]) * c_ic
-    features = max(B["feature_copies"] * 8 * F * c_ic, feat_work)
+    # FFT work while the columns are computed; moments and standardisation go one column at a time
+    # (16 B per cell of float64 temporaries) into a second float32 slab
+    features = max(B["fft_work_cell"], 4 * F + 16) * c_ic
     keep = B["fft_cache_cell"] * c_ic if P > 1 else 0.0
     lagrangian = max(2 * loaded + chunk, (B["load_particle"] + 4 * F + 8) * n_p)
     # Eulerian: theta computed while the raw features live, then input + int32 destination + output
