@@ -81,7 +81,7 @@ def _evaluate_box(comm, timer, cfg, ens, s, results: dict, meta: dict) -> None:
     """Spectra of the ensemble on one prepared box into ``results[s.label]`` (collective)."""
     with timer.stage("evaluate"):
         nmesh = eval_nmesh(cfg.grid, s.sim.meta.box)
-        f_members = ens.predict_f_members(s.theta)
+        f_members = ens.predict_f_members(s.theta, dtype=np.float32)  # 4 B per member per particle
         results[s.label] = evaluate_simulation(comm, f_members, s.parts.pos, *s.tracers, s.sim.meta.box,
                                                nmesh, cfg.grid.kmax_lowk)
         del f_members
