@@ -57,7 +57,7 @@ BYTES = {
     "ic_cell": 4,             # the IC slab, float32
     "fft_work_cell": 110,     # float64 r2c/c2r: k-slab, k^2, window, tidal kernel + temporaries, FFT copies
     "act_copies": 6,          # per hidden layer and batch particle: linear, GELU, their grads, Adam
-    "fft_cache_cell": 128,    # kept after the features on > 1 rank (mpi4py-fft plans and buffers), measured
+    "fft_cache_cell": 60,     # more FFT work on > 1 rank (mpi4py-fft transposes), measured at 2 and 4 ranks
     "eval_cell": 56,          # model + true fields float64, their r2c slabs, paint ghost planes
     "select_particle": 40,    # per-cell sub-sampling of all particles: hash priority, lexsort order, masks
     "paint_particle": 40,     # CIC paint: float64 grid coordinates, weights, slab routing of the particles
@@ -155,7 +155,8 @@ def memory_per_rank(size: ProblemSize, ranks: int, imbalance: float | None = Non
     # FFT work while the columns are computed; moments and standardisation go one column at a time
     # (16 B per cell of float64 temporaries) into a second float32 slab
     features = max(B["fft_work_cell"], 4 * F + 16) * c_ic
-    keep = B["fft_cache_cell"] * c_ic if P > 1 else 0.0
+    keep = 0.0  # nothing of the FFTs outlives the feature stage (gc after it; measured, issue #11)
+    features += B["fft_cache_cell"] * c_ic if P > 1 else 0.0
     lagrangian = max(2 * loaded + chunk, (B["load_particle"] + 4 * F + 8) * n_p)
     # Eulerian: theta computed while the raw features live, then input + int32 destination + output
     eulerian = max(lag_set + 4 * m * n_p, eul_rec * n_p + 4 * n_p + eul_rec * n_e + chunk) + 12 * n_cells
