@@ -56,7 +56,8 @@ def test_memory_model_scales_with_ranks():
     for st in hpc_planner.STAGES:
         d1, d2, d8 = (m["bytes"][st] - base - hpc_planner.RUNTIME_MB[st] * hpc_planner.MB for m in (m1, m2, m8))
         assert d8 < d2  # the data part falls with the rank count ...
-        assert d8 == pytest.approx(d2 / 4, rel=0.15)  # ... about as 1/P (batch activations do too)
+        if st != "routing":  # (routing holds the global int32 cell histogram of the balanced ownership)
+            assert d8 == pytest.approx(d2 / 4, rel=0.15)  # ... about as 1/P (batch activations do too)
         if st == "load":  # (from 2 ranks on, the distributed FFT's transposes add to the feature stage)
             assert d2 == pytest.approx(d1 / 2, rel=0.15)
     assert m1["peak_bytes"] == max(m1["bytes"].values())
