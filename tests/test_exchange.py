@@ -147,3 +147,18 @@ def test_single_rank_keeps_everything():
     for k, v in cols.items():
         np.testing.assert_array_equal(out[k], v)
 
+
+
+@pytest.mark.mpi
+def test_exchange_in_rounds_equals_one_round(comm):
+    """Small rounds (a few rows each, a different number of rows per rank, one rank without rows)
+    give exactly the result of one round: same rows, same order."""
+    rng = np.random.default_rng(40 + comm.rank)
+    n = [37, 0, 53][comm.rank % 3]
+    cols = {"a": rng.standard_normal((n, 3)).astype(np.float32), "id": np.arange(n, dtype=np.uint64) + 1000 * comm.rank}
+    dest = rng.integers(0, comm.size, n)
+    one = exchange(comm, cols, dest)
+    many, st = exchange(comm, cols, dest, return_stats=True, chunk_bytes=5 * 20)
+    for name in cols:
+        assert np.array_equal(one[name], many[name])
+    assert st.n_received == len(one["id"]) and st.n_global == comm.allreduce(n)

@@ -56,12 +56,13 @@ def test_memory_model_scales_with_ranks():
     for st in hpc_planner.STAGES:
         d1, d2, d8 = (m["bytes"][st] - base - hpc_planner.RUNTIME_MB[st] * hpc_planner.MB for m in (m1, m2, m8))
         assert d8 < d2  # the data part falls with the rank count ...
-        assert d8 == pytest.approx(d2 / 4, rel=0.15)  # ... about as 1/P (batch activations do too)
-        if st in ("load", "features"):  # (from 2 ranks on, the FFT buffers kept after the features count)
+        if st != "routing":  # (routing holds the global int32 cell histogram of the balanced ownership)
+            assert d8 == pytest.approx(d2 / 4, rel=0.15)  # ... about as 1/P (batch activations do too)
+        if st == "load":  # (from 2 ranks on, the distributed FFT's transposes add to the feature stage)
             assert d2 == pytest.approx(d1 / 2, rel=0.15)
     assert m1["peak_bytes"] == max(m1["bytes"].values())
-    more = hpc_planner.memory_per_rank(_size(n_val=3), 8)
-    assert more["peak_bytes"] > m8["peak_bytes"]  # validation sims are held together with training
+    more = hpc_planner.memory_per_rank(_size(n_val=3), 8, imbalance=1.0)
+    assert more["peak_bytes"] == m8["peak_bytes"]  # validation sims are prepared one at a time, after training
 
 
 def test_fit_and_smallest_fit():
@@ -87,7 +88,8 @@ def test_abacus_base_prediction():
     best = hpc_planner.smallest_fit(s, 128, 512.0)
     assert best is not None and best["ranks"] <= 1024
     assert best["memory"]["peak_bytes"] <= best["available_bytes_per_rank"]
-    assert 40 <= best["nodes"] <= 120  # ~3.3e10 particles at ~1 kB per particle over 512 GB nodes
+    # ~3.3e10 particles at ~150 B per particle (issue #11 design; was ~1 kB: 73 nodes) over 512 GB nodes
+    assert 6 <= best["nodes"] <= 30
     best256 = hpc_planner.smallest_fit(s, 128, 256.0)
     assert best256["nodes"] > best["nodes"]
 

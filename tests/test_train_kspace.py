@@ -103,5 +103,5 @@ def test_kspace_training_rank_invariant(comm, sims):
     h, r = s["loss_history"][0], ref["loss_history"][0]
     assert len(h["kspace_loss"]) == 2 and s["kspace_k_cut"] == pytest.approx(1 / 16.0)
     for key in ("train_loss", "val_loss", "kspace_loss"):
-        assert np.allclose(h[key], r[key], rtol=1e-6, atol=0), key
+        assert np.allclose(h[key], r[key], rtol=1e-6, atol=0, equal_nan=True), key
     assert np.isclose(s["pk_ratio_lowk_val"], ref["pk_ratio_lowk_val"], rtol=1e-6)

@@ -46,7 +46,9 @@ def test_two_boxes_rank_invariant(comm, sims, kspace):
     assert s["n_train_sims"] == 2 and s["n_particles"] == 2 * 32**3
     assert s["n_selected"] == ref["n_selected"] and s["n_batches"] == ref["n_batches"]
     assert np.allclose(s["loss_history"][0]["train_loss"], ref["loss_history"][0]["train_loss"], rtol=1e-6, atol=0)
-    assert np.allclose(s["loss_history"][0]["val_loss"], ref["loss_history"][0]["val_loss"], rtol=1e-6, atol=0)
+    assert np.allclose(s["loss_history"][0]["val_loss"], ref["loss_history"][0]["val_loss"], rtol=1e-6, atol=0,
+                       equal_nan=True)
+    assert np.isfinite(s["loss_history"][0]["val_loss"][-1])
     assert set(s["pk_ratio_lowk_members"]) == {"train0", "train1", "val"}
     assert np.isclose(s["pk_ratio_lowk_val"], ref["pk_ratio_lowk_val"], rtol=1e-6)
 
@@ -96,5 +98,6 @@ def test_two_boxes_with_kspace_resume(comm, sims):
     assert run(comm, cfg, out=part, stop_after_epochs=1) is None
     resumed = run(comm, cfg, out=part, resume=True)
     for key in ("train_loss", "val_loss", "kspace_loss"):
-        assert np.allclose(resumed["loss_history"][0][key], full["loss_history"][0][key], rtol=1e-12), key
+        assert np.allclose(resumed["loss_history"][0][key], full["loss_history"][0][key], rtol=1e-12,
+                           equal_nan=True), key
     assert resumed["pk_ratio_lowk_val"] == pytest.approx(full["pk_ratio_lowk_val"], rel=1e-10)

@@ -7,6 +7,14 @@ from lagbias_mpi.mesh.grid import cell_index, ic_index, particle_id
 from lagbias_mpi.mpi.layout import slab_bounds
 
 
+def _check_cells_on_one_rank(comm, cell, own):
+    """Every particle is on the owner of its cell, so every cell with all its particles is on one rank."""
+    lo, hi = own.bounds(comm.rank)
+    assert np.all((cell >= lo) & (cell < hi))
+    assert np.array_equal(np.concatenate(comm.allgather(own.edges)), np.tile(own.edges, comm.size))
+    assert own.edges[0] == 0 and own.edges[-1] == own.n_cells and np.all(np.diff(own.edges) >= 0)
+
+
 def test_ic_index_rounding():
     lagr = np.array([[0, 1, 2], [3, 4, 7]])
     assert ic_index(lagr, 8, 16).tolist() == [[0, 2, 4], [6, 8, 14]]
@@ -34,13 +42,38 @@ def test_routing_conserves_and_reads_right_values(comm):
     idx = ic_index(got["lagr_index"], ppd, n_ic)
     assert np.array_equal(vals[:, 0], (idx[:, 0] * n_ic + idx[:, 1]) * n_ic + idx[:, 2])
     assert np.array_equal(vals[:, 1], -vals[:, 0])
-    eul = route_eulerian(comm, {"pos": got["pos"], "val": vals}, n_grid, box)
+    eul, own = route_eulerian(comm, {"pos": got["pos"], "val": vals}, n_grid, box)
     assert comm.allreduce(len(eul["pos"])) == comm.allreduce(n_local)
-    g0, g1 = slab_bounds(n_grid, comm.size, comm.rank)
     ci = cell_index(eul["pos"], n_grid, box)
-    assert np.all((ci[:, 0] >= g0) & (ci[:, 0] < g1))
     assert np.array_equal(eul["cell"], (ci[:, 0] * n_grid + ci[:, 1]) * n_grid + ci[:, 2])
+    _check_cells_on_one_rank(comm, eul["cell"], own)
     # the multiset of (value) pairs travelled intact
     allv = sorted(sum(comm.allgather(eul["val"][:, 0].tolist()), []))
     ref = sorted(sum(comm.allgather(vals[:, 0].tolist()), []))
     assert allv == ref
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("n_grid", [1, 2, 16])
+def test_eulerian_routing_balances_clustered_particles(comm, n_grid):
+    """Clustered particles (most in one corner of the box) end on the owners of their cells,
+    balanced by count; with 1 or 8 cells some ranks own no cell (or hold no particle) at 2/3 ranks."""
+    box = 100.0
+    rng = np.random.default_rng(10 + comm.rank)
+    n_local = [3000, 0, 5000][comm.rank % 3]
+    clump = rng.random(n_local) < 0.7
+    pos = np.where(clump[:, None], rng.normal(-30, 6, (n_local, 3)), rng.uniform(-50, 50, (n_local, 3)))
+    pos = (np.mod(pos + box / 2, box) - box / 2).astype(np.float32)
+    pid = np.arange(n_local, dtype=np.uint64) + np.uint64(10**6 * comm.rank)
+    eul, own = route_eulerian(comm, {"pos": pos, "pid": pid}, n_grid, box)
+    assert comm.allreduce(len(pid)) == comm.allreduce(len(eul["pid"]))
+    assert sorted(sum(comm.allgather(eul["pid"].tolist()), [])) == sorted(sum(comm.allgather(pid.tolist()), []))
+    _check_cells_on_one_rank(comm, eul["cell"], own)
+    ci = cell_index(eul["pos"], n_grid, box)
+    assert np.array_equal(eul["cell"], (ci[:, 0] * n_grid + ci[:, 1]) * n_grid + ci[:, 2])
+    n_ranks = comm.allgather(len(eul["pid"]))
+    if n_grid**3 < comm.size:
+        assert 0 in own.counts()
+    if n_grid == 16:
+        assert np.all(own.counts() >= 1)
+        assert max(n_ranks) / np.mean(n_ranks) <= 1.10

@@ -26,7 +26,7 @@ FORMAT = "lagbias_mpi.ensemble"
 VERSION = 1
 
 
-CHUNK = 1 << 20
+CHUNK = 1 << 16  # particles per forward pass: bounds the activations (~16 MB per layer)
 
 
 class Ensemble:
@@ -57,10 +57,10 @@ class Ensemble:
             raw = (raw - self.moments[0]) / self.moments[1]
         return self.orth.apply(raw)
 
-    def predict_y_members(self, theta: np.ndarray) -> np.ndarray:
-        """y = log10 f of every member (n_members, n) for network inputs ``theta``."""
+    def predict_y_members(self, theta: np.ndarray, dtype=np.float64) -> np.ndarray:
+        """y = log10 f of every member (n_members, n) for network inputs ``theta``, as ``dtype``."""
         theta = np.asarray(theta)
-        out = np.empty((self.n_members, len(theta)), dtype=np.float64)
+        out = np.empty((self.n_members, len(theta)), dtype=dtype)
         with torch.no_grad():
             for lo in range(0, len(theta), CHUNK):
                 x = torch.as_tensor(theta[lo:lo + CHUNK], dtype=self.torch_dtype)
@@ -68,8 +68,17 @@ class Ensemble:
                     out[m, lo:lo + CHUNK] = net(x).double().numpy()
         return out
 
-    def predict_f_members(self, theta: np.ndarray) -> np.ndarray:
-        return 10.0 ** self.predict_y_members(theta)
+    def predict_f_members(self, theta: np.ndarray, dtype=np.float64) -> np.ndarray:
+        """f = 10^y of every member (n_members, n) as ``dtype`` (float32 halves the evaluation's
+        per-particle memory: 4 B per member)."""
+        if np.dtype(dtype) == np.float64:
+            y = self.predict_y_members(theta)
+            return np.power(10.0, y, out=y)
+        theta = np.asarray(theta)
+        out = np.empty((self.n_members, len(theta)), dtype=dtype)
+        for lo in range(0, len(theta), CHUNK):  # 10^y in float64, one chunk at a time
+            out[:, lo:lo + CHUNK] = 10.0 ** self.predict_y_members(theta[lo:lo + CHUNK])
+        return out
 
     def predict_f(self, theta_raw: np.ndarray, standardised: bool = False) -> np.ndarray:
         """Ensemble-average f of raw feature rows (as :func:`lagbias_mpi.bias.features.compute_features`

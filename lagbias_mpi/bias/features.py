@@ -80,4 +80,7 @@ def compute_features(comm, ic_slab: np.ndarray, box: float, scales, kinds,
 
 def standardise(feats: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
     """(feats - mean) / std, column by column (any leading shape)."""
-    return ((feats - mean) / std).astype(feats.dtype, copy=False)
+    out = np.empty_like(feats)
+    for c in range(feats.shape[-1]):  # one column at a time: float64 temporaries of one column only
+        out[..., c] = (feats[..., c] - np.float64(mean[c])) / np.float64(std[c])
+    return out

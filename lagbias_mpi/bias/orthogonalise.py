@@ -37,13 +37,20 @@ class Orthogonaliser:
                    np.asarray(d["eigenvalues"], np.float64))
 
 
+COVARIANCE_CHUNK = 1 << 20  # rows per step of the covariance sums
+
+
 def global_covariance(comm, raw: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
     """Mean, covariance (1/N normalisation) and count of the rows of ``raw`` over all ranks, from one
     Allreduce of (N, sum x, sum x x^T) in float64 (the standardised features have mean ~0, so the
     one-pass formula loses no accuracy)."""
-    x = np.asarray(raw, dtype=np.float64)
-    m = x.shape[1]
-    buf = np.concatenate([[len(x)], x.sum(axis=0), (x.T @ x).ravel()])
+    m = raw.shape[1]
+    s1, s2 = np.zeros(m), np.zeros((m, m))
+    for lo in range(0, len(raw), COVARIANCE_CHUNK):  # float64 copies of one chunk at a time
+        x = np.asarray(raw[lo:lo + COVARIANCE_CHUNK], dtype=np.float64)
+        s1 += x.sum(axis=0)
+        s2 += x.T @ x
+    buf = np.concatenate([[len(raw)], s1, s2.ravel()])
     tot = np.empty_like(buf)
     comm.Allreduce(buf, tot, op=MPI.SUM)
     count = int(round(tot[0]))

@@ -2,6 +2,7 @@
 """
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 
 import numpy as np
@@ -10,13 +11,13 @@ from mpi4py import MPI
 from lagbias_mpi.bias.features import feature_names
 from lagbias_mpi.bias.orthogonalise import fit as fit_orthogonaliser
 from lagbias_mpi.bias.particles import eulerian_route, ic_features, lagrangian_particles
+from lagbias_mpi.bias.routing import slab_to_owners
 from lagbias_mpi.bias.truth import delta_slab, true_tracers
 from lagbias_mpi.config.loader import ConfigError
 from lagbias_mpi.config.train import TrainRunConfig
 from lagbias_mpi.core.logs import get_logger
 from lagbias_mpi.io import sources
 from lagbias_mpi.io.simfile import SimulationFileError
-from lagbias_mpi.mesh.grid import cell_values, local_grid_start
 from lagbias_mpi.mpi.comm import global_sum
 
 log = get_logger("train")
@@ -47,16 +48,20 @@ def eval_nmesh(grid, box: float) -> int:
 
 
 class _Sim:
-    """A prepared simulation: particles on their training cell's owner, targets, tracers."""
+    """A prepared simulation: particles on their training cell's owner, the true field at the cells
+    this rank owns (``truth``: 1-d over the range ``parts.ownership.bounds(rank)``), tracers."""
 
-    def __init__(self, label, role, spec, sim, parts, theta, truth_slab, n_grid, tracers):
+    def __init__(self, label, role, spec, sim, parts, theta, truth, n_grid, tracers):
         self.label, self.role, self.spec, self.sim = label, role, spec, sim
-        self.parts, self.theta, self.truth_slab, self.n_grid = parts, theta, truth_slab, n_grid
+        self.parts, self.theta, self.truth, self.n_grid = parts, theta, truth, n_grid
         self.tracers = tracers
 
+    @property
+    def ownership(self):
+        return self.parts.ownership
+
     def targets(self, comm):
-        start = local_grid_start(comm, self.n_grid)
-        return lambda cells: cell_values(self.truth_slab, self.n_grid, start, cells)
+        return lambda cells: self.ownership.local_values(self.truth, comm.rank, cells)
 
 
 def sim_labels(n_train: int, n_val: int) -> list[str]:
@@ -66,54 +71,104 @@ def sim_labels(n_train: int, n_val: int) -> list[str]:
     return tr + (["val"] if n_val == 1 else [f"val{i}" for i in range(n_val)])
 
 
-def prepare_simulations(comm, timer, cfg, train_specs, val_specs, exch):
-    """Load, featurise and route the training then validation simulations (collective).
+THETA_CHUNK = 1 << 20  # particles per step of the orthogonaliser (bounds its float64 temporaries)
 
-    ``train_specs``: a list of specs. The standardisation moments are those of the first training
-    box; the orthogonaliser is fitted on the particles of all training boxes together."""
+
+def apply_orthogonaliser(orth, raw: np.ndarray, chunk: int = THETA_CHUNK) -> np.ndarray:
+    """theta = orth(raw) as float32, computed in chunks (float64 arithmetic inside a chunk only)."""
+    out = np.empty((len(raw), orth.matrix.shape[0]), np.float32)
+    for lo in range(0, len(raw), chunk):
+        out[lo:lo + chunk] = orth.apply(raw[lo:lo + chunk])
+    return out
+
+
+def _load_lagrangian(comm, timer, cfg, spec, moments, names):
+    """Load one box, compute its features and route its particles to their Lagrangian slab; the
+    loaded particle arrays and the IC slab are freed. Returns (sim, particles, moments)."""
+    with timer.stage("load"):
+        log.info(f"load: {sources.spec_name(spec)} ({spec.get('path', spec['kind'])})")
+        sim = sources.load(comm, spec)
+    with timer.stage("features"):
+        log.info(f"features: {len(names)} columns on the {sim.meta.n_ic}^3 IC grid")
+        slab, mom = ic_features(comm, sim, cfg.features.radii, cfg.features.kinds, moments)
+        gc.collect()  # the FFT objects hold reference cycles: free their work arrays now
+    with timer.stage("routing"):
+        log.info(f"routing: {sim.meta.n_particles} particles to their Lagrangian slab")
+        parts = lagrangian_particles(comm, sim, slab, release_loaded=True)
+    del slab
+    sim.ic_delta = sim.pos = sim.lagr_index = sim.f_true = None  # routed copies live in ``parts``
+    return sim, parts, (mom if moments is None else moments)
+
+
+def _finish(comm, timer, cfg, sim, parts, spec, label, role, orth, exch, keep_raw) -> _Sim:
+    """Eulerian routing of one box's particles with their inputs theta, and its true field at the
+    owned cells."""
+    with timer.stage("routing"):
+        n_grid = int(round(sim.meta.box / cfg.grid.cell))
+        theta = apply_orthogonaliser(orth, parts.raw)
+        if not keep_raw:
+            parts.raw = None
+        eparts = eulerian_route(comm, parts, n_grid, theta=theta, keep_raw=keep_raw)
+        del parts, theta
+        tpos, tw, what = true_tracers(comm, sim, cfg.halos, particles=(eparts.pos, eparts.f_true))
+        truth = slab_to_owners(comm, delta_slab(comm, tpos, tw, n_grid, sim.meta.box, "ngp"), n_grid,
+                               eparts.ownership)
+        n_glob = int(global_sum(comm, np.int64(eparts.n_local)))
+        if n_glob != sim.meta.n_particles:
+            raise SimulationFileError(f"{spec.get('path')}: {n_glob} particles loaded, meta says "
+                                      f"{sim.meta.n_particles}")
+        log.info(f"{label}: {n_glob} particles, training grid {n_grid}^3, true field: {what}")
+        for kind, st in eparts.exchange_stats:
+            exch.setdefault(f"{label}_{kind}", []).append(st)
+    return _Sim(label, role, spec, sim, eparts, eparts.theta, truth, n_grid, (tpos, tw))
+
+
+def prepare_training(comm, timer, cfg, train_specs, exch, keep_raw: bool = False):
+    """Load, featurise and route the training simulations (collective); returns (prepared
+    simulations, orthogonaliser, standardisation moments, raw feature names).
+
+    The standardisation moments are those of the first training box; the orthogonaliser is fitted
+    on the particles of all training boxes together. ``keep_raw``: the prepared particles keep
+    their raw features (``parts.raw``; 4 B per feature per particle more)."""
     train_specs = list(train_specs)
-    radii, kinds = cfg.features.radii, cfg.features.kinds
-    names = feature_names(radii, kinds)
-    sims, lag, moments = [], [], None
-    n_train = len(train_specs)
-    for spec in [*train_specs, *val_specs]:
-        with timer.stage("load"):
-            log.info(f"load: {sources.spec_name(spec)} ({spec.get('path', spec['kind'])})")
-            sim = sources.load(comm, spec)
-        with timer.stage("features"):
-            log.info(f"features: {len(names)} columns on the {sim.meta.n_ic}^3 IC grid")
-            slab, mom = ic_features(comm, sim, radii, kinds, moments)
-            moments = mom if moments is None else moments
-        with timer.stage("routing"):
-            log.info(f"routing: {sim.meta.n_particles} particles to their Lagrangian slab")
-            lag.append(lagrangian_particles(comm, sim, slab))
-        del slab
-        sim.ic_delta = None  # the IC slab is not needed any more
-        sims.append(sim)
+    names = feature_names(cfg.features.radii, cfg.features.kinds)
+    loaded, moments = [], None
+    for spec in train_specs:
+        sim, parts, moments = _load_lagrangian(comm, timer, cfg, spec, moments, names)
+        loaded.append((sim, parts))
     log.info(f"features: raw columns {names}")
     with timer.stage("orthogonalise"):
-        raw = lag[0].raw if n_train == 1 else np.concatenate([p.raw for p in lag[:n_train]])
-        orth = fit_orthogonaliser(comm, raw, names, len(radii))
+        raw = loaded[0][1].raw if len(loaded) == 1 else np.concatenate([p.raw for _, p in loaded])
+        orth = fit_orthogonaliser(comm, raw, names, len(cfg.features.radii))
         del raw
         log.info(f"orthogonalise: {orth.matrix.shape[1]} raw -> {orth.matrix.shape[0]} inputs, "
                  f"eigenvalues {np.array2string(orth.eigenvalues, precision=3)}")
+    labels = sim_labels(len(train_specs), 0)
     prepared = []
-    with timer.stage("routing"):
-        labels = sim_labels(n_train, len(val_specs))
-        for i, (sim, parts, spec) in enumerate(zip(sims, lag, [*train_specs, *val_specs])):
-            n_grid = int(round(sim.meta.box / cfg.grid.cell))
-            parts = eulerian_route(comm, parts, n_grid)
-            tpos, tw, what = true_tracers(comm, sim, cfg.halos)
-            truth = delta_slab(comm, tpos, tw, n_grid, sim.meta.box, "ngp")
-            role, label = ("train" if i < n_train else "val"), labels[i]
-            n_glob = int(global_sum(comm, np.int64(parts.n_local)))
-            if n_glob != sim.meta.n_particles:
-                raise SimulationFileError(f"{spec.get('path')}: {n_glob} particles loaded, meta says "
-                                          f"{sim.meta.n_particles}")
-            log.info(f"{label}: {n_glob} particles, training grid {n_grid}^3, true field: {what}")
-            for kind, st in parts.exchange_stats:
-                exch.setdefault(f"{label}_{kind}", []).append(st)
-            prepared.append(_Sim(label, role, spec, sim, parts, orth.apply(parts.raw), truth, n_grid, (tpos, tw)))
+    for i, spec in enumerate(train_specs):
+        sim, parts = loaded[i]
+        loaded[i] = None
+        prepared.append(_finish(comm, timer, cfg, sim, parts, spec, labels[i], "train", orth, exch, keep_raw))
+        del sim, parts
+    return prepared, orth, moments, names
+
+
+def prepare_simulation(comm, timer, cfg, spec, label, orth, moments, exch, role="val",
+                       keep_raw: bool = False) -> _Sim:
+    """Load, featurise (with the training ``moments``) and route one further simulation, with the
+    training ``orth`` (collective); nothing of other boxes is needed."""
+    names = feature_names(cfg.features.radii, cfg.features.kinds)
+    sim, parts, _ = _load_lagrangian(comm, timer, cfg, spec, moments, names)
+    return _finish(comm, timer, cfg, sim, parts, spec, label, role, orth, exch, keep_raw)
+
+
+def prepare_simulations(comm, timer, cfg, train_specs, val_specs, exch, keep_raw: bool = False):
+    """All training then validation simulations prepared and alive together (collective): for
+    commands that need them at once (pca). ``train`` prepares the validation boxes one at a time."""
+    prepared, orth, moments, names = prepare_training(comm, timer, cfg, train_specs, exch, keep_raw)
+    labels = sim_labels(len(list(train_specs)), len(val_specs))[len(prepared):]
+    for spec, label in zip(val_specs, labels):
+        prepared.append(prepare_simulation(comm, timer, cfg, spec, label, orth, moments, exch, keep_raw=keep_raw))
     return prepared, orth, moments, names
 
 

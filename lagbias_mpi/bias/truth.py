@@ -26,13 +26,15 @@ def select_halos(sim: LocalSimulation, halo_cfg) -> tuple[np.ndarray, np.ndarray
     return sim.halo_pos[keep], weight
 
 
-def true_tracers(comm, sim: LocalSimulation, halo_cfg) -> tuple[np.ndarray, np.ndarray, str]:
+def true_tracers(comm, sim: LocalSimulation, halo_cfg, particles=None) -> tuple[np.ndarray, np.ndarray, str]:
     """(positions, weights, description) of the true field's tracers on this rank: planted
-    particles weighted by f_true, else the selected halos. Refuses an empty selection."""
+    particles weighted by f_true, else the selected halos. Refuses an empty selection.
+    ``particles``: (pos, f_true) of the planted particles where they are now (default: as loaded)."""
     if sim.meta.kind == "planted":
-        if sim.f_true is None:
+        pos, f_true = particles if particles is not None else (sim.pos, sim.f_true)
+        if f_true is None:
             raise ValueError(f"{sim.meta.source}: planted simulation without f_true")
-        pos, w, what = sim.pos, sim.f_true.astype(np.float64), "planted f_true"
+        pos, w, what = pos, f_true.astype(np.float64), "planted f_true"
     else:
         pos, w = select_halos(sim, halo_cfg)
         what = f"{int(global_sum(comm, np.int64(len(w))))} halos ({halo_cfg.weighting}-weighted)"

@@ -11,12 +11,13 @@ simulation), the simulation files' metadata (``train_files``) or the AbacusSummi
 ``simulation.abacus.train``, so no data has to be present.
 
 Memory model (``memory_per_rank``): every array ``lagbias_mpi.train`` holds at the peak of each stage,
-with its dtype (``BYTES``): all S = 1 + n_val simulations are loaded together and kept; float64
-feature slabs and FFT work arrays; an exchange of k-byte records holds ~5 k per particle (input
-columns, packed array, sorted copy, receive buffer, unpacked columns); float32 batch tensors of all
-selected particles plus the activations of one batch; float64 evaluation grids. On top: the measured
-resident memory of an idle training process (``BASELINE_MB``) and its size-independent growth during
-the run (``RUNTIME_MB``). Checked against real runs in docs/supercomputer.md and tests/test_plan.py.
+with its dtype (``BYTES``), for the design of issue #11: one box in memory at a time (validation
+boxes are prepared and evaluated one by one after training); float32 feature slabs and inputs, FFT
+work arrays in float64; an exchange holds its input and its preallocated output plus rounds of
+bounded size; float32 batch tensors of the selected particles plus the activations of one batch;
+float64 evaluation grids. On top: the measured resident memory of an idle training process
+(``BASELINE_MB``) and its size-independent growth during the run (``RUNTIME_MB``). Checked against
+real runs in docs/supercomputer.md and tests/test_plan.py.
 
 Time model (``time_per_stage``): per-unit costs measured on this machine (``DEFAULT_COSTS``;
 ``python -m lagbias_mpi.bench --save-costs`` writes the user's costs file (:func:`user_costs_path`), whose matching
@@ -30,7 +31,9 @@ import math
 import os
 from pathlib import Path
 
+from lagbias_mpi.bias.orthogonalise import COVARIANCE_CHUNK as COV_CHUNK_ROWS
 from lagbias_mpi.hpc.problem import ProblemSize
+from lagbias_mpi.mpi.exchange import EXCHANGE_CHUNK_BYTES as EXCHANGE_CHUNK
 
 GiB = 1024**3
 
@@ -53,11 +56,11 @@ BYTES = {
     "load_particle": 24,      # lagr_index int32 x3 + pos float32 x3
     "ic_cell": 4,             # the IC slab, float32
     "fft_work_cell": 110,     # float64 r2c/c2r: k-slab, k^2, window, tidal kernel + temporaries, FFT copies
-    "feature_copies": 3,      # raw + float64 copy + (x - mean)^2 in global moments (numpy elides the 2nd temporary)
-    "exchange_copies": 5,     # input columns + packed + sorted copy + receive buffer + unpacked
     "act_copies": 6,          # per hidden layer and batch particle: linear, GELU, their grads, Adam
-    "fft_cache_cell": 128,    # kept after the features on > 1 rank (mpi4py-fft plans and buffers), measured
+    "fft_cache_cell": 60,     # more FFT work on > 1 rank (mpi4py-fft transposes), measured at 2 and 4 ranks
     "eval_cell": 56,          # model + true fields float64, their r2c slabs, paint ghost planes
+    "select_particle": 40,    # per-cell sub-sampling of all particles: hash priority, lexsort order, masks
+    "paint_particle": 40,     # CIC paint: float64 grid coordinates, weights, slab routing of the particles
     "halo": 28,               # pos float32 x3 + npart int64 + mass float64
 }
 
@@ -119,62 +122,63 @@ def load_costs(path: str | None = None) -> dict:
 def memory_per_rank(size: ProblemSize, ranks: int, imbalance: float | None = None) -> dict:
     """Predicted peak resident memory (bytes) of the busiest rank in each stage, and the total peak.
 
-    Follows ``lagbias_mpi.train``: the training and validation simulations (S of them, all of the
-    training one's size) are loaded one after the other; each gets its features and its Lagrangian
-    routing, then its IC slab and feature slab are dropped while its particles (lattice index,
-    position and routed copies with their features) stay, so the later stages hold S sets of
-    particles. ``imbalance``: max/mean particles per rank after Eulerian routing (default 1 on one
-    rank, else 1 + 0.05 log2 P, a guess for clustered z ~ 0.5 particles in thin slabs).
+    Follows ``lagbias_mpi.train`` (issue #11 design): one box in memory at a time (the training box
+    through training and its evaluation, then each validation box alone); float32 features and
+    inputs theta; the Eulerian exchange carries theta + pid + position only; exchanges go in rounds
+    of ``EXCHANGE_CHUNK`` bytes into preallocated results, so an exchange holds its input and its
+    output (2 records per particle). Cells are owned in ranges balanced by particle count:
+    ``imbalance`` (max/mean particles per rank after Eulerian routing) defaults to 1 on one rank,
+    else 1.02 (measured: docs/supercomputer.md).
     """
     P = int(ranks)
     if P < 1:
         raise ValueError("ranks must be >= 1")
     if imbalance is None:
-        imbalance = 1.0 if P == 1 else 1.0 + 0.05 * math.log2(P)
+        imbalance = 1.0 if P == 1 else 1.02
     B = BYTES
-    F, m, S = size.n_raw, size.n_inputs, 1 + size.n_val
+    F, m = size.n_raw, size.n_inputs
     n_p = size.n_particles / P  # after loading and Lagrangian routing (uniform lattice)
     n_e = n_p * imbalance  # after Eulerian routing
     c_ic = math.ceil(size.n_ic / P) * size.n_ic**2
     c_ev = math.ceil(size.eval_nmesh / P) * size.eval_nmesh**2
     c_tr = math.ceil(size.train_nmesh / P) * size.train_nmesh**2
+    n_cells = float(size.train_nmesh) ** 3
     base = BASELINE_MB * MB
-    kept = B["load_particle"] * n_p + B["halo"] * size.n_halos / P  # per simulation, to the end
-    ic = B["ic_cell"] * c_ic  # IC slab of the simulation being prepared
-    slab = 8 * F * c_ic  # its standardised float64 feature slab
-    lag_part = (8 * F + 8 + 12) * n_p  # raw features + pid + pos after Lagrangian routing
-    rec_l = 48  # lagr_index int32 x3 + pos float32 x3 + ic_index int64 x3
-    lag_exchange = (B["exchange_copies"] * rec_l + 16 + 16 * F) * n_p  # + readout copy of the rows
-    rec_e = 8 * F + 8 + 12 + 8  # raw + pid + pos + cell
-    eul_part = rec_e * n_e
-    theta = 8 * m * n_e
-    eul_exchange = (B["exchange_copies"] - 1) * rec_e * n_e  # the inputs are the Lagrangian columns
+    halos = B["halo"] * size.n_halos / P
+    loaded = B["load_particle"] * n_p
+    ic = B["ic_cell"] * c_ic
+    slab = 4 * F * c_ic  # the standardised float32 feature slab
+    lag_set = (4 * F + 8 + 12) * n_p  # raw float32 + pid + pos after the Lagrangian readout
+    eul_rec = 4 * m + 8 + 12  # theta float32 + pid + pos
+    prepared = (eul_rec + 8) * n_e  # + the cell id
+    chunk = 3 * min(EXCHANGE_CHUNK, eul_rec * n_p)  # packed send rows, receive buffer, row targets of one round
+    # FFT work while the columns are computed; moments and standardisation go one column at a time
+    # (16 B per cell of float64 temporaries) into a second float32 slab
+    features = max(B["fft_work_cell"], 4 * F + 16) * c_ic
+    keep = 0.0  # nothing of the FFTs outlives the feature stage (gc after it; measured, issue #11)
+    features += B["fft_cache_cell"] * c_ic if P > 1 else 0.0
+    lagrangian = max(2 * loaded + chunk, (B["load_particle"] + 4 * F + 8) * n_p)
+    # Eulerian: theta computed while the raw features live, then input + int32 destination + output
+    eulerian = max(lag_set + 4 * m * n_p, eul_rec * n_p + 4 * n_p + eul_rec * n_e + chunk) + 12 * n_cells
+    truth = 8 * n_cells / P * imbalance + 2 * 8 * c_tr  # owned values + the NGP slab and its copy
     sel = size.n_selected / P * imbalance
-    batches = (4 * m + 8) * sel + 16 * c_tr  # inputs + cell index per particle; scale, target per cell
+    batches = (4 * m + 8 + 8) * sel + 16 * c_tr  # inputs, cell index, particle index; scale, target per cell
+    select = B["select_particle"] * n_e  # per-cell sub-sampling: hash priorities, sort orders
     acts = size.batch_size / P * imbalance * size.depth * size.width * 4 * B["act_copies"]
-    truth = 8 * c_tr * S
-    done = (S - 1) * (kept + lag_part)  # simulations prepared before the last one
-    # features: the training box computes its moments (3 feature-sized arrays); every box needs the
-    # FFT work on top of its feature array
-    feat_work = (8 * F + B["fft_work_cell"]) * c_ic
-    features = max(max(B["feature_copies"] * 8 * F * c_ic, feat_work), done + feat_work)
-    # on more than one rank, RSS stays higher by ~128 B per IC cell after the feature stage (measured
-    # on 2 ranks at 96^3 and 192^3; the distributed FFT's buffers): counted in every later stage
-    keep = B["fft_cache_cell"] * c_ic if P > 1 else 0.0
+    evaluate = (size.ensemble + 1) * 8 * n_e + B["paint_particle"] * n_e + B["eval_cell"] * c_ev
     stages = {
-        "load": base + done + kept + ic,
-        "features": base + kept + ic + features,
-        "routing": base + keep + max(done + kept + ic + slab + lag_exchange,
-                                     S * (kept + lag_part) + (S - 1) * (eul_part + theta) + eul_exchange + truth),
-        "orthogonalise": base + keep + S * (kept + lag_part) + 8 * F * n_p,
-        "train": base + keep + S * (kept + eul_part + theta + batches) + truth + acts,
-        "evaluate": base + keep + S * (kept + eul_part + theta) + batches + truth
-                    + (size.ensemble + 2) * 8 * n_e + 5 * 20 * n_e + B["eval_cell"] * c_ev,
+        "load": base + loaded + ic + halos,
+        "features": base + loaded + ic + halos + slab + features,
+        "routing": base + keep + halos + max(slab + lagrangian, eulerian + truth),
+        "orthogonalise": base + keep + halos + lag_set + 8 * F * min(n_p, COV_CHUNK_ROWS),
+        "train": base + keep + halos + prepared + truth + batches + max(select, acts),
+        "evaluate": base + keep + halos + prepared + truth + evaluate,
     }
     stages = {k: v + RUNTIME_MB[k] * MB for k, v in stages.items()}
     return {"bytes": stages, "peak_bytes": max(stages.values()), "peak_stage": max(stages, key=stages.get),
             "imbalance": imbalance, "particles_per_rank": n_p, "ic_cells_per_rank": c_ic,
-            "eval_cells_per_rank": c_ev, "baseline_bytes": base}
+            "eval_cells_per_rank": c_ev, "baseline_bytes": base,
+            "bytes_per_particle": {k: (v - base - RUNTIME_MB[k] * MB) / max(n_p, 1) for k, v in stages.items()}}
 
 
 def time_per_stage(size: ProblemSize, ranks: int, nodes: int = 1, costs: dict | None = None,
@@ -192,7 +196,7 @@ def time_per_stage(size: ProblemSize, ranks: int, nodes: int = 1, costs: dict | 
     route_bytes = (48 + 8 * F + 36) * n_p * P / max(nodes, 1)  # bytes leaving one node
     routing = S * (2 * c["route_s_per_particle"] * n_p + off_node * route_bytes * c["comm_s_per_byte_internode"])
     orth = c["orth_s_per_particle_feature2"] * n_p * F * F
-    per_epoch = c["train_s_per_particle_epoch"] * size.n_selected / P * (1 + 0.3 * size.n_val)
+    per_epoch = c["train_s_per_particle_epoch"] * size.n_selected / P  # validation only after training
     if gpus:
         per_epoch /= 20.0  # estimate: an A100 runs this MLP ~20x faster than one CPU core
     train = size.ensemble * (size.epochs * per_epoch + c["build_s_per_particle"] * n_p * S) + c["train_fixed_s"]

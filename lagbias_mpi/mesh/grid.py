@@ -1,10 +1,8 @@
-"""Grid arithmetic shared by every mesh: cell of a position, IC grid point of a lattice index, local slab values.
+"""Grid arithmetic shared by every mesh: cell of a position, IC grid point of a lattice index.
 """
 from __future__ import annotations
 
 import numpy as np
-
-from lagbias_mpi.mpi.layout import slab_bounds
 
 
 def wrap_unit(x, box: float) -> np.ndarray:
@@ -63,14 +61,3 @@ def particle_id(lagr_index: np.ndarray, ppd: int) -> np.ndarray:
     """Global particle id: the flattened lattice index (i * ppd + j) * ppd + k, uint64."""
     lagr = np.asarray(lagr_index, dtype=np.int64)
     return ((lagr[:, 0] * ppd + lagr[:, 1]) * ppd + lagr[:, 2]).astype(np.uint64)
-
-
-def cell_values(slab: np.ndarray, n: int, start: int, cells: np.ndarray) -> np.ndarray:
-    """Values of a local slab at global flat cell ids (all in this rank's planes)."""
-    ix, rem = np.divmod(cells, n * n)
-    iy, iz = np.divmod(rem, n)
-    return slab[ix - start, iy, iz]
-
-
-def local_grid_start(comm, n: int) -> int:
-    return slab_bounds(n, comm.size, comm.rank)[0]

@@ -55,12 +55,14 @@ def global_sum(comm, value):
 
 
 def global_moments(comm, feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Global mean and standard deviation of each feature column over all grid points."""
-    flat = feats.reshape(-1, feats.shape[-1]).astype(np.float64)
+    """Global mean and standard deviation of each feature column over all grid points (float64
+    sums, one column at a time: 16 B per grid point of temporaries, whatever the column count)."""
+    flat = feats.reshape(-1, feats.shape[-1])
     count = global_sum(comm, np.int64(flat.shape[0]))
-    s1 = global_sum(comm, flat.sum(axis=0))
+    s1 = global_sum(comm, np.array([flat[:, c].astype(np.float64).sum() for c in range(flat.shape[1])]))
     mean = s1 / count
-    s2 = global_sum(comm, ((flat - mean) ** 2).sum(axis=0))
+    s2 = global_sum(comm, np.array([((flat[:, c].astype(np.float64) - mean[c]) ** 2).sum()
+                                    for c in range(flat.shape[1])]))
     std = np.sqrt(s2 / count)
     if np.any(std <= 0):
         raise ValueError("a feature has zero variance over the IC grid (constant initial density?)")
@@ -111,21 +113,71 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-class StageTimer:
-    """Wall time per named stage, reported as the maximum over ranks."""
+def _status_mb(key: str) -> float | None:
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith(key + ":"):
+                    return float(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return None
 
-    def __init__(self, comm):
+
+def current_rss_mb() -> float:
+    """Resident set size of this process now, in MB (VmRSS; the peak where /proc is missing)."""
+    now = _status_mb("VmRSS")
+    return peak_rss_mb() if now is None else now
+
+
+def reset_peak_rss() -> bool:
+    """Reset this process's peak RSS (VmHWM) to its current RSS (Linux ``/proc/self/clear_refs``);
+    False where that is not possible (the peak then stays cumulative)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+class StageTimer:
+    """Wall time per named stage, reported as the maximum over ranks. With ``track_rss``, also the
+    peak RSS of every stage (the process's peak is reset when a stage starts) and the RSS before
+    the first stage (the per-rank baseline: interpreter, libraries)."""
+
+    def __init__(self, comm, track_rss: bool = False):
         self.comm = comm
         self.local: dict[str, float] = {}
+        self.track_rss = track_rss
+        self.rss_local: dict[str, float] = {}
+        self.baseline_rss_mb = current_rss_mb() if track_rss else None
+        self._overall_peak = peak_rss_mb() if track_rss else None
 
     @contextlib.contextmanager
     def stage(self, name: str):
         self.comm.Barrier()
+        if self.track_rss:
+            self._overall_peak = max(self._overall_peak, peak_rss_mb())
+            reset_peak_rss()
         t0 = time.perf_counter()
         try:
             yield
         finally:
             self.local[name] = self.local.get(name, 0.0) + time.perf_counter() - t0
+            if self.track_rss:
+                peak = peak_rss_mb()
+                self.rss_local[name] = max(self.rss_local.get(name, 0.0), peak)
+                self._overall_peak = max(self._overall_peak, peak)
+
+    def peak_rss_mb(self) -> float:
+        """Peak RSS of this rank over the whole run so far (MB), resets included."""
+        return max(self._overall_peak or 0.0, peak_rss_mb())
+
+    def rss_summary(self) -> dict[str, float]:
+        """Max over ranks of each stage's peak RSS in MB (collective; empty without ``track_rss``)."""
+        names = sorted(set().union(*self.comm.allgather(list(self.rss_local))))
+        return {n: self.comm.allreduce(self.rss_local.get(n, 0.0), op=MPI.MAX) for n in names}
 
     def summary(self) -> dict[str, float]:
         """Max over ranks of each stage's wall time (collective)."""

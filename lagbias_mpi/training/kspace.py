@@ -21,44 +21,57 @@ import numpy as np
 import torch
 
 from lagbias_mpi.bias.model import f_of_y
+from lagbias_mpi.mpi.cells import CellOwnership
 from lagbias_mpi.mpi.comm import global_sum
+from lagbias_mpi.mpi.exchange import redistribute_ranges
 from lagbias_mpi.mpi.fft import SlabFFT
 from lagbias_mpi.training.sampling import select_in_cells
 
 
 @dataclass
 class FieldSet:
-    """This rank's slab of the whole training grid of one simulation, for the Fourier-space loss."""
+    """The cells this rank owns of the whole training grid of one simulation, for the Fourier-space
+    loss; the FFT works on plane slabs, reached by redistributing the owned range."""
 
     x: torch.Tensor  # (n_sel_local, n_in) inputs of all selected particles
     sel: np.ndarray  # (n_sel_local,) their indices among the rank's particles of the simulation
     n_particles_local: int  # the rank's particles of the simulation
-    idx: np.ndarray  # (n_sel_local,) flat index of each particle's cell in the local slab
-    scale: np.ndarray  # flat local slab: N_cells/N_part * n/n_sel, 0 in empty cells
-    target: np.ndarray  # flat local slab: delta_true
+    idx: np.ndarray  # (n_sel_local,) index of each particle's cell in the owned range
+    scale: np.ndarray  # owned range: N_cells/N_part * n/n_sel, 0 in empty cells
+    target: np.ndarray  # owned range: delta_true
     fft: SlabFFT
     cut: np.ndarray  # local Fourier slab: 1 where |k| <= k_cut, else 0
+    ownership: CellOwnership
+    slab_edges: np.ndarray  # flat-cell edges of every rank's real FFT slab
 
 
-def build_field_set(comm, theta: np.ndarray, cell: np.ndarray, pid: np.ndarray, truth_slab: np.ndarray,
+def build_field_set(comm, theta: np.ndarray, cell: np.ndarray, pid: np.ndarray, truth: np.ndarray,
                     n_grid: int, box: float, n_part: int, frac: float, seed: int, member: int, k_cut: float,
-                    dtype=torch.float32, device="cpu") -> FieldSet:
-    """The particles selected as in :func:`build_batches` (same seed and member) with their local
-    slab cell, and the Fourier cut ``|k| <= k_cut`` (h/Mpc) of the training grid (collective)."""
+                    dtype=torch.float32, device="cpu", ownership: CellOwnership | None = None) -> FieldSet:
+    """The particles selected as in :func:`build_batches` (same seed and member) with their owned
+    cell, and the Fourier cut ``|k| <= k_cut`` (h/Mpc) of the training grid (collective).
+    ``truth``: delta_true at the cells this rank owns under ``ownership`` (default: the plane slabs)."""
+    own = ownership if ownership is not None else CellOwnership.by_planes(n_grid, comm.size)
     fft = SlabFFT(comm, n_grid, box, np.float64)
-    start = fft.real_start
+    lo, hi = own.bounds(comm.rank)
     selected, cells, n, n_sel = select_in_cells(cell, pid, frac, seed, member)
-    n_local = int(np.prod(fft.real_shape))
-    scale = np.zeros(n_local)
-    local_cells = np.asarray(cells, np.int64) - start * n_grid * n_grid
-    scale[local_cells] = (n_grid**3 / n_part) * n / n_sel
+    scale = np.zeros(hi - lo)
+    scale[np.asarray(cells, np.int64) - lo] = (n_grid**3 / n_part) * n / n_sel
     sel = np.nonzero(selected)[0]
-    idx = np.asarray(cell[sel], np.int64) - start * n_grid * n_grid
-    if len(idx) and (idx.min() < 0 or idx.max() >= n_local):
+    idx = np.asarray(cell[sel], np.int64) - lo
+    if len(idx) and (idx.min() < 0 or idx.max() >= hi - lo):
         raise ValueError("kspace loss: a selected particle's cell is not on this rank")
+    target = np.asarray(truth, np.float64).reshape(-1)
+    if len(target) != hi - lo:
+        raise ValueError(f"kspace loss: {len(target)} true values for the {hi - lo} owned cells")
     cut = (fft.local_k2() <= k_cut**2).astype(np.float64)
     return FieldSet(torch.as_tensor(np.ascontiguousarray(theta[sel]), dtype=dtype, device=device), sel, len(cell),
-                    idx, scale, np.asarray(truth_slab, np.float64).reshape(-1), fft, cut)
+                    idx, scale, target, fft, cut, own, _slab_edges(comm, fft))
+
+
+def _slab_edges(comm, fft: SlabFFT) -> np.ndarray:
+    starts = comm.allgather(int(fft.real_start) * fft.n * fft.n)
+    return np.array([*starts, fft.n**3], np.int64)
 
 
 def kspace_loss_and_gradient(comm, fft: SlabFFT, cut: np.ndarray, residual: np.ndarray) -> tuple[float, np.ndarray]:
@@ -88,8 +101,9 @@ def kspace_coefficients(comm, model, fs: FieldSet, weight: float, chunk: int) ->
     """(weight * L_k of the current model, c) with c_i = weight * scale_j dL_k/dr_j for each of the
     rank's particles of the simulation (0 for those not selected): sum_i c_i df_i/dtheta is the
     parameter gradient of weight * L_k (collective, no autograd)."""
-    r = _model_field(model, fs, chunk) - fs.target
+    r = redistribute_ranges(comm, _model_field(model, fs, chunk) - fs.target, fs.ownership.edges, fs.slab_edges)
     loss, grad = kspace_loss_and_gradient(comm, fs.fft, fs.cut, r)
+    grad = redistribute_ranges(comm, grad, fs.slab_edges, fs.ownership.edges)
     coef = np.zeros(fs.n_particles_local)
-    coef[fs.sel] = weight * (fs.scale * grad.reshape(-1))[fs.idx]
+    coef[fs.sel] = weight * (fs.scale * grad)[fs.idx]
     return weight * loss, coef

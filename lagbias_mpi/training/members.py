@@ -8,9 +8,25 @@ from lagbias_mpi.core.logs import get_logger
 from lagbias_mpi.training.batches import build_batches, interleave
 from lagbias_mpi.training.kspace import build_field_set
 from lagbias_mpi.training.loop import train_member
+from lagbias_mpi.training.loss import evaluate_loss
 from lagbias_mpi.training.stopping import StopControl, StopRequested
 
 log = get_logger("train")
+
+
+def member_batches(comm, cfg, s, member: int, dtype, device, box: int = 0):
+    """The batches of member ``member`` on the prepared simulation ``s`` (collective)."""
+    return build_batches(comm, s.theta, s.parts.cell, s.parts.pid, s.targets(comm), s.n_grid**3,
+                         s.sim.meta.n_particles, cfg.sampling.frac, cfg.sampling.batch_size,
+                         cfg.train.seed, member, dtype=dtype, device=device, box=box)
+
+
+def validation_losses(comm, cfg, s, models: list, dtype, device) -> list[tuple[float, float]]:
+    """(loss, mean f) of every trained member on its batches of the prepared simulation ``s``, with
+    the last epoch's integral-constraint epsilon (collective)."""
+    eps = cfg.train.eps(cfg.train.epochs)
+    return [evaluate_loss(comm, model, member_batches(comm, cfg, s, m, dtype, device), eps, cfg.train.guard_y)
+            for m, model in enumerate(models)]
 
 
 def train_ensemble(comm, cfg, trs: list, vals: list, shape: dict, ckpt_dir: Path, run_hash: str, dtype, device,
@@ -27,14 +43,12 @@ def train_ensemble(comm, cfg, trs: list, vals: list, shape: dict, ckpt_dir: Path
     states, histories, batch_info, train_bytes = [], [], {}, 0
     for member in range(tcfg.ensemble):
         def batches(s, box=0):
-            return build_batches(comm, s.theta, s.parts.cell, s.parts.pid, s.targets(comm), s.n_grid**3,
-                                 s.sim.meta.n_particles, cfg.sampling.frac, cfg.sampling.batch_size,
-                                 tcfg.seed, member, dtype=dtype, device=device, box=box)
+            return member_batches(comm, cfg, s, member, dtype, device, box)
 
         def field_set(s):
-            return build_field_set(comm, s.theta, s.parts.cell, s.parts.pid, s.truth_slab, s.n_grid,
+            return build_field_set(comm, s.theta, s.parts.cell, s.parts.pid, s.truth, s.n_grid,
                                    s.sim.meta.box, s.sim.meta.n_particles, cfg.sampling.frac, tcfg.seed, member,
-                                   k_cut, dtype=dtype, device=device)
+                                   k_cut, dtype=dtype, device=device, ownership=s.ownership)
         tset = interleave([batches(t, box) for box, t in enumerate(trs)])
         fsets = [field_set(t) for t in trs] if tcfg.kspace_loss.enabled else None
         vsets = [batches(v) for v in vals]

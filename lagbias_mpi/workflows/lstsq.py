@@ -20,12 +20,12 @@ from lagbias_mpi.bias.evaluate import evaluate_simulation
 from lagbias_mpi.bias.features import feature_names
 from lagbias_mpi.bias.particles import eulerian_route, ic_features, lagrangian_particles
 from lagbias_mpi.bias.prepare import eval_nmesh
+from lagbias_mpi.bias.routing import slab_to_owners
 from lagbias_mpi.bias.truth import delta_slab, true_tracers
 from lagbias_mpi.config.loader import ConfigError, load_config
 from lagbias_mpi.config.lstsq import LstsqRunConfig
 from lagbias_mpi.core.logs import get_logger, setup_logging
 from lagbias_mpi.io import sources
-from lagbias_mpi.mesh.grid import cell_values, local_grid_start
 from lagbias_mpi.mpi.comm import StageTimer
 from lagbias_mpi.workflows.cli import write_summary
 
@@ -78,10 +78,10 @@ def run(comm, config_path, overrides=None, nn_run=None, out=None, base_dir=None)
                 binning = fit_binning(comm, parts.raw, (0, 1), lcfg)
                 n_grid = int(round(sim.meta.box / cfg.grid.cell))
                 eparts = eulerian_route(comm, parts, n_grid)
-                truth = delta_slab(comm, tpos, tw, n_grid, sim.meta.box, "ngp")
-                start = local_grid_start(comm, n_grid)
+                own = eparts.ownership
+                truth = slab_to_owners(comm, delta_slab(comm, tpos, tw, n_grid, sim.meta.box, "ngp"), n_grid, own)
                 ne = normal_equations(comm, eparts.cell, eparts.pid, binning.bins(eparts.raw), binning.n_bins,
-                                      lambda c: cell_values(truth, n_grid, start, c), n_grid**3,
+                                      lambda c: own.local_values(truth, comm.rank, c), n_grid**3,
                                       sim.meta.n_particles, cfg.sampling.frac, cfg.train.seed, cfg.train.ensemble)
                 f_bins = solve_all(comm, ne, lcfg.constraint_weight)
                 del eparts, truth

@@ -43,7 +43,7 @@ def retrain(comm, cfg: TrainRunConfig, pc_orth: Orthogonaliser, ens: Ensemble, o
     train_specs, val_specs = sources.resolve_training(comm, cfg.simulation, base_dir)
     with ddp.process_group(comm):
         device = ddp.device_for(comm)
-        sims, _, moments, names = prepare_simulations(comm, timer, cfg, train_specs, val_specs, {})
+        sims, _, moments, names = prepare_simulations(comm, timer, cfg, train_specs, val_specs, {}, keep_raw=True)
         for s in sims:
             s.theta = pc_orth.apply(s.parts.raw)
         shape = {"n_in": pc_orth.matrix.shape[0], "width": cfg.model.width, "depth": cfg.model.depth,

@@ -18,7 +18,9 @@ from lagbias_mpi.bias.prepare import (
     _exchange_summary,
     _validate_inputs,
     eval_nmesh,
-    prepare_simulations,
+    prepare_simulation,
+    prepare_training,
+    sim_labels,
 )
 from lagbias_mpi.config.loader import to_dict
 from lagbias_mpi.config.train import config_run_hash, load_train_config
@@ -28,7 +30,7 @@ from lagbias_mpi.io.spectra import write_spectra
 from lagbias_mpi.mpi.comm import StageTimer, global_min_max_mean
 from lagbias_mpi.training import ddp
 from lagbias_mpi.training.loop import bare_mlp_rate
-from lagbias_mpi.training.members import train_ensemble
+from lagbias_mpi.training.members import train_ensemble, validation_losses
 from lagbias_mpi.training.stopping import StopControl
 from lagbias_mpi.workflows.cli import write_summary
 
@@ -71,8 +73,43 @@ def run(comm, config_path, overrides=None, out=None, resume=False, stop_after_ep
             handler.close()
 
 
+def figs_dir(run_dir: Path) -> Path:
+    return run_dir / "figures"
+
+
+def _evaluate_box(comm, timer, cfg, ens, s, results: dict, meta: dict) -> None:
+    """Spectra of the ensemble on one prepared box into ``results[s.label]`` (collective)."""
+    with timer.stage("evaluate"):
+        nmesh = eval_nmesh(cfg.grid, s.sim.meta.box)
+        f_members = ens.predict_f_members(s.theta, dtype=np.float32)  # 4 B per member per particle
+        results[s.label] = evaluate_simulation(comm, f_members, s.parts.pos, *s.tracers, s.sim.meta.box,
+                                               nmesh, cfg.grid.kmax_lowk)
+        del f_members
+        meta[s.label] = {"role": s.role, "source": str(s.spec.get("path", "")), "nmesh": nmesh}
+        log.info(f"evaluate {s.label}: P_model/P_h at k < {cfg.grid.kmax_lowk} = "
+                 f"{results[s.label]['pk_ratio_lowk']:.4f}, mean f {results[s.label]['mean_f']:.5f}")
+
+
+def _memory_summary(comm, timer, particles_local: int) -> dict:
+    """Peak RSS per stage (max over ranks), the per-rank baseline before the first stage, and
+    ``memory_bytes_per_particle``: max over ranks of (peak RSS of the run - baseline) / the rank's
+    training particles. It includes the per-grid-cell terms (IC features, training and evaluation
+    grids), so it is an upper bound of the per-particle slope (docs/supercomputer.md measures that)."""
+    peak = timer.peak_rss_mb()
+    per_particle = (peak - timer.baseline_rss_mb) * 2.0**20 / max(particles_local, 1)
+    return {"peak_rss_mb": comm.allreduce(peak, op=MPI.MAX),
+            "stage_peak_rss_mb": timer.rss_summary(),
+            "baseline_rss_mb": comm.allreduce(timer.baseline_rss_mb, op=MPI.MAX),
+            "memory_bytes_per_particle": comm.allreduce(per_particle, op=MPI.MAX)}
+
+
+def _balance(stats: dict) -> dict:
+    """Min/mean/max over ranks plus ``max_over_mean`` (1 = perfect balance)."""
+    return {**stats, "max_over_mean": stats["max"] / stats["mean"] if stats["mean"] else float("nan")}
+
+
 def _run(comm, cfg, run_dir, train_specs, val_specs, resume, stop: StopControl):
-    timer = StageTimer(comm)
+    timer = StageTimer(comm, track_rss=True)
     tcfg = cfg.train
     if comm.rank == 0:
         with atomic_path(run_dir / "config.yaml") as tmp:
@@ -83,8 +120,7 @@ def _run(comm, cfg, run_dir, train_specs, val_specs, resume, stop: StopControl):
     dtype = getattr(torch, tcfg.dtype)
     device = ddp.device_for(comm)
     exch: dict = {}
-    sims, orth, moments, names = prepare_simulations(comm, timer, cfg, train_specs, val_specs, exch)
-    trs, vals = sims[:len(train_specs)], sims[len(train_specs):]
+    trs, orth, moments, names = prepare_training(comm, timer, cfg, train_specs, exch)
     tr = trs[0]
     shape = {"n_in": orth.matrix.shape[0], "width": cfg.model.width, "depth": cfg.model.depth,
              "activation": cfg.model.activation}
@@ -92,7 +128,7 @@ def _run(comm, cfg, run_dir, train_specs, val_specs, resume, stop: StopControl):
     ckpt_dir = run_dir / "checkpoints"
     with timer.stage("train"):
         with stop.handlers():  # SIGTERM/SIGUSR1: finish the step, checkpoint, stop (see stopping.py)
-            trained = train_ensemble(comm, cfg, trs, vals, shape, ckpt_dir, run_hash, dtype, device, resume, stop)
+            trained = train_ensemble(comm, cfg, trs, [], shape, ckpt_dir, run_hash, dtype, device, resume, stop)
         if trained is None:
             return None
         states, histories, batch_info, train_bytes = trained
@@ -102,35 +138,44 @@ def _run(comm, cfg, run_dir, train_specs, val_specs, resume, stop: StopControl):
                    to_dict(cfg))
     if comm.rank == 0:
         ens.save(run_dir / "model.pt")
-    with timer.stage("evaluate"):
-        log.info("evaluate: ensemble-average and member f on all particles, CIC spectra")
-        results, meta = {}, {}
-        for s in sims:
-            nmesh = eval_nmesh(cfg.grid, s.sim.meta.box)
-            f_members = ens.predict_f_members(s.theta)
-            results[s.label] = evaluate_simulation(comm, f_members, s.parts.pos, *s.tracers, s.sim.meta.box,
-                                                   nmesh, cfg.grid.kmax_lowk)
-            meta[s.label] = {"role": s.role, "source": str(s.spec.get("path", "")), "nmesh": nmesh}
-            log.info(f"evaluate {s.label}: P_model/P_h at k < {cfg.grid.kmax_lowk} = "
-                     f"{results[s.label]['pk_ratio_lowk']:.4f}, mean f {results[s.label]['mean_f']:.5f}")
-        figs = run_dir / "figures"
-        if comm.rank == 0:
-            write_spectra(run_dir / "spectra.h5", results, meta)
-        if comm.rank == 0 and cfg.run.figures:
-            plots.plot_spectra(results, figs / "pk_ratio.png", cfg.grid.kmax_lowk)
-            plots.plot_loss(histories, figs / "loss.png")
-        n_show = min(tr.parts.n_local, 20000)
-        if comm.rank == 0 and n_show and cfg.run.figures:
-            f_show = ens.predict_f_members(tr.theta[:n_show]).mean(axis=0)
-            ft = tr.parts.f_true[:n_show] if tr.parts.f_true is not None else None
-            plots.plot_f(tr.theta[:n_show, 0], f_show, figs / "f_vs_theta0.png", ft)
+    balance = {"n_particles": sum(t.sim.meta.n_particles for t in trs),
+               "particles_local": sum(t.parts.n_local for t in trs),
+               "cells_local": sum(int(t.ownership.counts()[comm.rank]) for t in trs)}
+    results, meta = {}, {}
+    log.info("evaluate: ensemble-average and member f on all particles, CIC spectra")
+    for box in trs:
+        _evaluate_box(comm, timer, cfg, ens, box, results, meta)
+    del box
+    n_show = min(tr.parts.n_local, 20000)
+    if comm.rank == 0 and n_show and cfg.run.figures:
+        f_show = ens.predict_f_members(tr.theta[:n_show]).mean(axis=0)
+        ft = tr.parts.f_true[:n_show] if tr.parts.f_true is not None else None
+        plots.plot_f(tr.theta[:n_show, 0], f_show, figs_dir(run_dir) / "f_vs_theta0.png", ft)
+    del trs, tr  # the training boxes are freed before any validation box is prepared
+    val_losses, val_labels = [], sim_labels(len(train_specs), len(val_specs))[len(train_specs):]
+    for spec, label in zip(val_specs, val_labels):
+        v = prepare_simulation(comm, timer, cfg, spec, label, orth, moments, exch)
+        with timer.stage("evaluate"):
+            val_losses.append(validation_losses(comm, cfg, v, ens.members, dtype, device))
+        _evaluate_box(comm, timer, cfg, ens, v, results, meta)
+        del v
+    for m, h in enumerate(histories):  # validation after training: the last epoch's entry
+        if val_losses and h["val_loss"]:
+            h["val_loss"][-1] = float(np.mean([vl[m][0] for vl in val_losses]))
+            h["val_mean_f"][-1] = float(np.mean([vl[m][1] for vl in val_losses]))
+    if comm.rank == 0:
+        write_spectra(run_dir / "spectra.h5", results, meta)
+    if comm.rank == 0 and cfg.run.figures:
+        plots.plot_spectra(results, figs_dir(run_dir) / "pk_ratio.png", cfg.grid.kmax_lowk)
+        plots.plot_loss(histories, figs_dir(run_dir) / "loss.png")
+    tr_label, val_label = sim_labels(len(train_specs), len(val_specs))[0], (val_labels[0] if val_labels else None)
     epoch_wall = [float(np.sum(h["step_wall_s"])) for h in histories]
     n_epochs_total = sum(len(h["epoch"]) for h in histories)
     train_rate = (batch_info["n_selected"] * n_epochs_total / max(sum(epoch_wall), 1e-12))
     summary = {
         "n_ranks": comm.size,
-        "n_particles": sum(t.sim.meta.n_particles for t in trs),
-        "n_train_sims": len(trs),
+        "n_particles": balance["n_particles"],
+        "n_train_sims": len(train_specs),
         "kspace_k_cut": tcfg.kspace_loss.kcut(cfg.features.radii) if tcfg.kspace_loss.enabled else None,
         "n_selected": batch_info["n_selected"],
         "n_batches": batch_info["n_batches"],
@@ -138,9 +183,9 @@ def _run(comm, cfg, run_dir, train_specs, val_specs, resume, stop: StopControl):
         "ensemble": tcfg.ensemble,
         "final_train_loss": float(np.mean([h["train_loss"][-1] for h in histories])),
         "final_val_loss": float(np.mean([h["val_loss"][-1] for h in histories])),
-        "mean_f": results[tr.label]["mean_f"],
-        "pk_ratio_lowk_train": results[tr.label]["pk_ratio_lowk"],
-        "pk_ratio_lowk_val": results[vals[0].label]["pk_ratio_lowk"] if vals else None,
+        "mean_f": results[tr_label]["mean_f"],
+        "pk_ratio_lowk_train": results[tr_label]["pk_ratio_lowk"],
+        "pk_ratio_lowk_val": results[val_label]["pk_ratio_lowk"] if val_label else None,
         "pk_ratio_lowk_members": {k: r["pk_ratio_lowk_members"] for k, r in results.items()},
         "stage_wall_s": timer.summary(),
         "epoch_wall_s": [h["epoch_wall_s"] for h in histories],
@@ -149,8 +194,10 @@ def _run(comm, cfg, run_dir, train_specs, val_specs, resume, stop: StopControl):
         "bare_mlp_particles_per_s": bare,
         "train_vs_bare": train_rate / bare,
         "exchange_bytes": _exchange_summary(comm, exch),
-        "particles_per_rank": global_min_max_mean(comm, sum(t.parts.n_local for t in trs)),
-        "cells_per_rank": global_min_max_mean(comm, batch_info["cells_local"]),
+        **_memory_summary(comm, timer, balance["particles_local"]),
+        "particles_per_rank": _balance(global_min_max_mean(comm, balance["particles_local"])),
+        "cells_per_rank": global_min_max_mean(comm, balance["cells_local"]),
+        "occupied_cells_per_rank": global_min_max_mean(comm, batch_info["cells_local"]),
         "loss_history": histories,
         "n_inputs": shape["n_in"],
         "feature_names": names,
