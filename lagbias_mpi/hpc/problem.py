@@ -10,6 +10,7 @@ from pathlib import Path
 
 from lagbias_mpi.config.loader import apply_overrides, load_yaml
 from lagbias_mpi.core.logs import get_logger
+from lagbias_mpi.training.sampling import resolve_frac
 
 log = get_logger("plan")
 
@@ -145,7 +146,8 @@ def sizes_from_dict(data: dict, base_dir: Path | None = None) -> ProblemSize:
     return ProblemSize(
         box=float(box), ppd=int(ppd), n_ic=int(n_ic), n_particles=int(n_particles),
         n_scales=len(scales), n_kinds=len(kinds), train_nmesh=train_nmesh, eval_nmesh=eval_nmesh,
-        frac=float(smp.get("frac", 0.1)), batch_size=int(smp.get("batch_size", 100_000)),
+        frac=resolve_frac(smp.get("frac", 0.1), float(smp.get("per_cell", 50.0)), int(n_particles), train_nmesh**3),
+        batch_size=int(smp.get("batch_size", 100_000)),
         epochs=int(tr.get("epochs", 50)), ensemble=int(tr.get("ensemble", 5)),
         width=int(mdl.get("width", 64)), depth=int(mdl.get("depth", 5)), n_val=int(n_val),
         n_halos=_halo_estimate(float(box)), source=source)

@@ -23,7 +23,7 @@ import torch
 from lagbias_mpi.bias.model import f_of_y
 from lagbias_mpi.mpi.comm import global_sum
 from lagbias_mpi.mpi.fft import SlabFFT
-from lagbias_mpi.training.sampling import select_in_cells
+from lagbias_mpi.training.sampling import cell_scale, select_in_cells
 
 
 @dataclass
@@ -51,7 +51,7 @@ def build_field_set(comm, theta: np.ndarray, cell: np.ndarray, pid: np.ndarray, 
     n_local = int(np.prod(fft.real_shape))
     scale = np.zeros(n_local)
     local_cells = np.asarray(cells, np.int64) - start * n_grid * n_grid
-    scale[local_cells] = (n_grid**3 / n_part) * n / n_sel
+    scale[local_cells] = cell_scale(n, n_sel, n_grid**3, n_part)
     sel = np.nonzero(selected)[0]
     idx = np.asarray(cell[sel], np.int64) - start * n_grid * n_grid
     if len(idx) and (idx.min() < 0 or idx.max() >= n_local):

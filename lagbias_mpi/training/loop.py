@@ -1,15 +1,5 @@
-"""Distributed training of one ensemble member: batches, the grid-sum loss, DDP steps, the epoch loop.
-
-Loss of a batch (a fixed set of cells, DESIGN.md section 1), sums over the whole batch (all ranks):
-
-    L = sum_j (delta_model[j] - delta_true[j])^2 + sum_i (y_i - y_g)^4 [y_i < y_g]
-        + (S / N - 1)^2 / eps^2,   S = sum_i f_i, N = selected particles of the batch
-
-with 1 + delta_model[j] = (N_cells / N_part) (n[j] / n_sel[j]) sum_{selected i in j} f_i. A cell and
-its particles live on one rank, so the first two terms are local sums. DDP averages gradients over
-the P ranks, so each rank back-propagates P times its local part, where the constraint enters through
-the surrogate 2 (S/N - 1) / (eps^2 N) * S_local with S the (detached) global sum from one reduction:
-the summed gradients equal the gradient of the whole-batch loss on one rank.
+"""The epoch loop of one ensemble member: DDP steps on the batches, validation, checkpoints (the
+loss of a batch: :mod:`lagbias_mpi.training.batches`).
 """
 from __future__ import annotations
 
@@ -116,7 +106,7 @@ def _step(comm, dmodel, opt, batch: Batch, eps, guard_y: float, kspace_coef: np.
     opt.zero_grad(set_to_none=False)
     coef = None if kspace_coef is None else torch.as_tensor(kspace_coef, dtype=batch.x.dtype, device=batch.x.device)
     obj, loss, s_glob, stopping = local_objective(comm, dmodel, batch, eps, guard_y, coef, stop_wish)
-    if not np.isfinite(loss) or not s_glob / max(batch.n_global, 1) < MAX_BATCH_MEAN_F:
+    if not np.isfinite(loss) or not s_glob / max(batch.n_all, 1) < MAX_BATCH_MEAN_F:
         return loss, s_glob, stopping
     obj.backward()
     lr = [group["lr"] for group in opt.param_groups]
@@ -165,7 +155,7 @@ def _epochs(comm, member, dmodel, model, opt, sched, history, start, path, train
             lr_step = lr * warmup_factor((epoch - 1) * len(train_set) + i, tcfg.warmup_steps)
             loss, s_glob, stopping = _step(comm, dmodel, opt, batch, eps, tcfg.guard_y, coef, lr_step,
                                            stop.after_this_step())
-            batch_mean_f = s_glob / max(batch.n_global, 1)
+            batch_mean_f = s_glob / max(batch.n_all, 1)
             if not np.isfinite(loss) or not batch_mean_f < MAX_BATCH_MEAN_F:
                 good = f"{path} (epoch {epoch - 1})" if epoch > 1 else "none (first epoch)"
                 raise TrainingDiverged(f"loss {loss:.4g}, batch mean f {batch_mean_f:.4g} at member {member}, "
@@ -188,7 +178,7 @@ def _epochs(comm, member, dmodel, model, opt, sched, history, start, path, train
         history["epoch"].append(epoch)
         history["train_loss"].append(float(np.mean(losses)))
         history["val_loss"].append(float(np.mean([v[0] for v in val])) if val else float("nan"))
-        history["mean_f"].append(s_tot / max(train_set.n_selected, 1))
+        history["mean_f"].append(s_tot / max(train_set.n_particles, 1))
         history["val_mean_f"].append(float(np.mean([v[1] for v in val])) if val else float("nan"))
         history["eps"].append(eps if eps is not None else float("nan"))
         history["lr"].append(lr)

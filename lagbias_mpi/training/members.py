@@ -8,9 +8,16 @@ from lagbias_mpi.core.logs import get_logger
 from lagbias_mpi.training.batches import build_batches, interleave
 from lagbias_mpi.training.kspace import build_field_set
 from lagbias_mpi.training.loop import train_member
+from lagbias_mpi.training.sampling import resolve_frac
 from lagbias_mpi.training.stopping import StopControl, StopRequested
 
 log = get_logger("train")
+
+
+def sim_frac(cfg, s) -> float:
+    """The selected fraction per cell of prepared simulation ``s`` (``sampling.frac``, "auto" resolved
+    from its mean cell occupancy)."""
+    return resolve_frac(cfg.sampling.frac, cfg.sampling.per_cell, s.sim.meta.n_particles, s.n_grid**3)
 
 
 def train_ensemble(comm, cfg, trs: list, vals: list, shape: dict, ckpt_dir: Path, run_hash: str, dtype, device,
@@ -28,12 +35,12 @@ def train_ensemble(comm, cfg, trs: list, vals: list, shape: dict, ckpt_dir: Path
     for member in range(tcfg.ensemble):
         def batches(s, box=0):
             return build_batches(comm, s.theta, s.parts.cell, s.parts.pid, s.targets(comm), s.n_grid**3,
-                                 s.sim.meta.n_particles, cfg.sampling.frac, cfg.sampling.batch_size,
+                                 s.sim.meta.n_particles, sim_frac(cfg, s), cfg.sampling.batch_size,
                                  tcfg.seed, member, dtype=dtype, device=device, box=box)
 
         def field_set(s):
             return build_field_set(comm, s.theta, s.parts.cell, s.parts.pid, s.truth_slab, s.n_grid,
-                                   s.sim.meta.box, s.sim.meta.n_particles, cfg.sampling.frac, tcfg.seed, member,
+                                   s.sim.meta.box, s.sim.meta.n_particles, sim_frac(cfg, s), tcfg.seed, member,
                                    k_cut, dtype=dtype, device=device)
         tset = interleave([batches(t, box) for box, t in enumerate(trs)])
         fsets = [field_set(t) for t in trs] if tcfg.kspace_loss.enabled else None

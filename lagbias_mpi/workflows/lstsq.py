@@ -52,6 +52,7 @@ from lagbias_mpi.core.logs import get_logger, setup_logging
 from lagbias_mpi.io import sources
 from lagbias_mpi.mesh.grid import cell_values, local_grid_start
 from lagbias_mpi.mpi.comm import StageTimer
+from lagbias_mpi.training.sampling import resolve_frac
 from lagbias_mpi.workflows.cli import write_summary
 
 log = get_logger("lstsq")
@@ -107,7 +108,9 @@ def run(comm, config_path, overrides=None, nn_run=None, out=None, base_dir=None)
                 start = local_grid_start(comm, n_grid)
                 ne = normal_equations(comm, eparts.cell, eparts.pid, binning.bins(eparts.raw), binning.n_bins,
                                       lambda c: cell_values(truth, n_grid, start, c), n_grid**3,
-                                      sim.meta.n_particles, cfg.sampling.frac, cfg.train.seed, cfg.train.ensemble)
+                                      sim.meta.n_particles,
+                                      resolve_frac(cfg.sampling.frac, cfg.sampling.per_cell, sim.meta.n_particles, n_grid**3),
+                                      cfg.train.seed, cfg.train.ensemble)
                 f_bins = solve_all(comm, ne, lcfg.constraint_weight)
                 del eparts, truth
             losses = [loss_of(ne, m, f_bins[m]) for m in range(len(f_bins))]
