@@ -19,7 +19,7 @@ from mpi4py import MPI
 
 from lagbias_mpi.analysis import plots
 from lagbias_mpi.bias.ensemble import Ensemble
-from lagbias_mpi.bias.evaluate import evaluate_simulation
+from lagbias_mpi.bias.evaluate import evaluate_simulation, member_health
 from lagbias_mpi.bias.prepare import (
     _exchange_summary,
     _validate_inputs,
@@ -77,6 +77,19 @@ def run(comm, config_path, overrides=None, out=None, resume=False, stop_after_ep
             handler.close()
 
 
+def _members_ok(n_members: int, failures: dict, train_result: dict) -> tuple[list[dict], list[int]]:
+    """{"ok", "reason"} of every member (training failures first, then :func:`member_health` on the
+    training box's evaluation) and the indices of the trained members (rows of the evaluation)."""
+    trained = [m for m in range(n_members) if m not in failures]
+    out = [{"ok": False, "reason": failures[m]} for m in range(n_members)] if failures else [None] * n_members
+    for row, m in enumerate(trained):
+        out[m] = member_health(train_result["pk_ratio_lowk_members"][row], train_result["mean_f_members"][row])
+    for m, h in enumerate(out):
+        if not h["ok"]:
+            log.warning(f"member {m} is not in the ensemble average: {h['reason']}")
+    return out, trained
+
+
 def _run(comm, cfg, run_dir, train_specs, val_specs, resume, stop: StopControl):
     timer = StageTimer(comm)
     tcfg = cfg.train
@@ -101,24 +114,40 @@ def _run(comm, cfg, run_dir, train_specs, val_specs, resume, stop: StopControl):
             trained = train_ensemble(comm, cfg, trs, vals, shape, ckpt_dir, run_hash, dtype, device, resume, stop)
         if trained is None:
             return None
-        states, histories, batch_info, train_bytes = trained
+        states, histories, batch_info, train_bytes, failures = trained
         bare = bare_mlp_rate(comm, shape, int(round(batch_info["n_selected"] / batch_info["n_batches"])), tcfg,
                              dtype, device)
     ens = Ensemble(shape, states, orth, moments, names, cfg.features.radii, cfg.features.kinds, tcfg.dtype,
                    to_dict(cfg))
-    if comm.rank == 0:
-        ens.save(run_dir / "model.pt")
     with timer.stage("evaluate"):
         log.info("evaluate: ensemble-average and member f on all particles, CIC spectra")
         results, meta = {}, {}
-        for s in sims:
+
+        def evaluate(s):
             nmesh = eval_nmesh(cfg.grid, s.sim.meta.box)
-            f_members = ens.predict_f_members(s.theta)
-            results[s.label] = evaluate_simulation(comm, f_members, s.parts.pos, *s.tracers, s.sim.meta.box,
-                                                   nmesh, cfg.grid.kmax_lowk)
+            results[s.label] = evaluate_simulation(comm, ens.predict_f_members(s.theta), s.parts.pos, *s.tracers,
+                                                   s.sim.meta.box, nmesh, cfg.grid.kmax_lowk)
             meta[s.label] = {"role": s.role, "source": str(s.spec.get("path", "")), "nmesh": nmesh}
+
+        evaluate(tr)
+        members_ok, trained_ids = _members_ok(tcfg.ensemble, failures, results[tr.label])
+        keep = [i for i, m in zip(trained_ids, (members_ok[j] for j in trained_ids)) if m["ok"]]
+        if keep and len(keep) < len(states):
+            log.warning(f"ensemble average of members {keep} only (the others: "
+                        f"{[(j, m['reason']) for j, m in enumerate(members_ok) if not m['ok']]})")
+            ens = Ensemble(shape, [states[trained_ids.index(i)] for i in keep], orth, moments, names,
+                           cfg.features.radii, cfg.features.kinds, tcfg.dtype, to_dict(cfg))
+            evaluate(tr)
+        elif not keep:
+            log.error("no member passed the flat/diverged check; the ensemble keeps all trained members")
+        if comm.rank == 0:
+            ens.save(run_dir / "model.pt")
+        for s in sims[1:]:
+            evaluate(s)
+        for s in sims:
             log.info(f"evaluate {s.label}: P_model/P_h at k < {cfg.grid.kmax_lowk} = "
-                     f"{results[s.label]['pk_ratio_lowk']:.4f}, mean f {results[s.label]['mean_f']:.5f}")
+                     f"{results[s.label]['pk_ratio_lowk']:.4f} (mode-weighted "
+                     f"{results[s.label]['pk_ratio_lowk_modes']:.4f}), mean f {results[s.label]['mean_f']:.5f}")
         figs = run_dir / "figures"
         if comm.rank == 0:
             write_spectra(run_dir / "spectra.h5", results, meta)
@@ -145,8 +174,14 @@ def _run(comm, cfg, run_dir, train_specs, val_specs, resume, stop: StopControl):
         "final_train_loss": float(np.mean([h["train_loss"][-1] for h in histories])),
         "final_val_loss": float(np.mean([h["val_loss"][-1] for h in histories])),
         "mean_f": results[tr.label]["mean_f"],
+        "mean_f_val": results[vals[0].label]["mean_f"] if vals else None,
         "pk_ratio_lowk_train": results[tr.label]["pk_ratio_lowk"],
         "pk_ratio_lowk_val": results[vals[0].label]["pk_ratio_lowk"] if vals else None,
+        "pk_ratio_lowk_train_modes": results[tr.label]["pk_ratio_lowk_modes"],
+        "pk_ratio_lowk_val_modes": results[vals[0].label]["pk_ratio_lowk_modes"] if vals else None,
+        "members_ok": members_ok,
+        "members_in_ensemble": keep or trained_ids,
+        "sampling_frac": batch_info.get("frac"),
         "pk_ratio_lowk_members": {k: r["pk_ratio_lowk_members"] for k, r in results.items()},
         "stage_wall_s": timer.summary(),
         "epoch_wall_s": [h["epoch_wall_s"] for h in histories],
