@@ -53,7 +53,7 @@ def _direct_constraint(batch, cell, f):
     return float(np.sum(w * f)), int(n.sum()), float(NPART / NG**3 * np.sum(1 + _target(cells)))
 
 
-def _reference_grad(batch, cell, eps, guard_y=-5.0):
+def _reference_grad(batch, cell, eps, others, guard_y=-5.0):
     """Plain autograd of the whole-batch loss on one rank, the constraint built from numpy weights."""
     model = _model()
     y = model(batch.x)
@@ -67,7 +67,9 @@ def _reference_grad(batch, cell, eps, guard_y=-5.0):
     w = torch.as_tensor((n_all[np.searchsorted(all_cells, cells)] / n_sel)[np.searchsorted(cells, sel_cells)])
     s_t = (w * f).sum()
     assert np.isclose(float(s_t.detach()), s, rtol=1e-12)
-    loss = loss + ((s_t - t) / n) ** 2 / eps**2
+    s_o, t_tot, n_tot = others
+    assert np.isclose(t_tot - t, 1000.0) and n_tot - n == 1100  # the others of the test: as built there
+    loss = loss + ((s_o + s_t - t_tot) / n_tot) ** 2 / eps**2
     loss.backward()
     return float(loss.detach()), [p.grad.clone() for p in model.parameters()], (s, n, t)
 
@@ -84,11 +86,13 @@ def test_gradient_equals_one_rank_whole_batch(comm):
         for b in range(len(dist)):
             model = _model()
             dmodel = ddp.wrap(model, comm)
-            obj, loss, s_glob, stop = local_objective(comm, dmodel, dist.batches[b], eps, -5.0)
+            db = dist.batches[b]
+            others = (1234.5, db.true_sum + 1000.0, db.n_all + 1100)  # S, T, N of the batches not stepped on
+            obj, loss, s_glob, stop = local_objective(comm, dmodel, db, eps, -5.0, others=others)
             assert stop is False
             obj.backward()
             grads = [p.grad for p in model.parameters()]
-            ref_loss, ref_grads, (s, n, t) = _reference_grad(ref_set.batches[b], cell, eps)
+            ref_loss, ref_grads, (s, n, t) = _reference_grad(ref_set.batches[b], cell, eps, others)
             assert np.isclose(loss, ref_loss, rtol=1e-10)
             assert np.isclose(s_glob, s, rtol=1e-12)
             assert dist.batches[b].n_all == n and np.isclose(dist.batches[b].true_sum, t, rtol=1e-12)

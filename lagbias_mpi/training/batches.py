@@ -1,20 +1,17 @@
-"""Distributed training of one ensemble member: batches, the grid-sum loss, DDP steps, the epoch loop.
+"""The batches of one ensemble member: per-cell sub-samples split into batches of whole cells.
 
 Loss of a batch (a fixed set of cells, DESIGN.md section 1), sums over the whole batch (all ranks):
 
-    L = sum_j (delta_model[j] - delta_true[j])^2 + sum_i (y_i - y_g)^4 [y_i < y_g]
-        + ((S - T) / N)^2 / eps^2
+    L = sum_j (delta_model[j] - delta_true[j])^2 + sum_i (y_i - y_g)^4 [y_i < y_g] + C
 
-with 1 + delta_model[j] = (N_cells / N_part) (n[j] / n_sel[j]) sum_{selected i in j} f_i, and the
-integral constraint weighted as the grid term: S = sum_i w_i f_i with w_i = n_j / n_sel_j of the
-particle's cell, N = sum_{j in batch} n_j (all particles of the batch's cells) and T = (N_part /
-N_cells) sum_{j in batch} (1 + delta_true[j]) the sum the true field gives the batch, so that the
-term penalises the batch's summed residual, sum_j (delta_model - delta_true)[j], which the true field
-meets exactly (sum over the batches: sum_i f_i = N_part, mean f = 1 over all particles).
-A cell and its particles live on one rank, so the first two terms are local sums. DDP averages
-gradients over the P ranks, so each rank back-propagates P times its local part, where the
-constraint enters through the surrogate 2 (S - T) / (eps^2 N^2) * S_local with S the (detached)
-global sum from one reduction: the summed gradients equal the gradient of the whole-batch loss on one rank.
+with 1 + delta_model[j] = scale_j sum_{selected i in j} f_i, scale_j = (N_cells / N_part) n_j / n_sel_j
+(``sampling.cell_scale``), and C the integral constraint on the weighted sum S = sum_i w_i f_i,
+w_i = n_j / n_sel_j (the same per-cell weights), against the true field's sum T, per particle of
+all cells N = sum_j n_j (:mod:`lagbias_mpi.training.loss`). Each batch carries its n_all (= its N)
+and true_sum (= its T). A cell and its particles live on one rank, so the first two terms are local
+sums; DDP averages gradients over the P ranks, so each rank back-propagates P times its local part,
+the constraint through a surrogate linear in S_local: the summed gradients equal the gradient of the
+whole-batch loss on one rank.
 """
 from __future__ import annotations
 

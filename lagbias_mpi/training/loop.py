@@ -22,7 +22,7 @@ from lagbias_mpi.training.checkpoint import (
     save_checkpoint,
 )
 from lagbias_mpi.training.kspace import FieldSet, kspace_coefficients
-from lagbias_mpi.training.loss import evaluate_loss, local_objective
+from lagbias_mpi.training.loss import RunningSum, evaluate_loss, local_objective
 from lagbias_mpi.training.sampling import batch_order
 from lagbias_mpi.training.stopping import StopControl, StopRequested
 
@@ -71,7 +71,7 @@ def train_member(comm, member: int, shape: dict, train_set: BatchSet, val_sets: 
     model = build_model(shape, seed=tcfg.seed * 1000 + member, dtype=dtype).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=tcfg.lr)
     sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=tcfg.lr_decay)
-    history, start, partial = _empty_history(), 1, None
+    history, start, partial, ckpt_running = _empty_history(), 1, None, None
     path = checkpoint_path(ckpt_dir, member)
     ckpt = load_checkpoint(comm, path) if resume else None
     if ckpt is not None:
@@ -82,13 +82,14 @@ def train_member(comm, member: int, shape: dict, train_set: BatchSet, val_sets: 
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
         history, start, partial = ckpt["history"], ckpt["epoch"] + 1, ckpt.get("in_epoch")
+        ckpt_running = ckpt.get("running_sum")
         torch.random.set_rng_state(ckpt["torch_rng"])
         where = f"epoch {start} step {partial['step']}" if partial else f"epoch {start}"
         log.info(f"member {member}: resumed from {path}, continuing with {where}")
     dmodel = ddp.wrap(model, comm)
     try:
         _epochs(comm, member, dmodel, model, opt, sched, history, start, path, train_set, val_sets, tcfg,
-                config_hash, shape, stop or StopControl(), field_sets, partial)
+                config_hash, shape, stop or StopControl(), field_sets, partial, ckpt_running)
     except BaseException as exc:
         traceback.clear_frames(exc.__traceback__)  # the frames would keep the DDP wrapper alive
         raise
@@ -99,13 +100,13 @@ def train_member(comm, member: int, shape: dict, train_set: BatchSet, val_sets: 
 
 
 def _step(comm, dmodel, opt, batch: Batch, eps, guard_y: float, kspace_coef: np.ndarray | None, lr_step: float,
-          stop_wish: bool) -> tuple[float, float, bool]:
+          stop_wish: bool, others=None) -> tuple[float, float, bool]:
     """One optimiser step on ``batch`` at learning rate ``lr_step`` (the group's lr is restored
     afterwards, so that the scheduler and checkpoints see the epoch's lr). Returns (whole-batch
     loss, global sum of f, whether any rank wants to stop). A non-finite loss is not stepped on."""
     opt.zero_grad(set_to_none=False)
     coef = None if kspace_coef is None else torch.as_tensor(kspace_coef, dtype=batch.x.dtype, device=batch.x.device)
-    obj, loss, s_glob, stopping = local_objective(comm, dmodel, batch, eps, guard_y, coef, stop_wish)
+    obj, loss, s_glob, stopping = local_objective(comm, dmodel, batch, eps, guard_y, coef, stop_wish, others)
     if not np.isfinite(loss) or not s_glob / max(batch.n_all, 1) < MAX_BATCH_MEAN_F:
         return loss, s_glob, stopping
     obj.backward()
@@ -119,14 +120,18 @@ def _step(comm, dmodel, opt, batch: Batch, eps, guard_y: float, kspace_coef: np.
 
 
 def _epochs(comm, member, dmodel, model, opt, sched, history, start, path, train_set, val_sets, tcfg,
-            config_hash, shape, stop: StopControl, field_sets=None, partial=None):
+            config_hash, shape, stop: StopControl, field_sets=None, partial=None, ckpt_running=None):
     """The epoch loop of :func:`train_member`; ``partial``: the ``in_epoch`` state of a mid-epoch
     checkpoint (the first epoch continues after its ``step`` steps)."""
     def payload(epoch, in_epoch=None):
         return {"member": member, "epoch": epoch, "done": epoch == tcfg.epochs and in_epoch is None,
                 "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                 "history": history, "torch_rng": torch.random.get_rng_state(), "config_hash": config_hash,
-                "shape": shape, "in_epoch": in_epoch}
+                "shape": shape, "in_epoch": in_epoch, "running_sum": running.s_last.copy()}
+
+    running = RunningSum.start(train_set)
+    if ckpt_running is not None:
+        running.s_last = np.asarray(ckpt_running, np.float64).copy()
 
     for epoch in range(start, tcfg.epochs + 1):
         if stop.start_epoch():
@@ -154,7 +159,7 @@ def _epochs(comm, member, dmodel, model, opt, sched, history, start, path, train
             coef = None if coefs is None else coefs[batch.box][batch.pidx]
             lr_step = lr * warmup_factor((epoch - 1) * len(train_set) + i, tcfg.warmup_steps)
             loss, s_glob, stopping = _step(comm, dmodel, opt, batch, eps, tcfg.guard_y, coef, lr_step,
-                                           stop.after_this_step())
+                                           stop.after_this_step(), running.others(b))
             batch_mean_f = s_glob / max(batch.n_all, 1)
             if not np.isfinite(loss) or not batch_mean_f < MAX_BATCH_MEAN_F:
                 good = f"{path} (epoch {epoch - 1})" if epoch > 1 else "none (first epoch)"
@@ -163,6 +168,7 @@ def _epochs(comm, member, dmodel, model, opt, sched, history, start, path, train
                                        f"last good checkpoint: {good}")
             losses.append(loss)
             s_tot += s_glob
+            running.s_last[b] = s_glob
             prog.update(i + 1)
             if stopping and i + 1 < len(train_set):
                 save_checkpoint(comm, path, payload(epoch - 1, {

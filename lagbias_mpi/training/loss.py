@@ -1,10 +1,25 @@
-"""The training objective of one batch (paper eq. 2.5 grid term, non-negativity guard, integral constraint) and its reductions over ranks.
+"""The training objective of one batch (paper eq. 2.5 grid term, non-negativity guard, integral
+constraint) and its reductions over ranks.
+
+The integral constraint is on the mean f of all particles of the training simulation(s):
+
+    C = ((S_others + S_batch - T) / N)^2 / eps^2,
+
+S_batch = sum_i w_i f_i over the batch (w_i = n_j / n_sel_j), S_others the latest S of every other
+batch (a running sum, :class:`RunningSum`: one number per batch, updated after each step), T = the
+true field's sum over all cells (N_part / N_cells sum_j (1 + delta_true[j])) and N = sum_j n_j. The
+true field meets it exactly; it does not ask every batch of a few thousand cells to hold its own
+spiky sum to eps (which no model short of the truth can, and which flattened f at eps = 1e-4).
+Only S_batch carries a gradient. ``others=None`` constrains the batch alone (S_others = 0, T and N
+of the batch).
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
 from mpi4py import MPI
+
+from dataclasses import dataclass
 
 from lagbias_mpi.bias.model import f_of_y
 from lagbias_mpi.training.batches import Batch, BatchSet
@@ -35,45 +50,76 @@ def reduce_terms(comm, grid, guard, s_local, stop: bool = False) -> np.ndarray:
     return out
 
 
-def constraint_residual(s_global: float, batch: Batch) -> float:
-    """(S - T) / N of a batch: its weighted sum of f minus the true field's, per particle."""
-    return (s_global - batch.true_sum) / batch.n_all if batch.n_all > 0 else 0.0
+@dataclass
+class RunningSum:
+    """The latest global S = sum_i w_i f_i of every batch of a :class:`BatchSet` (float64), with the
+    true field's total T and the particle total N of the set."""
+
+    s_last: np.ndarray
+    t_total: float
+    n_total: int
+
+    @classmethod
+    def start(cls, batches: BatchSet) -> "RunningSum":
+        """S of f = 1 (the zero-initialised network): S_b = N_b."""
+        return cls(np.array([b.n_all for b in batches.batches], np.float64),
+                   float(sum(b.true_sum for b in batches.batches)), int(sum(b.n_all for b in batches.batches)))
+
+    def others(self, b: int) -> tuple[float, float, int]:
+        """(S of the batches other than ``b``, T, N): the ``others`` of :func:`local_objective`."""
+        return float(self.s_last.sum() - self.s_last[b]), self.t_total, self.n_total
 
 
-def whole_loss(totals: np.ndarray, batch: Batch, eps: float | None) -> float:
+def _constraint_parts(batch: Batch, others) -> tuple[float, float, int]:
+    return (0.0, batch.true_sum, batch.n_all) if others is None else others
+
+
+def constraint_residual(s_global: float, batch: Batch, others=None) -> float:
+    """(S_others + S - T) / N: the weighted sum of f minus the true field's, per particle."""
+    s_o, t, n = _constraint_parts(batch, others)
+    return (s_o + s_global - t) / n if n > 0 else 0.0
+
+
+def whole_loss(totals: np.ndarray, batch: Batch, eps: float | None, others=None) -> float:
     """Whole-batch loss value from the reduced terms."""
     loss = totals[0] + totals[1]
-    if eps is not None and batch.n_all > 0:
-        loss += constraint_residual(totals[2], batch) ** 2 / eps**2
+    if eps is not None:
+        loss += constraint_residual(totals[2], batch, others) ** 2 / eps**2
     return float(loss)
 
 
 def local_objective(comm, model, batch: Batch, eps: float | None, guard_y: float,
-                    kspace_coef: torch.Tensor | None = None, stop: bool = False):
+                    kspace_coef: torch.Tensor | None = None, stop: bool = False, others=None):
     """(tensor to back-propagate on this rank, whole-batch loss value, global S = sum_i w_i f_i,
     whether any rank wants to stop after this step).
 
     ``kspace_coef``: the Fourier-space loss's c_i of the batch's particles (:mod:`lagbias_mpi.training.kspace`),
     whose surrogate sum_i c_i f_i joins the objective (not the reported loss). ``stop``: this rank's
-    wish to stop after the step, reduced with the loss terms."""
+    wish to stop after the step, reduced with the loss terms. ``others``: (S of the other batches, T,
+    N) of the constraint (:meth:`RunningSum.others`), None for the batch alone."""
     grid, guard, s_local, f = _terms_and_f(model, batch, guard_y)
     totals = reduce_terms(comm, grid.detach(), guard.detach(), s_local.detach(), stop)
     obj = grid + guard
     if kspace_coef is not None:
         obj = obj + (kspace_coef * f).sum()
-    if eps is not None and batch.n_all > 0:
-        obj = obj + (2.0 * constraint_residual(totals[2], batch) / (eps**2 * batch.n_all)) * s_local
-    return obj * comm.size, whole_loss(totals, batch, eps), float(totals[2]), bool(totals[3] > 0)
+    n = _constraint_parts(batch, others)[2]
+    if eps is not None and n > 0:
+        obj = obj + (2.0 * constraint_residual(totals[2], batch, others) / (eps**2 * n)) * s_local
+    return obj * comm.size, whole_loss(totals, batch, eps, others), float(totals[2]), bool(totals[3] > 0)
 
 
 def evaluate_loss(comm, model, batches: BatchSet, eps: float | None, guard_y: float) -> tuple[float, float]:
-    """Mean whole-batch loss over ``batches`` and the weighted mean f of all their cells' particles,
-    sum_i w_i f_i / sum_j n_j (no gradient)."""
+    """Mean over ``batches`` of the grid and guard terms plus the integral constraint of the whole
+    set, and the weighted mean f of all their cells' particles, sum_i w_i f_i / sum_j n_j (no gradient)."""
     losses, s_tot = [], 0.0
     with torch.no_grad():
         for batch in batches.batches:
             grid, guard, s_local = batch_terms(model, batch, guard_y)
             totals = reduce_terms(comm, grid, guard, s_local)
-            losses.append(whole_loss(totals, batch, eps))
+            losses.append(totals[0] + totals[1])
             s_tot += totals[2]
-    return float(np.mean(losses)), s_tot / max(batches.n_particles, 1)
+    run = RunningSum.start(batches)
+    loss = float(np.mean(losses))
+    if eps is not None and run.n_total > 0:
+        loss += ((s_tot - run.t_total) / run.n_total) ** 2 / eps**2
+    return loss, s_tot / max(batches.n_particles, 1)
