@@ -11,7 +11,7 @@ Writes ``DIR/summary.json`` (atomically) with
 - ``exchange_MB_per_s``: bytes moved per second by :func:`~lagbias_mpi.mpi.exchange.exchange` with
   random destinations (pos float32 x3 + lagr_index int32 x3 + weight float64 = 32 B per particle);
 - ``n_ranks``, versions, the arguments and the wall time of each stage.
-``--save-costs [PATH]`` also writes the per-unit costs (default ``lagbias_mpi/data/costs.json``)
+``--save-costs [PATH]`` also writes the per-unit costs (default: ``$LAGBIAS_COSTS`` or ``~/.cache/lagbias_mpi/costs.json``, where the planner looks first)
 that the resource planner (:mod:`lagbias_mpi.plan`) loads; see docs/benchmarks.md.
 The figures are for tracking performance; correctness is what the tests check.
 """
@@ -23,7 +23,8 @@ from pathlib import Path
 from mpi4py import MPI
 
 from lagbias_mpi.core.logs import setup_logging
-from lagbias_mpi.hpc.benchmarks import DEFAULT_COSTS_PATH, count, run
+from lagbias_mpi.hpc.benchmarks import count, run
+from lagbias_mpi.hpc.planner import user_costs_path
 
 
 def main(argv=None) -> dict:
@@ -36,7 +37,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--particles", type=count, default=2**24, help="particles painted (global)")
     parser.add_argument("--exchange-particles", type=count, default=4 * 10**6, help="particles exchanged (global)")
     parser.add_argument("--repeat", type=count, default=5, help="timed repetitions (the median is kept)")
-    parser.add_argument("--save-costs", nargs="?", const=DEFAULT_COSTS_PATH, default=None, type=Path,
+    parser.add_argument("--save-costs", nargs="?", const=user_costs_path(), default=None, type=Path,
                         help="also write per-unit costs for the planner to this path")
     parser.add_argument("--log-level", default="INFO", help="logging level")
     args = parser.parse_args(argv)
@@ -48,3 +49,7 @@ def main(argv=None) -> dict:
         parser.error(f"--n must be >= 2 and >= the number of ranks ({comm.size}), got {args.n}")
     return abort_on_exception(comm)(run)(comm, args.out, args.n, args.particles, args.repeat,
                                          args.exchange_particles, args.paint_n, args.save_costs)
+
+
+if __name__ == "__main__":
+    main()

@@ -35,3 +35,7 @@ def main(argv=None) -> dict:
         return info
 
     return run()
+
+
+if __name__ == "__main__":
+    main()

@@ -29,6 +29,7 @@ rounding.
 from __future__ import annotations
 
 import argparse
+import sys
 
 from mpi4py import MPI
 
@@ -52,3 +53,7 @@ def main(argv=None) -> int:
     comm = MPI.COMM_WORLD
 
     return run_command(comm, lambda: run(comm, args.config, args.set, args.nn_run, args.out))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

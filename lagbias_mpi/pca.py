@@ -25,6 +25,7 @@ Outputs (rank 0, atomic) in ``DIR/pca/``: ``summary.json``, ``figures/pc_planes.
 from __future__ import annotations
 
 import argparse
+import sys
 
 from mpi4py import MPI
 
@@ -51,3 +52,7 @@ def main(argv=None) -> int:
 
     return run_command(comm, lambda: run(comm, args.run, args.retrain, args.n_sample, args.seed, args.out,
                                          overrides=args.set))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,27 +1,10 @@
-"""Resource planner: memory per rank and time per stage of a training job, before it is submitted.
+"""``python -m lagbias_mpi.plan``: memory per rank and time per stage of a training job, before it is submitted.
 
-``python -m lagbias_mpi.plan --config FILE.yaml --nodes N --cores-per-node C --mem-per-node GIB
-[--gpus-per-node G] [--ranks-per-node R] [--set key=value ...] [--costs FILE] [--out plan.json]``
+    python -m lagbias_mpi.plan --config FILE.yaml --nodes N --cores-per-node C --mem-per-node GIB
+        [--gpus-per-node G] [--ranks-per-node R] [--set key=value ...] [--costs FILE] [--out plan.json]
 
-From the sizes in the training config (box, ppd, IC grid, particles after sub-sampling, training and
-evaluation grids, scales and feature kinds, ensemble, epochs, validation boxes) it predicts, per
-stage, the resident memory of the busiest rank and the wall time, says whether the job fits the
-nodes, and finds the smallest node count that fits. Sizes come from the simulate config (built-in
-simulation), the simulation files' metadata (``train_files``) or the AbacusSummit box class of
-``simulation.abacus.train``, so no data has to be present.
-
-Memory model (``memory_per_rank``): every array ``lagbias_mpi.train`` holds at the peak of each stage,
-with its dtype (``BYTES``): all S = 1 + n_val simulations are loaded together and kept; float64
-feature slabs and FFT work arrays; an exchange of k-byte records holds ~5 k per particle (input
-columns, packed array, sorted copy, receive buffer, unpacked columns); float32 batch tensors of all
-selected particles plus the activations of one batch; float64 evaluation grids. On top: the measured
-resident memory of an idle training process (``BASELINE_MB``) and its size-independent growth during
-the run (``RUNTIME_MB``). Checked against real runs in docs/supercomputer.md and tests/test_plan.py.
-
-Time model (``time_per_stage``): per-unit costs measured on this machine (``DEFAULT_COSTS``;
-``python -m lagbias_mpi.bench --save-costs`` writes ``lagbias_mpi/data/costs.json``, whose matching
-keys are preferred) times the work per rank. Inter-node communication is only counted as injection
-bandwidth: treat times at many nodes as lower bounds.
+Says whether the job fits the nodes and finds the smallest one that does. The model behind it:
+:mod:`lagbias_mpi.hpc.planner` and docs/supercomputer.md.
 """
 from __future__ import annotations
 
@@ -88,3 +71,7 @@ def main(argv=None) -> dict:
     if args.out:
         write_json(args.out, result)
     return result
+
+
+if __name__ == "__main__":
+    main()

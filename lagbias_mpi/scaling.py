@@ -94,3 +94,7 @@ def _dispatch(args) -> dict:
     res = report([Path(d) for d in args.runs], Path(args.out), args.kind)
     sys.stdout.write(res["markdown"])
     return res
+
+
+if __name__ == "__main__":
+    main()

@@ -48,3 +48,7 @@ def main(argv=None) -> int:
         log.error(str(exc))
         return 2
     return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

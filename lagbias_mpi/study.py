@@ -25,6 +25,7 @@ validation simulation, the members' scatter and whether each improves (null when
 from __future__ import annotations
 
 import argparse
+import sys
 
 from mpi4py import MPI
 
@@ -55,3 +56,7 @@ def main(argv=None) -> int:
 
     return run_command(comm, lambda: run(comm, args.configs, args.out, args.set, args.retrain, args.slice_thickness,
                                          not args.no_slices, kspace=args.kspace, multibox=args.multibox))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

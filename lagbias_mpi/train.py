@@ -10,6 +10,7 @@ in docs/run_directory.md.
 from __future__ import annotations
 
 import argparse
+import sys
 
 from mpi4py import MPI
 
@@ -40,3 +41,7 @@ def main(argv=None) -> int:
     if rc == 0 and stop.signalled is not None:
         return 128 + int(stop.signalled)  # stopped by a signal (checkpointed): the shell's convention
     return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

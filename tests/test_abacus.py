@@ -12,13 +12,14 @@ from mpi4py import MPI
 
 from lagbias_mpi.config.abacus import AbacusSet, AbacusSource
 from lagbias_mpi.config.loader import ConfigError, from_dict
-from lagbias_mpi.io.abacus import load_abacus, wrap_positions
+from lagbias_mpi.io.abacus import load_abacus
 from lagbias_mpi.io.abacus_files import (
     AbacusError,
     assign_files,
     plan_collectively,
     validate_abacus_source,
 )
+from lagbias_mpi.mesh.grid import wrap_positions
 from lagbias_mpi.mpi.comm import gather_slabs
 
 DATA = Path(__file__).resolve().parent / "data"

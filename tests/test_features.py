@@ -7,11 +7,10 @@ from lagbias_mpi.bias.features import (
     check_scales,
     compute_features,
     feature_names,
-    global_moments,
     standardise,
 )
 from lagbias_mpi.config.features import resolve_scales
-from lagbias_mpi.mpi.comm import gather_slabs
+from lagbias_mpi.mpi.comm import gather_slabs, global_moments
 from lagbias_mpi.mpi.layout import slab_bounds
 
 N, BOX = 16, 64.0

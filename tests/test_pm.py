@@ -3,13 +3,14 @@ import numpy as np
 import pytest
 from mpi4py import MPI
 
+from lagbias_mpi.mesh.grid import wrap_centred as wrap
 from lagbias_mpi.mesh.power import power_spectrum
 from lagbias_mpi.mpi.comm import gather_slabs
 from lagbias_mpi.mpi.fft import SlabFFT
 from lagbias_mpi.nbody.cosmology import load_cosmology
 from lagbias_mpi.nbody.ics import gaussian_field, white_noise
 from lagbias_mpi.nbody.lpt import lattice_for_slab, lattice_position, lpt_displacements
-from lagbias_mpi.nbody.pm import ForceMesh, Particles, evolve, route, wrap
+from lagbias_mpi.nbody.pm import ForceMesh, PMParticles, evolve, route
 
 NAME = "AbacusSummit_base_c000_ph000"
 
@@ -60,7 +61,7 @@ def _plane_wave_particles(comm, ppd, n_ic, box, m, amp):
     k = 2 * np.pi / box * m
     psi = np.zeros_like(q)
     psi[:, 0] = amp / k * np.sin(k * q[:, 0] + 0.3)
-    return Particles(wrap(q + psi, box), np.zeros_like(q), lagr), psi
+    return PMParticles(wrap(q + psi, box), np.zeros_like(q), lagr), psi
 
 
 @pytest.mark.mpi
@@ -97,7 +98,7 @@ def test_2lpt_and_pm_same_on_all_rank_counts(comm, cosmo):
         psi2 *= cosmo.d2_factor(a)
         pos = wrap(lattice_position(lagr, ppd, box) + psi1 + psi2, box)
         mom = a**2 * float(cosmo.efunc(a)) * (cosmo.growth_rate(a) * psi1 + cosmo.growth_rate2(a) * psi2)
-        parts, diag = evolve(c, Particles(pos, mom, lagr), cosmo, box, 32, a, 0.5, 4, ppd**3)
+        parts, diag = evolve(c, PMParticles(pos, mom, lagr), cosmo, box, 32, a, 0.5, 4, ppd**3)
         key = (parts.lagr[:, 0].astype(np.int64) * ppd + parts.lagr[:, 1]) * ppd + parts.lagr[:, 2]
         allkey = np.concatenate(c.allgather(key))
         allpos = np.concatenate(c.allgather(parts.pos))

@@ -15,7 +15,7 @@ from lagbias_mpi.io.sources import (
     file_spec,
     resolve_training,
 )
-from lagbias_mpi.mpi.root import on_root
+from lagbias_mpi.mpi.root import RootCheckError, on_root
 
 
 def raised_everywhere(comm, exc_type, fn, *args):
@@ -78,4 +78,4 @@ def test_on_root_sends_any_exception(comm):
     class Local(Exception):  # cannot be pickled: sent as a SimulationFileError naming it
         pass
 
-    assert raised_everywhere(comm, SimulationFileError, on_root, comm, fail, Local("bad")) == "Local: bad"
+    assert raised_everywhere(comm, RootCheckError, on_root, comm, fail, Local("bad")) == "Local: bad"

@@ -1,30 +1,5 @@
-"""``python -m lagbias_mpi.lstsq``: Paper I's binned least-squares f for one smoothing scale.
-
-    mpirun -n P python -m lagbias_mpi.lstsq --config FILE.yaml [--set key=value ...] [--nn-run DIR] [--out DIR]
-
-The (delta, lap) plane of one scale R_f is cut into ``n_delta`` bins of the standardised delta_R
-(uniform in ``delta_range``, the outer bins open) and, inside each delta bin, ``n_lap`` bins at the
-percentiles of lap_R of the particles in that delta bin. f is constant in each bin. With the
-training sub-sampling (per cell n_sel of n particles, scale_j = N_cells / N_part * n_j / n_sel_j)
-the model field is linear in the bin values,
-
-    1 + delta_model[j] = sum_b A[j, b] f_b,   A[j, b] = scale_j * (selected particles of cell j in bin b),
-
-so the squared error of the halo field, sum_j (A f - (1 + delta_true))_j^2, needs only the normal
-equations A^T A and A^T (1 + delta_true), sums over cells: cells and their particles are local after
-Eulerian routing, so every rank sums its cells and one Allreduce adds them up (all sub-samples in
-the same reduction). Rank 0 solves min |A f - y|^2 with f >= 0 and sum_b N_b f_b / N = 1 (N_b: all
-particles of the simulation in bin b, so that <f> = 1 over the particles) and broadcasts f.
-
-Percentiles are approximate: a distributed histogram of lap with ``fine_bins`` bins between its global
-minimum and maximum per delta bin (one Allreduce of integer counts, so the edges are identical on
-any number of ranks), linearly interpolated inside a fine bin.
-
-The constrained problem is solved with ``scipy.optimize.lsq_linear`` (method "bvls", bounds f >= 0)
-on the square-root form of the normal equations, R = Lambda^{1/2} V^T with A^T A = V Lambda V^T,
-plus the equality as one heavily weighted row; the result is then divided by its mean
-sum_b N_b f_b / N (a relative change below ~1e-6), which keeps f >= 0 and makes <f> = 1 hold to
-rounding.
+"""Paper I's binned least squares (numerics): (delta, lap) bins by percentile, normal equations summed
+over cells with one Allreduce, the constrained solve for a piecewise-constant f >= 0 with <f> = 1.
 """
 from __future__ import annotations
 

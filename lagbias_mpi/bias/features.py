@@ -16,7 +16,6 @@ from __future__ import annotations
 import numpy as np
 
 from lagbias_mpi.config.features import KINDS
-from lagbias_mpi.mpi.comm import global_sum
 from lagbias_mpi.mpi.fft import SlabFFT, gaussian_window, laplacian_kernel, tidal_kernel
 
 
@@ -78,19 +77,6 @@ def compute_features(comm, ic_slab: np.ndarray, box: float, scales, kinds,
             out[..., col] = val
             col += 1
     return out
-
-
-def global_moments(comm, feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Global mean and standard deviation of each feature column over all grid points."""
-    flat = feats.reshape(-1, feats.shape[-1]).astype(np.float64)
-    count = global_sum(comm, np.int64(flat.shape[0]))
-    s1 = global_sum(comm, flat.sum(axis=0))
-    mean = s1 / count
-    s2 = global_sum(comm, ((flat - mean) ** 2).sum(axis=0))
-    std = np.sqrt(s2 / count)
-    if np.any(std <= 0):
-        raise ValueError("a feature has zero variance over the IC grid (constant initial density?)")
-    return mean, std
 
 
 def standardise(feats: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:

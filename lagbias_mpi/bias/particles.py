@@ -13,6 +13,7 @@ from lagbias_mpi.bias import features as feat
 from lagbias_mpi.bias.routing import read_features, route_eulerian, route_lagrangian
 from lagbias_mpi.io.simfile import LocalSimulation, SimulationMeta
 from lagbias_mpi.mesh.grid import particle_id
+from lagbias_mpi.mpi.comm import global_moments
 
 
 @dataclass
@@ -43,7 +44,7 @@ def ic_features(comm, sim: LocalSimulation, radii, kinds, moments=None):
     feat.check_scales(radii, sim.meta.box, sim.meta.n_ic)
     raw = feat.compute_features(comm, sim.ic_delta, sim.meta.box, radii, kinds)
     if moments is None:
-        moments = feat.global_moments(comm, raw)
+        moments = global_moments(comm, raw)
     return feat.standardise(raw, *moments), moments
 
 

@@ -31,7 +31,7 @@ class PMConfig:
 
 
 @dataclass(frozen=True)
-class HaloConfig:
+class HaloFinderConfig:
     """Halo finding, or the planted truth."""
 
     kind: Literal["fof", "planted"] = "fof"
@@ -84,7 +84,7 @@ class SimulateConfig:
     seed: int = 1234  # realisation i uses seed + i
     n_realisations: int = 2
     pm: PMConfig = field(default_factory=PMConfig)
-    halos: HaloConfig = field(default_factory=HaloConfig)
+    halos: HaloFinderConfig = field(default_factory=HaloFinderConfig)
     planted: PlantedConfig = field(default_factory=PlantedConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 

@@ -5,38 +5,46 @@ import logging
 import sys
 import time
 
-_T0 = time.time()
-
-
 LOGGER_NAME = "lagbias_mpi"
 
 
 class _RankFormatter(logging.Formatter):
-    def __init__(self, rank: int, size: int):
+    def __init__(self, rank: int, size: int, t0: float):
         super().__init__()
-        self.rank, self.size = rank, size
+        self.rank, self.size, self.t0 = rank, size, t0
 
     def format(self, record: logging.LogRecord) -> str:
-        elapsed = record.created - _T0
+        elapsed = record.created - self.t0
         msg = record.getMessage()
         if record.exc_info:
             msg += "\n" + self.formatException(record.exc_info)
         return f"[{elapsed:9.2f}s r{self.rank}/{self.size}] {record.levelname[0]} {msg}"
 
 
-def setup_logging(comm, level: str | int = "INFO", all_ranks: bool = False) -> logging.Logger:
+def setup_logging(comm, level: str | int = "INFO", all_ranks: bool = False,
+                  t0: float | None = None) -> logging.Logger:
     """Configure the package logger: rank 0 logs at ``level``; other ranks only warnings unless
-    ``all_ranks``. Returns the logger."""
+    ``all_ranks``. Elapsed times count from ``t0`` (a ``time.time()``; default: the first set-up of
+    this process). Returns the logger."""
     logger = logging.getLogger(LOGGER_NAME)
+    if t0 is None:
+        t0 = getattr(logger, "lagbias_t0", None) or time.time()
+    logger.lagbias_t0 = t0
     logger.handlers.clear()
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_RankFormatter(comm.rank, comm.size))
+    handler.setFormatter(_RankFormatter(comm.rank, comm.size, t0))
     logger.addHandler(handler)
     logger.propagate = False
     if isinstance(level, str):
         level = getattr(logging, level.upper())
     logger.setLevel(level if (comm.rank == 0 or all_ranks) else max(level, logging.WARNING))
     return logger
+
+
+def rank_formatter(comm) -> logging.Formatter:
+    """A formatter like the console's (rank, elapsed time since the logging set-up), e.g. for a log file."""
+    t0 = getattr(logging.getLogger(LOGGER_NAME), "lagbias_t0", None) or time.time()
+    return _RankFormatter(comm.rank, comm.size, t0)
 
 
 def get_logger(name: str = "") -> logging.Logger:

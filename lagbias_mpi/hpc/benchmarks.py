@@ -1,19 +1,5 @@
-"""``python -m lagbias_mpi.bench --out DIR``: timings of the distributed primitives.
-
-Writes ``DIR/summary.json`` (atomically) with
-- ``fft_s``: median wall time of one r2c + c2r pair of an ``n``^3 float32 field with
-  :class:`~lagbias_mpi.mpi.fft.SlabFFT` (after a warm-up); ``fft_scipy_s``: the same pair with
-  ``scipy.fft.rfftn/irfftn(workers=1)`` on the same data on rank 0; ``fft_ratio_vs_scipy``;
-- ``paint_cic_particles_per_s``: uniform particles (per-particle weights) painted with CIC into
-  ``n``^3 by the numba kernel, already routed, after a warm-up (global particles / wall time), its
-  value per rank, the same for a common weight, and ``paint_ratio_vs_numpy``: our time over that of
-  :func:`~lagbias_mpi.mesh.paint.cic_numpy_reference` (``np.bincount``) on rank 0's particles;
-- ``exchange_MB_per_s``: bytes moved per second by :func:`~lagbias_mpi.mpi.exchange.exchange` with
-  random destinations (pos float32 x3 + lagr_index int32 x3 + weight float64 = 32 B per particle);
-- ``n_ranks``, versions, the arguments and the wall time of each stage.
-``--save-costs [PATH]`` also writes the per-unit costs (default ``lagbias_mpi/data/costs.json``)
-that the resource planner (:mod:`lagbias_mpi.plan`) loads; see docs/benchmarks.md.
-The figures are for tracking performance; correctness is what the tests check.
+"""Timings of the distributed primitives (``python -m lagbias_mpi.bench``): FFT pair, CIC paint, exchange,
+and the per-unit costs the planner uses.
 """
 from __future__ import annotations
 
@@ -31,7 +17,6 @@ from lagbias_mpi.core.logs import get_logger
 log = get_logger("bench")
 
 
-DEFAULT_COSTS_PATH = Path(__file__).resolve().parents[1] / "data" / "costs.json"
 
 
 BOX = 1000.0  # Mpc/h; irrelevant to the timings

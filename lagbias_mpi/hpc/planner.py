@@ -19,7 +19,7 @@ resident memory of an idle training process (``BASELINE_MB``) and its size-indep
 the run (``RUNTIME_MB``). Checked against real runs in docs/supercomputer.md and tests/test_plan.py.
 
 Time model (``time_per_stage``): per-unit costs measured on this machine (``DEFAULT_COSTS``;
-``python -m lagbias_mpi.bench --save-costs`` writes ``lagbias_mpi/data/costs.json``, whose matching
+``python -m lagbias_mpi.bench --save-costs`` writes the user's costs file (:func:`user_costs_path`), whose matching
 keys are preferred) times the work per rank. Inter-node communication is only counted as injection
 bandwidth: treat times at many nodes as lower bounds.
 """
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 from lagbias_mpi.hpc.problem import ProblemSize
@@ -81,20 +82,37 @@ DEFAULT_COSTS = {
 STAGES = ("load", "features", "routing", "orthogonalise", "train", "evaluate")
 
 
+SHIPPED_COSTS_PATH = Path(__file__).resolve().parents[1] / "data" / "costs.json"
+COSTS_ENV = "LAGBIAS_COSTS"
+
+
+def user_costs_path() -> Path:
+    """Where ``bench --save-costs`` writes and the planner looks first: ``$LAGBIAS_COSTS``, else
+    ``$XDG_CACHE_HOME/lagbias_mpi/costs.json`` (default ``~/.cache``); never the installed package."""
+    if os.environ.get(COSTS_ENV):
+        return Path(os.environ[COSTS_ENV])
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "lagbias_mpi" / "costs.json"
+
+
 def load_costs(path: str | None = None) -> dict:
-    """Per-unit costs: ``path``, else the benchmark's lagbias_mpi/data/costs.json, else defaults.
-    Keys missing from a file keep their default."""
+    """Per-unit costs: ``path``, else the user's costs (:func:`user_costs_path`), else the costs shipped
+    with the package (measured on the development machine), else defaults. Keys missing from a
+    file keep their default."""
     costs = dict(DEFAULT_COSTS)
-    cand = Path(path) if path else Path(__file__).resolve().parents[1] / "data" / "costs.json"
-    if cand.is_file():
+    if path:
+        cand = Path(path)
+        if not cand.is_file():
+            raise FileNotFoundError(f"costs file not found: {path}")
+    else:
+        cand = next((c for c in (user_costs_path(), SHIPPED_COSTS_PATH) if c.is_file()), None)
+    if cand is not None:
         got = json.loads(cand.read_text())
         got = got.get("plan", got) if isinstance(got, dict) else {}
         used = {k: float(v) for k, v in got.items() if k in DEFAULT_COSTS and k != "source"}
         if used:
             costs.update(used)
             costs["source"] = f"{cand} ({', '.join(sorted(used))}); others: plan.py defaults"
-    elif path:
-        raise FileNotFoundError(f"costs file not found: {path}")
     return costs
 
 

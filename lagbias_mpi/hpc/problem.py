@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,12 +84,15 @@ def _halo_estimate(box: float) -> int:
 
 
 def sizes_from_dict(data: dict, base_dir: Path | None = None) -> ProblemSize:
-    """:class:`ProblemSize` of a training config dict (after overrides)."""
-    from lagbias_mpi.config.features import resolve_scales
+    """:class:`ProblemSize` of a training config dict (after overrides), validated into the training
+    command's own :class:`~lagbias_mpi.config.train.TrainRunConfig`, so that every default (scales,
+    kinds, grids, sampling, epochs, members, network) is the one training uses."""
+    from lagbias_mpi.bias.prepare import eval_nmesh
+    from lagbias_mpi.config.loader import from_dict
+    from lagbias_mpi.config.train import TrainRunConfig
 
-    sim = data.get("simulation") or {}
-    if not isinstance(sim, dict):
-        raise ValueError("config: 'simulation' must be a section")
+    cfg = from_dict(TrainRunConfig, data)
+    sim = cfg.simulation
     base_dir = Path(base_dir) if base_dir is not None else Path.cwd()
     root = Path(__file__).resolve().parents[2]
 
@@ -101,55 +103,37 @@ def sizes_from_dict(data: dict, base_dir: Path | None = None) -> ProblemSize:
                 return cand
         return None
 
-    n_val = 1
-    if sim.get("abacus"):
-        ab = sim["abacus"]
-        header = _abacus_header(ab.get("train") or ab.get("sim_name"), float(ab.get("redshift", 0.5)))
-        fraction = ABACUS_SUBSAMPLE_FRACTION[ab.get("subsamples", "AB")]
+    if sim.abacus is not None:
+        ab = sim.abacus
+        header = _abacus_header(ab.train, float(ab.redshift))
         box, ppd = header["box"], header["ppd"]
-        n_ic = int(ab.get("n_ic") or 576)
-        n_particles = int(round(fraction * ppd**3))
-        n_val = len(ab.get("validate", ()) or ())
-        source = "abacus"
-    elif sim.get("simulate"):
-        path = find(sim["simulate"])
+        n_ic = int(ab.n_ic or 576)
+        n_particles = int(round(ABACUS_SUBSAMPLE_FRACTION[ab.subsamples] * ppd**3))
+        n_val, source = len(ab.validate), "abacus"
+    elif sim.simulate:
+        path = find(sim.simulate)
         if path is None:
-            raise ValueError(f"simulation.simulate: config file not found: {sim['simulate']}")
-        box, ppd, n_ic = builtin_sizes(path, sim.get("simulate_set"))
-        n_particles = ppd**3
-        n_val = len(sim.get("val_realisations", [1]) or ())
-        source = "builtin"
-    elif sim.get("train_files"):
+            raise ValueError(f"simulation.simulate: config file not found: {sim.simulate}")
+        box, ppd, n_ic = builtin_sizes(path, sim.simulate_set)
+        n_particles, n_val, source = ppd**3, len(sim.val_realisations), "builtin"
+    elif sim.train_files:
         from lagbias_mpi.io.simfile import read_meta
-        path = find(sim["train_files"][0])
+        path = find(sim.train_files[0])
         if path is None:
-            raise ValueError(f"simulation.train_files: file not found: {sim['train_files'][0]}")
+            raise ValueError(f"simulation.train_files: file not found: {sim.train_files[0]}")
         meta = read_meta(path)
         box, ppd, n_ic, n_particles = meta.box, meta.ppd, meta.n_ic, meta.n_particles
-        n_val = len(sim.get("val_files") or ())
-        source = "file"
+        n_val, source = len(sim.val_files), "file"
     else:
         raise ValueError("config: simulation section gives neither simulate, train_files nor abacus")
-    feats = data.get("features") or {}
-    scales = resolve_scales(feats.get("scales", "3Rf coarse"))
-    kinds = feats.get("kinds", ("delta", "lap", "g2"))
-    grid = data.get("grid") or {}
-    cell = float(grid.get("cell", 5.0))
-    train_nmesh = max(int(round(box / cell)), 1)
-    if grid.get("eval_cell") is not None:
-        eval_nmesh = int(round(box / float(grid["eval_cell"])))
-    else:
-        eval_nmesh = int(grid.get("eval_nmesh", 256) or 256)
-    smp = data.get("sampling") or {}
-    tr = data.get("train") or {}
-    mdl = data.get("model") or {}
     return ProblemSize(
         box=float(box), ppd=int(ppd), n_ic=int(n_ic), n_particles=int(n_particles),
-        n_scales=len(scales), n_kinds=len(kinds), train_nmesh=train_nmesh, eval_nmesh=eval_nmesh,
-        frac=resolve_frac(smp.get("frac", 0.1), float(smp.get("per_cell", 50.0)), int(n_particles), train_nmesh**3),
-        batch_size=int(smp.get("batch_size", 100_000)),
-        epochs=int(tr.get("epochs", 50)), ensemble=int(tr.get("ensemble", 5)),
-        width=int(mdl.get("width", 64)), depth=int(mdl.get("depth", 5)), n_val=int(n_val),
+        n_scales=len(cfg.features.radii), n_kinds=len(cfg.features.kinds),
+        train_nmesh=max(int(round(box / cfg.grid.cell)), 1), eval_nmesh=eval_nmesh(cfg.grid, box),
+        frac=resolve_frac(cfg.sampling.frac, cfg.sampling.per_cell, int(n_particles),
+                         max(int(round(box / cfg.grid.cell)), 1) ** 3), batch_size=int(cfg.sampling.batch_size),
+        epochs=int(cfg.train.epochs), ensemble=int(cfg.train.ensemble),
+        width=int(cfg.model.width), depth=int(cfg.model.depth), n_val=int(n_val),
         n_halos=_halo_estimate(float(box)), source=source)
 
 
@@ -162,25 +146,16 @@ def builtin_sizes(simulate_config, simulate_set=()) -> tuple[float, int, int]:
 
 
 def check_train_config(data: dict) -> None:
-    """Validate a training config dict with the training command's own dataclasses (a
-    ``simulation.abacus`` section is accepted even where the training config does not know it yet)."""
-    from lagbias_mpi.config.loader import ConfigError, from_dict
+    """Validate a training config dict with the training command's own dataclasses (raises
+    :class:`~lagbias_mpi.config.loader.ConfigError` naming the bad key)."""
+    from lagbias_mpi.config.loader import from_dict
     from lagbias_mpi.config.train import TrainRunConfig
-    try:
-        from_dict(TrainRunConfig, data)
-    except ConfigError as exc:
-        if "simulation.abacus" not in str(exc):
-            raise
-        rest = json.loads(json.dumps(data))
-        rest["simulation"] = {k: v for k, v in rest["simulation"].items() if k != "abacus"}
-        rest["simulation"].setdefault("train_files", ["abacus"])
-        from_dict(TrainRunConfig, rest)
-        log.warning("this lagbias_mpi.train does not know simulation.abacus yet; checked the rest")
+
+    from_dict(TrainRunConfig, data)
 
 
 def load_sizes(config_path: str, overrides: list[str] | None = None) -> ProblemSize:
     """:class:`ProblemSize` of a training config file (+ ``--set`` overrides), validated with the
     training command's own config dataclasses."""
     data = apply_overrides(load_yaml(config_path), overrides)
-    check_train_config(data)
     return sizes_from_dict(data, Path(config_path).resolve().parent)

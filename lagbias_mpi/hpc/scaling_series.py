@@ -16,7 +16,7 @@ import yaml
 from lagbias_mpi.config.loader import apply_overrides, load_yaml
 from lagbias_mpi.core.atomic import atomic_path, write_json
 from lagbias_mpi.core.logs import get_logger
-from lagbias_mpi.hpc import problem as plan
+from lagbias_mpi.hpc import problem
 from lagbias_mpi.hpc.scaling_report import report
 
 log = get_logger("scaling")
@@ -33,7 +33,7 @@ def _simulate_sizes(data: dict, base_dir: Path) -> dict:
     path = Path(sim["simulate"])
     for cand in (path, base_dir / path, REPO / path):
         if cand.is_file():
-            box, ppd, n_ic = plan.builtin_sizes(cand, sim.get("simulate_set"))
+            box, ppd, n_ic = problem.builtin_sizes(cand, sim.get("simulate_set"))
             return {"box": box, "ppd": ppd, "n_ic": n_ic}
     raise ValueError(f"simulation.simulate: config file not found: {sim['simulate']}")
 
@@ -95,7 +95,7 @@ def absolute_paths(data: dict, base: Path) -> dict:
 def _describe(data: dict, base_dir: Path) -> dict | None:
     """Sizes of a member (for series.json), or None when they cannot be worked out here."""
     try:
-        size = plan.sizes_from_dict(data, base_dir)
+        size = problem.sizes_from_dict(data, base_dir)
     except (ValueError, OSError):
         return None
     return {"box": size.box, "ppd": size.ppd, "n_ic": size.n_ic, "n_particles": size.n_particles,
@@ -151,7 +151,7 @@ def plan_series(config_path: str, kind: str, nodes: list[int], ranks_per_node: i
     if ranks_per_node < 1:
         raise ValueError(f"--ranks-per-node must be >= 1, got {ranks_per_node}")
     base = absolute_paths(apply_overrides(load_yaml(config_path), overrides), Path.cwd())
-    plan.check_train_config(base)
+    problem.check_train_config(base)
     nodes = sorted(set(int(n) for n in nodes))
     rpn = gpus_per_node if gpus_per_node else ranks_per_node
     members, scripts, warnings = [], [], []
@@ -238,7 +238,7 @@ def run_local(config_path: str, ranks: list[int], out: Path, overrides: list[str
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     base = absolute_paths(apply_overrides(load_yaml(config_path), overrides), Path.cwd())
-    plan.check_train_config(base)
+    problem.check_train_config(base)
     ranks = sorted(set(int(r) for r in ranks))
     env = dict(os.environ, OMP_NUM_THREADS="1", OMPI_ALLOW_RUN_AS_ROOT="1",
                OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", HDF5_USE_FILE_LOCKING="FALSE")

@@ -42,6 +42,7 @@ from lagbias_mpi.io.abacus_files import (
     plan_collectively,
 )
 from lagbias_mpi.io.simfile import LocalSimulation, SimulationMeta
+from lagbias_mpi.mesh.grid import wrap_positions
 from lagbias_mpi.mpi.comm import ConsistencyError, global_sum, peak_rss_mb
 from lagbias_mpi.mpi.layout import slab_bounds
 
@@ -49,23 +50,6 @@ log = get_logger("abacus")
 
 
 log = get_logger("abacus")
-
-
-def wrap_positions(pos, box: float, out: np.ndarray | None = None) -> np.ndarray:
-    """Positions wrapped into [-box/2, box/2) as float32 (into ``out`` if given). Only the few
-    entries outside the interval after the float32 cast (e.g. exactly +box/2) are wrapped, in
-    float64, so no float64 copy of the whole array is made."""
-    half = np.float32(0.5 * box)
-    if out is None:
-        out = np.empty(np.shape(pos), dtype=np.float32)
-    out[...] = pos
-    bad = (out >= half) | (out < -half)
-    if bad.any():
-        x = np.mod(np.asarray(pos, dtype=np.float64)[bad] + 0.5 * box, box) - 0.5 * box
-        x = x.astype(np.float32)
-        x[x >= half] -= np.float32(box)
-        out[bad] = np.maximum(x, -half)
-    return out
 
 
 def read_particle_file(pf: ParticleFile, box: float, ppd: int, lagr_out: np.ndarray | None = None,

@@ -31,14 +31,11 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import h5py  # noqa: E402
 import numpy as np
 
 from lagbias_mpi import __version__
+from lagbias_mpi.io.hdf5 import open_h5
 from lagbias_mpi.mpi.layout import slab_bounds
-
-os.environ.setdefault("HDF5_USE_FILE_LOCKING", "FALSE")
-
 
 FORMAT = "lagbias_mpi.simulation"
 
@@ -110,7 +107,7 @@ def read_meta(path: str | os.PathLike) -> SimulationMeta:
     if not path.is_file():
         raise SimulationFileError(f"simulation file not found: {path}")
     try:
-        with h5py.File(path, "r") as f:
+        with open_h5(path, "r") as f:
             if f.attrs.get("format") != FORMAT:
                 raise SimulationFileError(f"{path} is not a lagbias_mpi simulation file")
             return _meta_from_attrs(f.attrs, path)
@@ -122,7 +119,7 @@ def load_simulation(comm, path: str | os.PathLike, with_halos: bool = True) -> L
     """Read a simulation file: each rank gets its IC slab and a balanced share of particles and halos."""
     path = Path(path)
     meta = read_meta(path)
-    with h5py.File(path, "r") as f:
+    with open_h5(path, "r") as f:
         for name in ("ic/delta", "particles/lagr_index", "particles/pos"):
             if name not in f:
                 raise SimulationFileError(f"{path}: dataset /{name} missing")
@@ -163,7 +160,7 @@ def write_simulation(comm, path: str | os.PathLike, sim: LocalSimulation, config
     tmp = path.with_name(f".{path.name}.tmp")
     if comm.rank == 0:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with h5py.File(tmp, "w") as f:
+        with open_h5(tmp, "w") as f:
             a = f.attrs
             a["format"], a["format_version"] = FORMAT, FORMAT_VERSION
             a["box"], a["ppd"], a["n_ic"] = meta.box, meta.ppd, meta.n_ic
@@ -187,7 +184,7 @@ def write_simulation(comm, path: str | os.PathLike, sim: LocalSimulation, config
     comm.Barrier()
     for r in range(comm.size):
         if r == comm.rank:
-            with h5py.File(tmp, "r+") as f:
+            with open_h5(tmp, "r+") as f:
                 n, nh = len(sim.pos), len(sim.halo_pos)
                 f["ic/delta"][sim.ic_start: sim.ic_start + sim.ic_delta.shape[0]] = sim.ic_delta
                 f["particles/lagr_index"][p_off: p_off + n] = sim.lagr_index

@@ -7,15 +7,15 @@ from pathlib import Path
 import numpy as np
 
 from lagbias_mpi.core.atomic import atomic_path
+from lagbias_mpi.io.hdf5 import open_h5
 
 
 def write_spectra(path, results: dict[str, dict], meta: dict[str, dict]) -> None:
     """Write ``spectra.h5`` (rank 0): one group per simulation label with the arrays of
     :func:`evaluate_simulation`, attrs role/source/pk_ratio_lowk/mean_f."""
-    import h5py
 
     with atomic_path(path) as tmp:
-        with h5py.File(tmp, "w") as f:
+        with open_h5(tmp, "w") as f:
             f.attrs["format"] = "lagbias_mpi.spectra"
             f.attrs["units"] = "k in h/Mpc, P in (Mpc/h)^3; *_members rows are ensemble members"
             for label, res in results.items():
@@ -34,10 +34,9 @@ def write_spectra(path, results: dict[str, dict], meta: dict[str, dict]) -> None
 
 def read_spectra(path: Path) -> dict:
     """The groups of a ``spectra.h5`` as {label: {key: array}} (rank 0, small arrays)."""
-    import h5py
 
     out = {}
-    with h5py.File(path, "r") as f:
+    with open_h5(path, "r") as f:
         for label, g in f.items():
             out[label] = {k: g[k][()] for k in g}
             out[label]["pk_ratio_lowk"] = float(g.attrs["pk_ratio_lowk"])

@@ -7,6 +7,38 @@ import numpy as np
 from lagbias_mpi.mpi.layout import slab_bounds
 
 
+def wrap_unit(x, box: float) -> np.ndarray:
+    """Any periodic image of positions in Mpc/h (centred box) -> [0, box), float64:
+    (x + box/2) mod box, with the rounding edge at box mapped to 0."""
+    data = np.mod(np.asarray(x, dtype=np.float64) + 0.5 * box, box)
+    data[data >= box] = 0.0
+    return data
+
+
+def wrap_centred(x, box: float) -> np.ndarray:
+    """Any periodic image of positions in Mpc/h -> [-box/2, box/2), float64:
+    (x + box/2) mod box - box/2, with the rounding edge at +box/2 mapped to -box/2."""
+    out = np.mod(np.asarray(x, dtype=np.float64) + 0.5 * box, box) - 0.5 * box
+    out[out >= 0.5 * box] = -0.5 * box
+    return out
+
+
+def wrap_positions(pos, box: float, out: np.ndarray | None = None) -> np.ndarray:
+    """Positions wrapped into [-box/2, box/2) as float32 (into ``out`` if given). Only the few
+    entries outside the interval after the float32 cast (e.g. exactly +box/2) are wrapped, with
+    :func:`wrap_centred` in float64, so no float64 copy of the whole array is made."""
+    half = np.float32(0.5 * box)
+    if out is None:
+        out = np.empty(np.shape(pos), dtype=np.float32)
+    out[...] = pos
+    bad = (out >= half) | (out < -half)
+    if bad.any():
+        x = wrap_centred(np.asarray(pos, dtype=np.float64)[bad], box).astype(np.float32)
+        x[x >= half] = -half  # the float32 cast can round up to +box/2
+        out[bad] = x
+    return out
+
+
 def grid_coordinates(pos: np.ndarray, nmesh: int, box: float) -> np.ndarray:
     """Positions in Mpc/h (in [-box/2, box/2), any periodic image accepted) -> grid units in [0, n)."""
     u = (np.asarray(pos, dtype=np.float64) + 0.5 * box) * (nmesh / box)

@@ -54,6 +54,19 @@ def global_sum(comm, value):
     return out if out.ndim else out[()]
 
 
+def global_moments(comm, feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Global mean and standard deviation of each feature column over all grid points."""
+    flat = feats.reshape(-1, feats.shape[-1]).astype(np.float64)
+    count = global_sum(comm, np.int64(flat.shape[0]))
+    s1 = global_sum(comm, flat.sum(axis=0))
+    mean = s1 / count
+    s2 = global_sum(comm, ((flat - mean) ** 2).sum(axis=0))
+    std = np.sqrt(s2 / count)
+    if np.any(std <= 0):
+        raise ValueError("a feature has zero variance over the IC grid (constant initial density?)")
+    return mean, std
+
+
 def global_min_max_mean(comm, value: float) -> dict:
     """Min, mean and max over ranks of a per-rank scalar (load-balance reporting)."""
     vals = comm.allgather(float(value))

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pickle
 
-from lagbias_mpi.io.simfile import SimulationFileError
+
+class RootCheckError(ValueError):
+    """A rank-0 check failed with an exception that cannot be sent as it is; the message names its type."""
 
 
 def on_root(comm, fn, *args):
@@ -12,7 +14,7 @@ def on_root(comm, fn, *args):
 
     If it raises, every rank raises an exception of the same type with the same message (rank 0 the
     original one), so that the job ends cleanly instead of the other ranks waiting in the broadcast.
-    An exception that cannot be sent as it is becomes a :class:`SimulationFileError` naming its type,
+    An exception that cannot be sent as it is becomes a :class:`RootCheckError` naming its type,
     on every rank."""
     result, original, error = None, None, None
     if comm.rank == 0:
@@ -31,11 +33,11 @@ def on_root(comm, fn, *args):
 
 
 def _portable(exc: Exception) -> Exception:
-    """``exc`` if it survives pickling with its type and message, else a SimulationFileError naming it."""
+    """``exc`` if it survives pickling with its type and message, else a :class:`RootCheckError` naming it."""
     try:
         back = pickle.loads(pickle.dumps(exc))
         if type(back) is type(exc) and str(back) == str(exc):
             return exc
     except Exception:  # noqa: BLE001
         pass
-    return SimulationFileError(f"{type(exc).__name__}: {exc}")
+    return RootCheckError(f"{type(exc).__name__}: {exc}")

@@ -36,6 +36,7 @@ from scipy.sparse.csgraph import connected_components
 from scipy.spatial import cKDTree
 
 from lagbias_mpi.core.logs import get_logger
+from lagbias_mpi.mesh.grid import wrap_centred, wrap_unit
 from lagbias_mpi.mpi.exchange import exchange
 
 log = get_logger("fof")
@@ -54,8 +55,7 @@ def fof_labels(pos: np.ndarray, box: float, linking_length: float) -> np.ndarray
         return np.zeros(0, np.int64)
     if not 0 < linking_length < 0.5 * box:
         raise ValueError(f"linking length {linking_length} must be in (0, box/2)")
-    data = np.mod(np.asarray(pos, dtype=np.float64) + 0.5 * box, box)
-    data[data >= box] = 0.0
+    data = wrap_unit(pos, box)
     tree = cKDTree(data, boxsize=box)
     pairs = tree.query_pairs(linking_length, output_type="ndarray")
     graph = coo_matrix((np.ones(len(pairs), np.int8), (pairs[:, 0], pairs[:, 1])), shape=(n, n))
@@ -76,7 +76,7 @@ def periodic_com(pos: np.ndarray, labels: np.ndarray, box: float) -> np.ndarray:
     counts = np.bincount(labels, minlength=n_groups)
     com = np.stack([np.bincount(labels, weights=d[:, i], minlength=n_groups) for i in range(3)], axis=1)
     com = pos[first] + com / counts[:, None]
-    out = np.mod(com + 0.5 * box, box) - 0.5 * box
+    out = wrap_centred(com, box)
     out[out >= 0.5 * box] = -0.5 * box
     return out
 
@@ -99,13 +99,6 @@ def find_halos(pos: np.ndarray, box: float, linking_length: float,
     npart = counts[keep].astype(np.int64)
     order = np.lexsort((com[:, 2], com[:, 1], com[:, 0], -npart))
     return com[order], npart[order]
-
-
-def _wrap_unit(x: np.ndarray, box: float) -> np.ndarray:
-    """Map any periodic image to ``[0, box)`` exactly as :func:`fof_labels` does."""
-    data = np.mod(np.asarray(x, dtype=np.float64) + 0.5 * box, box)
-    data[data >= box] = 0.0
-    return data
 
 
 def _ghost_rows(x: np.ndarray, rank: int, size: int, box: float, reach: float):
@@ -172,7 +165,7 @@ def _find_halos_slab(comm, pos: np.ndarray, box: float, linking_length: float,
     n_in = len(pos)
     gid0 = comm.exscan(n_in) if size > 1 else 0
     gid0 = gid0 or 0
-    data = _wrap_unit(pos.reshape(n_in, 3), box)
+    data = wrap_unit(pos.reshape(n_in, 3), box)
     # 1. route to equal-width x-slabs, with a global index (rank offset + local index)
     w = box / size
     owner = np.minimum((data[:, 0] / w).astype(np.int64), size - 1)

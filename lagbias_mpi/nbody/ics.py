@@ -10,24 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from lagbias_mpi.core.hashing import splitmix64
 from lagbias_mpi.mpi.fft import SlabFFT
-
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-
-
-_M1 = np.uint64(0xBF58476D1CE4E5B9)
-
-
-_M2 = np.uint64(0x94D049BB133111EB)
-
-
-def splitmix64(x: np.ndarray) -> np.ndarray:
-    """The splitmix64 finaliser of uint64 inputs (vectorised, wrapping arithmetic)."""
-    with np.errstate(over="ignore"):
-        z = np.atleast_1d(np.asarray(x, dtype=np.uint64)) + _GOLDEN
-        z = (z ^ (z >> np.uint64(30))) * _M1
-        z = (z ^ (z >> np.uint64(27))) * _M2
-        return z ^ (z >> np.uint64(31))
 
 
 def uniforms(seed: int, index: np.ndarray, stream: int) -> np.ndarray:

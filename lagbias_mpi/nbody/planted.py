@@ -5,16 +5,17 @@ from __future__ import annotations
 import numpy as np
 
 from lagbias_mpi.config.simulate import PlantedConfig
+from lagbias_mpi.mesh.grid import ic_index
 from lagbias_mpi.mesh.paint import readout_index
-from lagbias_mpi.mpi.comm import global_sum
+from lagbias_mpi.mpi.comm import global_moments
 from lagbias_mpi.mpi.fft import SlabFFT, gaussian_window
 
 
 def _standardised(comm, slab: np.ndarray) -> np.ndarray:
-    n = comm.allreduce(slab.size)
-    mean = float(global_sum(comm, slab.sum(dtype=np.float64))) / n
-    var = float(global_sum(comm, ((slab - mean) ** 2).sum(dtype=np.float64))) / n
-    return (slab - mean) / np.sqrt(var)
+    """``slab`` in units of its global standard deviation about its global mean (the arithmetic of
+    the files written so far: the mean subtracted in the slab's dtype, the division in float64)."""
+    mean, std = global_moments(comm, slab.reshape(-1, 1))
+    return (slab - float(mean[0])) / np.float64(std[0])
 
 
 def planted_weights(comm, fft_ic: SlabFFT, ic_delta: np.ndarray, lagr: np.ndarray, ppd: int,
@@ -24,9 +25,7 @@ def planted_weights(comm, fft_ic: SlabFFT, ic_delta: np.ndarray, lagr: np.ndarra
     delta_k = fft_ic.forward(ic_delta)
     k2 = fft_ic.local_k2()
     wk = delta_k * gaussian_window(k2, pc.radius).astype(fft_ic.dtype)
-    nu = _standardised(comm, fft_ic.backward(wk))
-    lam = _standardised(comm, fft_ic.backward(-k2 * wk))
-    n_ic = fft_ic.n
-    idx = np.rint(lagr.astype(np.float64) * n_ic / ppd).astype(np.int64) % n_ic
+    nu, lam = (_standardised(comm, fft_ic.backward(x)) for x in (wk, -k2 * wk))
+    idx = ic_index(lagr, ppd, fft_ic.n)
     v, l_ = readout_index(nu, fft_ic.real_start, idx), readout_index(lam, fft_ic.real_start, idx)
     return np.exp(pc.b1 * v + pc.b2 * v**2 + pc.c_lap * l_)

@@ -27,7 +27,7 @@ from mpi4py import MPI
 from numba import njit
 
 from lagbias_mpi.core.logs import Progress, get_logger
-from lagbias_mpi.mesh.grid import grid_coordinates
+from lagbias_mpi.mesh.grid import grid_coordinates, wrap_centred
 from lagbias_mpi.mesh.paint import paint, readout_cic_local, route_to_slabs
 from lagbias_mpi.mpi.comm import ConsistencyError
 from lagbias_mpi.mpi.fft import SlabFFT
@@ -38,7 +38,7 @@ log = get_logger("pm")
 
 
 @dataclass
-class Particles:
+class PMParticles:
     """This rank's particles: position (Mpc/h), momentum (p = a^2 dx/dt, H0 units), lattice index."""
 
     pos: np.ndarray  # (n, 3) float64
@@ -50,20 +50,13 @@ class Particles:
         return len(self.pos)
 
 
-def wrap(pos: np.ndarray, box: float) -> np.ndarray:
-    """Periodic wrap into [-box/2, box/2)."""
-    out = np.mod(pos + 0.5 * box, box) - 0.5 * box
-    out[out >= 0.5 * box] = -0.5 * box
-    return out
-
-
-def route(comm, parts: Particles, nmesh: int, box: float) -> Particles:
+def route(comm, parts: PMParticles, nmesh: int, box: float) -> PMParticles:
     """Send particles to the owner of their ``nmesh`` plane (one packed Alltoallv)."""
     cols = {"mom": parts.mom, "lagr": parts.lagr}
     cols.update({f"x_{k}": v for k, v in parts.extra.items()})
     got = route_to_slabs(comm, parts.pos, cols, nmesh, box, what="PM particles")
     extra = {k[2:]: v for k, v in got.items() if k.startswith("x_")}
-    return Particles(got["pos"], got["mom"], got["lagr"], extra)
+    return PMParticles(got["pos"], got["mom"], got["lagr"], extra)
 
 
 class ForceMesh:
@@ -147,8 +140,8 @@ def a_steps(a_start: float, a_end: float, n_steps: int) -> np.ndarray:
     return np.linspace(a_start, a_end, n_steps + 1)
 
 
-def evolve(comm, parts: Particles, cosmo: Cosmology, box: float, nmesh: int, a_start: float,
-           a_end: float, n_steps: int, n_total: int) -> tuple[Particles, dict]:
+def evolve(comm, parts: PMParticles, cosmo: Cosmology, box: float, nmesh: int, a_start: float,
+           a_end: float, n_steps: int, n_total: int) -> tuple[PMParticles, dict]:
     """Kick-drift-kick from ``a_start`` to ``a_end`` in ``n_steps`` steps linear in a.
 
     Returns the particles (on the owner of their force-mesh plane) and diagnostics:
@@ -164,7 +157,7 @@ def evolve(comm, parts: Particles, cosmo: Cosmology, box: float, nmesh: int, a_s
         a0, a1 = float(steps[i]), float(steps[i + 1])
         ah = 0.5 * (a0 + a1)
         parts.mom += force * cosmo.kick_factor(a0, ah, a0)
-        parts.pos = wrap(parts.pos + parts.mom * cosmo.drift_factor(a0, a1, ah), box)
+        parts.pos = wrap_centred(parts.pos + parts.mom * cosmo.drift_factor(a0, a1, ah), box)
         parts = route(comm, parts, nmesh, box)
         force = mesh.force(parts.pos)
         parts.mom += force * cosmo.kick_factor(ah, a1, a1)

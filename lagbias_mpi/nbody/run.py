@@ -15,12 +15,14 @@ from lagbias_mpi.config.loader import ConfigError, config_hash, to_dict
 from lagbias_mpi.config.simulate import PLANTED_FORMULA, SimulateConfig
 from lagbias_mpi.core.atomic import write_json
 from lagbias_mpi.core.logs import get_logger
+from lagbias_mpi.io.hdf5 import open_h5
 from lagbias_mpi.io.simfile import (
     FORMAT,
     LocalSimulation,
     SimulationMeta,
     write_simulation,
 )
+from lagbias_mpi.mesh.grid import wrap_centred
 from lagbias_mpi.mesh.paint import paint
 from lagbias_mpi.mesh.power import overdensity, power_spectrum
 from lagbias_mpi.mpi.comm import StageTimer, global_sum, peak_rss_mb
@@ -34,7 +36,7 @@ from lagbias_mpi.nbody.hmf import hmf_comparison
 from lagbias_mpi.nbody.ics import gaussian_field
 from lagbias_mpi.nbody.lpt import lattice_for_slab, lattice_position, lpt_displacements
 from lagbias_mpi.nbody.planted import planted_weights
-from lagbias_mpi.nbody.pm import Particles, evolve, wrap
+from lagbias_mpi.nbody.pm import PMParticles, evolve
 
 log = get_logger("simulate")
 
@@ -51,15 +53,15 @@ def check_runnable(comm, cfg: SimulateConfig) -> Cosmology:
 
 
 def initial_particles(comm, cfg: SimulateConfig, cosmo: Cosmology, fft_ic: SlabFFT,
-                      delta_k: np.ndarray) -> Particles:
+                      delta_k: np.ndarray) -> PMParticles:
     """2LPT particles at a_ic on the rank whose IC slab holds their lattice point."""
     a_ic = 1.0 / (1.0 + cfg.z_ic)
     lagr = lattice_for_slab(cfg.ppd, cfg.n_ic, fft_ic.real_start, fft_ic.real_stop)
     psi1, psi2 = lpt_displacements(fft_ic, delta_k, lagr, cfg.ppd)
     psi2 *= cosmo.d2_factor(a_ic)
-    pos = wrap(lattice_position(lagr, cfg.ppd, cfg.box) + psi1 + psi2, cfg.box)
+    pos = wrap_centred(lattice_position(lagr, cfg.ppd, cfg.box) + psi1 + psi2, cfg.box)
     mom = a_ic**2 * float(cosmo.efunc(a_ic)) * (cosmo.growth_rate(a_ic) * psi1 + cosmo.growth_rate2(a_ic) * psi2)
-    return Particles(pos, mom, lagr)
+    return PMParticles(pos, mom, lagr)
 
 
 def simulate_one(comm, cfg: SimulateConfig, cosmo: Cosmology, index: int, timer: StageTimer):
@@ -146,8 +148,7 @@ def _file_config_hash(path: Path) -> str | None:
     try:
         if path.suffix == ".json":
             return json.loads(path.read_text()).get("config_hash")
-        import h5py
-        with h5py.File(path, "r") as f:
+        with open_h5(path, "r") as f:
             if f.attrs.get("format") != FORMAT:
                 return "not-a-lagbias-file"
             return config_hash(json.loads(f.attrs["config"]))

@@ -1,5 +1,5 @@
-"""The epoch loop of one ensemble member: DDP steps on the batches, validation, checkpoints (the
-loss of a batch: :mod:`lagbias_mpi.training.batches`).
+"""Distributed training of one ensemble member: DDP steps with warm-up and decay, validation, divergence
+guard, checkpoints and resume, the epoch loop (the loss of a batch: :mod:`lagbias_mpi.training.loss`).
 """
 from __future__ import annotations
 

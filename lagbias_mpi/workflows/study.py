@@ -1,26 +1,5 @@
-"""``python -m lagbias_mpi.study``: the smoothing-scale study of the paper's Table 1 (Figs. 4 and 10).
-
-    mpirun -n P python -m lagbias_mpi.study --configs configs/table1/*.yaml --out DIR [--set key=value ...]
-
-Each config is trained with ``train`` into ``DIR/<config stem>/`` (a set whose run directory already
-holds a ``summary.json`` is reused, unless ``--retrain``), on the same simulations. Then:
-
-- ``table.md`` / ``table.json``: per set the radii, number of inputs, P_model/P_h at k < kmax_lowk on
-  the training and validation simulations, the min/max over members on validation (the scatter),
-  and the final training and validation losses;
-- ``figures/pk_ratio_sets.png`` (Fig. 4): P_model/P_h and P_uncorr/P_h on the validation simulation,
-  one colour per set, members' min-max as a band;
-- ``figures/halo_slices.png`` (Fig. 10): a slice (``--slice-thickness`` Mpc/h, through the box centre)
-  of the true halo field on the evaluation grid, model minus true for every set, and each set minus
-  the first set. Only the slice planes are reduced to rank 0, never a grid;
-- ``summary.json`` with the table, environment, per-stage wall times.
-
-Beyond the paper (off by default): ``--kspace`` trains the first config again with the Fourier-space
-loss (``train.kspace_loss.enabled=true``) into ``DIR/<stem>__kspace/``, ``--multibox KEY=VALUE``
-(repeatable, e.g. ``simulation.train_realisations=[0,2,3]``) with several training simulations into
-``DIR/<stem>__multibox/``; ``summary.json`` then reports each as ``pk_ratio_lowk_val_kspace`` /
-``pk_ratio_lowk_val_multibox`` next to the baseline (the first config): P_model/P_h at low k on the
-validation simulation, the members' scatter and whether each improves (null when not asked).
+"""The collective body of ``python -m lagbias_mpi.study`` (usage and outputs: the command's docstring
+and docs/). Called with the communicator; returns the summary dict.
 """
 from __future__ import annotations
 

@@ -1,11 +1,5 @@
-"""``python -m lagbias_mpi.train``: train, evaluate and save an ensemble of f(theta) networks.
-
-    mpirun -n P python -m lagbias_mpi.train --config FILE.yaml [--set key=value ...] [--out DIR] [--resume]
-
-Stages (all collective, timed): features (IC smoothing + standardisation), routing (Lagrangian
-routing + feature readout, Eulerian routing, true field on the training grid), orthogonalise, train
-(DDP, per member), evaluate (spectra on the evaluation grid). The run directory layout is described
-in docs/run_directory.md.
+"""The collective body of ``python -m lagbias_mpi.train`` (usage and outputs: the command's docstring
+and docs/). Called with the communicator; returns the summary dict.
 """
 from __future__ import annotations
 
@@ -29,7 +23,7 @@ from lagbias_mpi.bias.prepare import (
 from lagbias_mpi.config.loader import to_dict
 from lagbias_mpi.config.train import config_run_hash, load_train_config
 from lagbias_mpi.core.atomic import atomic_path
-from lagbias_mpi.core.logs import _RankFormatter, get_logger, setup_logging
+from lagbias_mpi.core.logs import get_logger, rank_formatter, setup_logging
 from lagbias_mpi.io.spectra import write_spectra
 from lagbias_mpi.mpi.comm import StageTimer, global_min_max_mean
 from lagbias_mpi.training import ddp
@@ -46,7 +40,7 @@ def _add_file_log(comm, path: Path):
         return None
     path.parent.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(path, mode="a")
-    handler.setFormatter(_RankFormatter(comm.rank, comm.size))
+    handler.setFormatter(rank_formatter(comm))
     logging.getLogger("lagbias_mpi").addHandler(handler)
     return handler
 
