@@ -22,7 +22,7 @@ from lagbias_mpi.training.checkpoint import (
     save_checkpoint,
 )
 from lagbias_mpi.training.kspace import FieldSet, kspace_coefficients
-from lagbias_mpi.training.loss import RunningSum, evaluate_loss, local_objective
+from lagbias_mpi.training.loss import RunningSum, evaluate_loss, local_objective, renormalise
 from lagbias_mpi.training.sampling import batch_order
 from lagbias_mpi.training.stopping import StopControl, StopRequested
 
@@ -179,6 +179,8 @@ def _epochs(comm, member, dmodel, model, opt, sched, history, start, path, train
             if stopping:  # the epoch's last step: finish the epoch (validation, checkpoint), then stop
                 stop.before_next_epoch()
         sched.step()
+        if eps is not None:  # the integral constraint by construction: mean f = T / N after every epoch
+            history.setdefault("renorm", []).append(renormalise(comm, model, train_set, tcfg.guard_y, running))
         t_train = time.perf_counter() - t0
         val = [evaluate_loss(comm, model, vs, eps, tcfg.guard_y) for vs in val_sets]
         history["epoch"].append(epoch)
