@@ -21,30 +21,41 @@ def _field():
 
 
 def _numpy_features(delta, box, radii, kinds):
+    """Reference on the full complex grid: mean removed; in the mixed tidal kernels (i != j) each
+    factor k_i is 0 on its Nyquist plane (the odd derivative of a real field there), so every kernel
+    is Hermitian and its real-space field real."""
     n = delta.shape[0]
     kf = 2 * np.pi / box
-    k = [np.fft.fftfreq(n, 1.0 / n)[:, None, None] * kf, np.fft.fftfreq(n, 1.0 / n)[None, :, None] * kf,
-         np.arange(n // 2 + 1)[None, None, :] * kf]
+    f1 = np.fft.fftfreq(n, 1.0 / n) * kf
+    k = [f1[:, None, None], f1[None, :, None], f1[None, None, :]]
     k2 = k[0] ** 2 + k[1] ** 2 + k[2] ** 2
+    odd = [np.where(np.isclose(np.abs(ki), n // 2 * kf), 0.0, ki) for ki in k]
     safe = np.where(k2 > 0, k2, 1.0)
-    dk = np.fft.rfftn(delta.astype(np.float64))
+    dk = np.fft.fftn(delta.astype(np.float64))
+    dk[0, 0, 0] = 0.0
+
+    def real(x):
+        out = np.fft.ifftn(x)
+        assert np.abs(out.imag).max() < 1e-12 * max(np.abs(out.real).max(), 1e-300)
+        return out.real
+
     cols = []
     for r in radii:
         w = dk * np.exp(-0.5 * k2 * r * r)
-        d = np.fft.irfftn(w, s=delta.shape, axes=(0, 1, 2))
+        d = real(w)
         for kind in kinds:
             if kind == "delta":
                 cols.append(d)
             elif kind == "lap":
-                cols.append(np.fft.irfftn(-k2 * w, s=delta.shape, axes=(0, 1, 2)))
+                cols.append(real(-k2 * w))
             else:
                 tot = 0.0
                 for i in range(3):
                     for j in range(3):
-                        kern = np.where(k2 > 0, k[i] * k[j] / safe, 0.0)
+                        kern = np.where(k2 > 0, (k[i] * k[j] if i == j else odd[i] * odd[j]) / safe, 0.0)
                         if kind == "s2" and i == j:
                             kern = kern - 1.0 / 3.0
-                        tot = tot + np.fft.irfftn(kern * w, s=delta.shape, axes=(0, 1, 2)) ** 2
+                        tot = tot + real(kern * w) ** 2
                 cols.append(tot - d**2 if kind == "g2" else tot)
     return np.stack(cols, axis=-1)
 
@@ -75,6 +86,32 @@ def test_g2_of_plane_wave_vanishes():
     out = compute_features(MPI.COMM_SELF, delta, BOX, (4.0,), ("delta", "g2"), out_dtype=np.float64)
     assert np.abs(out[..., 0]).max() > 0.1
     assert np.abs(out[..., 1]).max() < 1e-10
+
+
+@pytest.mark.mpi
+def test_features_ignore_the_mean_of_the_field(comm):
+    """A constant added to the IC field changes no feature (its k = 0 mode is dropped first)."""
+    start, stop = slab_bounds(N, comm.size, comm.rank)
+    delta = _field()[start:stop]
+    kinds = ("delta", "lap", "g2", "s2")
+    a = compute_features(comm, delta, BOX, (3.0,), kinds, out_dtype=np.float64)
+    b = compute_features(comm, delta + np.float32(0.3), BOX, (3.0,), kinds, out_dtype=np.float64)
+    assert np.allclose(a, b, atol=1e-5 * np.abs(a).max())
+
+
+def test_tidal_kernel_hermitian():
+    """k_i k_j / k^2 on the half-complex grid equals its mirror K(-k) on the self-mirrored planes
+    (kz = 0 and kz = Nyquist), the Nyquist planes of kx and ky included."""
+    from lagbias_mpi.mpi.fft import SlabFFT, tidal_kernel
+
+    fft = SlabFFT(MPI.COMM_SELF, N, BOX, np.float64)
+    mirror = (-np.arange(N)) % N
+    for i in range(3):
+        for j in range(3):
+            kern = tidal_kernel(fft, i, j)
+            for z in (0, N // 2):
+                plane = kern[:, :, z]
+                assert np.allclose(plane, plane[mirror][:, mirror]), (i, j, z)
 
 
 def test_scale_sets_and_checks():

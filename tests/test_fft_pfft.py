@@ -8,7 +8,13 @@ import pytest
 from mpi4py import MPI
 
 from lagbias_mpi.mpi.comm import gather_slabs
-from lagbias_mpi.mpi.fft import BACKEND_ENV, SlabFFT, backend_installed, backend_name, smooth
+from lagbias_mpi.mpi.fft import (
+    BACKEND_ENV,
+    SlabFFT,
+    backend_installed,
+    backend_name,
+    smooth,
+)
 
 pytestmark = pytest.mark.skipif(not backend_installed("pfft"),
                                 reason="pfft-python not installed: run `make pfft` (PFFT_TARBALL=... if the "

@@ -67,3 +67,19 @@ def test_selection_same_on_any_rank_count(comm):
     got = sorted(sum(comm.allgather(pid[mine][sel].tolist()), []))
     ref, *_ = sampling.select_in_cells(cell, pid, 0.25, seed=9, member=1)
     assert got == sorted(pid[ref].tolist())
+
+
+def test_resolve_frac_auto():
+    """auto: per_cell / occupancy, clipped to [10%, 1]; a number is taken as it is."""
+    assert sampling.resolve_frac(0.25, 50, 1000, 10) == 0.25
+    assert np.isclose(sampling.resolve_frac("auto", 10, 128**3, 40**3), 10 / (128**3 / 40**3))
+    assert sampling.resolve_frac("auto", 50, 500 * 1000, 1000) == pytest.approx(0.1)  # AbacusSummit-like cells
+    assert sampling.resolve_frac("auto", 50, 5000 * 1000, 1000) == pytest.approx(0.1)  # never below the paper's 10%
+    assert sampling.resolve_frac("auto", 50, 20 * 1000, 1000) == 1.0
+
+
+def test_cell_scale_and_weight():
+    """The per-cell scale is N_cells/N_part n/n_sel and the weight n/n_sel, 0 without selected particles."""
+    n, n_sel = np.array([10, 3, 0]), np.array([2, 3, 0])
+    assert np.allclose(sampling.cell_weight(n, n_sel), [5.0, 1.0, 0.0])
+    assert np.allclose(sampling.cell_scale(n, n_sel, 8, 16), [2.5, 0.5, 0.0])

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 from mpi4py import MPI
-from waits import self_run
 from simfixtures import make_simulation, write_config
+from waits import self_run
 
 from lagbias_mpi.bias.ensemble import load_ensemble
 from lagbias_mpi.workflows.train import run

@@ -1,7 +1,6 @@
 """Training survives faults: a hard kill (SIGKILL of the whole job, no handler runs) then --resume
 gives the same model as an uninterrupted run, at 1 and 2 ranks; a damaged checkpoint is refused
 with a message naming it on every rank and the previous good one is used."""
-import os
 import shutil
 import subprocess
 import sys
@@ -11,7 +10,7 @@ import pytest
 import torch
 from mpi4py import MPI
 from simfixtures import make_simulation, write_config
-from waits import collect_rest, kill_session, wait_for_line
+from waits import kill_session, wait_for_line
 
 from lagbias_mpi.bias.ensemble import load_ensemble
 from lagbias_mpi.training.checkpoint import CheckpointError, previous_path

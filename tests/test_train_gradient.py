@@ -1,4 +1,6 @@
-"""The distributed step's gradient equals the gradient of the whole-batch loss on one rank."""
+"""The distributed step's gradient equals the gradient of the whole-batch loss on one rank, and the
+weighted integral constraint (S = sum_i n_j/n_sel_j f_i, N = sum_j n_j, T from the true field) equals
+a direct numpy computation."""
 import gc
 
 import numpy as np
@@ -40,16 +42,37 @@ def _model():
     return model
 
 
-def _reference_grad(batch, eps, guard_y=-5.0):
-    """Plain autograd of the whole-batch loss on one rank."""
+def _direct_constraint(batch, cell, f):
+    """(S, N, T) of ``batch`` from the whole particle set in numpy: n_j counted from ``cell``, n_sel_j
+    from the batch's selected particles, T = N_part/N_cells sum_j (1 + target_j)."""
+    sel_cells = cell[batch.pidx]
+    cells, n_sel = np.unique(sel_cells, return_counts=True)
+    all_cells, n_all = np.unique(cell, return_counts=True)
+    n = n_all[np.searchsorted(all_cells, cells)]
+    w = (n / n_sel)[np.searchsorted(cells, sel_cells)]
+    return float(np.sum(w * f)), int(n.sum()), float(NPART / NG**3 * np.sum(1 + _target(cells)))
+
+
+def _reference_grad(batch, cell, eps, others, guard_y=-5.0):
+    """Plain autograd of the whole-batch loss on one rank, the constraint built from numpy weights."""
     model = _model()
     y = model(batch.x)
     f = f_of_y(y)
     cellsum = torch.zeros_like(batch.scale).index_add_(0, batch.idx, f)
     loss = ((batch.scale * cellsum - 1 - batch.target) ** 2).sum() + (torch.clamp(y - guard_y, max=0) ** 4).sum()
-    loss = loss + (f.sum() / batch.n_global - 1) ** 2 / eps**2
+    s, n, t = _direct_constraint(batch, cell, f.detach().numpy())
+    sel_cells = cell[batch.pidx]
+    cells, n_sel = np.unique(sel_cells, return_counts=True)
+    all_cells, n_all = np.unique(cell, return_counts=True)
+    w = torch.as_tensor((n_all[np.searchsorted(all_cells, cells)] / n_sel)[np.searchsorted(cells, sel_cells)])
+    bias = model.net[-1].bias
+    s_t = (w * f.detach()).sum() * torch.pow(10.0, bias - bias.detach()).sum()  # the constraint moves the bias only
+    assert np.isclose(float(s_t.detach()), s, rtol=1e-12)
+    s_o, t_tot, n_tot = others
+    assert np.isclose(t_tot - t, 1000.0) and n_tot - n == 1100  # the others of the test: as built there
+    loss = loss + ((s_o + s_t - t_tot) / n_tot) ** 2 / eps**2
     loss.backward()
-    return float(loss.detach()), [p.grad.clone() for p in model.parameters()]
+    return float(loss.detach()), [p.grad.clone() for p in model.parameters()], (s, n, t)
 
 
 @pytest.mark.mpi
@@ -64,14 +87,38 @@ def test_gradient_equals_one_rank_whole_batch(comm):
         for b in range(len(dist)):
             model = _model()
             dmodel = ddp.wrap(model, comm)
-            obj, loss, _, stop = local_objective(comm, dmodel, dist.batches[b], eps, -5.0)
+            db = dist.batches[b]
+            others = (1234.5, db.true_sum + 1000.0, db.n_all + 1100)  # S, T, N of the batches not stepped on
+            obj, loss, s_glob, stop = local_objective(comm, dmodel, db, eps, -5.0, others=others)
             assert stop is False
             obj.backward()
             grads = [p.grad for p in model.parameters()]
-            ref_loss, ref_grads = _reference_grad(ref_set.batches[b], eps)
+            ref_loss, ref_grads, (s, n, t) = _reference_grad(ref_set.batches[b], cell, eps, others)
             assert np.isclose(loss, ref_loss, rtol=1e-10)
+            assert np.isclose(s_glob, s, rtol=1e-12)
+            assert dist.batches[b].n_all == n and np.isclose(dist.batches[b].true_sum, t, rtol=1e-12)
             for g, r in zip(grads, ref_grads):
                 assert torch.allclose(g, r, rtol=1e-9, atol=1e-12 * float(r.abs().max()))
             assert any(float(g.abs().max()) > 0 for g in grads)
             del dmodel, obj  # free the DDP wrapper while the process group lives
         gc.collect()
+    assert dist.n_particles == NPART  # every particle's cell is in one batch
+
+
+def test_true_field_meets_the_constraint():
+    """A model field equal to the true field (every particle selected, f = f_true) has S = T in every
+    batch: the target is one the truth meets."""
+    rng = np.random.default_rng(3)
+    cell = rng.integers(0, NG**3, NPART)
+    pid = rng.permutation(NPART).astype(np.uint64)
+    f_true = np.exp(rng.standard_normal(NPART))
+    f_true /= f_true.mean()
+    dens = np.bincount(cell, weights=f_true, minlength=NG**3) * NG**3 / NPART - 1.0
+    theta = rng.standard_normal((NPART, 3))
+    bs = build_batches(MPI.COMM_SELF, theta, cell, pid, lambda c: dens[c], NG**3, NPART, frac=1.0, batch_size=500,
+                       seed=3, member=0, dtype=torch.float64)
+    assert len(bs) > 1
+    for batch in bs.batches:
+        s = float((batch.weight * torch.zeros_like(batch.scale).index_add_(
+            0, batch.idx, torch.as_tensor(f_true[batch.pidx]))).sum())
+        assert np.isclose(s, batch.true_sum, rtol=1e-12)

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 from mpi4py import MPI
-from waits import self_run
 from simfixtures import make_simulation, write_config
+from waits import self_run
 
 from lagbias_mpi.bias.model import build_model, f_of_y
 from lagbias_mpi.mpi.comm import gather_slabs

@@ -4,8 +4,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from mpi4py import MPI
-from waits import self_run
 from simfixtures import make_simulation, write_config
+from waits import self_run
 
 from lagbias_mpi.bias.prepare import sim_labels
 from lagbias_mpi.config.train import SimulationConfig

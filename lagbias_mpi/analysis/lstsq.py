@@ -12,7 +12,7 @@ from mpi4py import MPI
 
 from lagbias_mpi.config.lstsq import LstsqConfig
 from lagbias_mpi.mpi.comm import global_sum
-from lagbias_mpi.training.sampling import select_in_cells
+from lagbias_mpi.training.sampling import cell_scale, select_in_cells
 
 
 def delta_edges(cfg: LstsqConfig) -> np.ndarray:
@@ -112,7 +112,7 @@ def local_design(cell: np.ndarray, pid: np.ndarray, bins: np.ndarray, n_bins: in
     """This rank's design matrix A (sparse, local cells x bins) and its sorted cell ids for one
     sub-sample (all particles of a cell must be on this rank)."""
     selected, cells, n, n_sel = select_in_cells(cell, pid, frac, seed, member)
-    scale = (n_cells_total / n_part) * n / np.maximum(n_sel, 1)
+    scale = cell_scale(n, n_sel, n_cells_total, n_part)
     row = np.searchsorted(cells, cell[selected])
     a = scipy.sparse.csr_matrix((scale[row], (row, bins[selected])), shape=(len(cells), n_bins))
     return a, cells

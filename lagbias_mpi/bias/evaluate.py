@@ -10,7 +10,12 @@ import numpy as np
 
 from lagbias_mpi.core.logs import get_logger
 from lagbias_mpi.mesh.paint import paint
-from lagbias_mpi.mesh.power import mean_ratio_below, overdensity, power_spectrum
+from lagbias_mpi.mesh.power import (
+    mean_ratio_below,
+    mode_weighted_ratio_below,
+    overdensity,
+    power_spectrum,
+)
 from lagbias_mpi.mpi.comm import global_sum
 from lagbias_mpi.mpi.fft import SlabFFT
 
@@ -29,6 +34,32 @@ def _lowk(k, ratio, kmax: float) -> float:
         return float("nan")
 
 
+def _lowk_modes(k, modes, p_model, p_h, kmax: float) -> float:
+    """sum N_k P_model / sum N_k P_h below kmax, NaN when the box has no such bin."""
+    try:
+        return mode_weighted_ratio_below(k, modes, p_model, p_h, kmax)
+    except ValueError:
+        return float("nan")
+
+
+FLAT_BELOW = 0.5  # a member with P_model/P_h (k < kmax, training box) below this has ended flat
+DIVERGED_ABOVE = 2.0  # ... above this, or with a mean f off 1 by more than MEAN_F_OFF, has diverged
+MEAN_F_OFF = 0.1
+
+
+def member_health(pk_ratio_lowk: float, mean_f: float) -> dict:
+    """{"ok", "reason"} of one member from its low-k P_model/P_h and its mean f over all particles
+    of the training box: flat (ratio < FLAT_BELOW: f carries under half the halo power) or diverged
+    (non-finite, ratio > DIVERGED_ABOVE, or |mean f - 1| > MEAN_F_OFF)."""
+    if not (np.isfinite(pk_ratio_lowk) and np.isfinite(mean_f)):
+        return {"ok": False, "reason": f"diverged: non-finite (P ratio {pk_ratio_lowk}, mean f {mean_f})"}
+    if pk_ratio_lowk > DIVERGED_ABOVE or abs(mean_f - 1) > MEAN_F_OFF:
+        return {"ok": False, "reason": f"diverged: P_model/P_h {pk_ratio_lowk:.3g}, mean f {mean_f:.4g}"}
+    if pk_ratio_lowk < FLAT_BELOW:
+        return {"ok": False, "reason": f"flat: P_model/P_h {pk_ratio_lowk:.3g} < {FLAT_BELOW}"}
+    return {"ok": True, "reason": f"P_model/P_h {pk_ratio_lowk:.4g}, mean f {mean_f:.5f}"}
+
+
 def _spectra(fft, delta_h, p_h, weight, pos) -> dict:
     grid = paint(fft.comm, pos, weight, fft.n, fft.box, method="cic")
     delta_m = overdensity(fft.comm, grid)
@@ -42,7 +73,9 @@ def _spectra(fft, delta_h, p_h, weight, pos) -> dict:
 def evaluate_simulation(comm, f_members: np.ndarray, pos: np.ndarray, true_pos: np.ndarray,
                         true_weight: np.ndarray, box: float, nmesh: int, kmax: float = 0.1) -> dict:
     """Spectra of the average f and of each member (rows of ``f_members``, on this rank's particles
-    at ``pos``) against the true tracers. Returns a dict of arrays plus ``pk_ratio_lowk``."""
+    at ``pos``) against the true tracers. Returns a dict of arrays plus ``pk_ratio_lowk`` (mean of
+    the bins' ratios below kmax), ``pk_ratio_lowk_modes`` (sum N_k P_model / sum N_k P_h below kmax),
+    their per-member lists and ``mean_f`` (the average f over all particles)."""
     fft = SlabFFT(comm, nmesh, box, dtype=np.float64)
     delta_h = overdensity(comm, paint(comm, true_pos, true_weight, nmesh, box, method="cic"))
     ph = power_spectrum(fft, delta_h, compensate="cic")
@@ -54,6 +87,10 @@ def evaluate_simulation(comm, f_members: np.ndarray, pos: np.ndarray, true_pos: 
         out[f"{key}_members"] = np.array([m[key] for m in members])
     out["pk_ratio_lowk"] = _lowk(ph["k"], out["ratio_avg"], kmax)
     out["pk_ratio_lowk_members"] = [_lowk(ph["k"], r, kmax) for r in out["ratio_members"]]
+    out["pk_ratio_lowk_modes"] = _lowk_modes(ph["k"], ph["modes"], out["P_model_avg"], ph["power"], kmax)
+    out["pk_ratio_lowk_modes_members"] = [_lowk_modes(ph["k"], ph["modes"], p, ph["power"], kmax)
+                                          for p in out["P_model_members"]]
     n = global_sum(comm, np.int64(f_members.shape[1]))
     out["mean_f"] = float(global_sum(comm, f_members.mean(axis=0).sum())) / max(int(n), 1)
+    out["mean_f_members"] = [float(x) / max(int(n), 1) for x in global_sum(comm, f_members.sum(axis=1))]
     return out

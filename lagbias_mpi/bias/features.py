@@ -57,6 +57,7 @@ def compute_features(comm, ic_slab: np.ndarray, box: float, scales, kinds,
     fft = SlabFFT(comm, n, box, dtype=dtype)
     dk = fft.forward(np.asarray(ic_slab, dtype=dtype))
     k2 = fft.local_k2()
+    dk[k2 == 0] = 0  # the field's mean: g2 and s2 would pick up terms in it through delta_R
     out = np.empty(fft.real_shape + (len(scales) * len(kinds),), dtype=out_dtype)
     col = 0
     for r in scales:

@@ -18,7 +18,11 @@ class BiasMLP(nn.Module):
         for _ in range(depth):
             layers += [nn.Linear(d, width), ACTIVATIONS[activation]()]
             d = width
-        layers.append(nn.Linear(d, 1))
+        out = nn.Linear(d, 1)
+        with torch.no_grad():  # f = 1 everywhere at the start: the integral constraint's flat point, no
+            out.weight.zero_()  # random initial spread of y that f = 10^y would turn into spikes
+            out.bias.zero_()
+        layers.append(out)
         self.net = nn.Sequential(*layers)
         self.shape = {"n_in": n_in, "width": width, "depth": depth, "activation": activation}
 

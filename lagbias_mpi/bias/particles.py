@@ -16,7 +16,6 @@ from lagbias_mpi.mesh.grid import ic_index, particle_id
 from lagbias_mpi.mpi.cells import CellOwnership
 from lagbias_mpi.mpi.comm import global_moments
 
-
 READOUT_CHUNK = 1 << 20  # particles per step of the feature readout
 
 

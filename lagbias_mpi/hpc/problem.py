@@ -9,6 +9,7 @@ from pathlib import Path
 
 from lagbias_mpi.config.loader import apply_overrides, load_yaml
 from lagbias_mpi.core.logs import get_logger
+from lagbias_mpi.training.sampling import resolve_frac
 
 log = get_logger("plan")
 
@@ -129,7 +130,8 @@ def sizes_from_dict(data: dict, base_dir: Path | None = None) -> ProblemSize:
         box=float(box), ppd=int(ppd), n_ic=int(n_ic), n_particles=int(n_particles),
         n_scales=len(cfg.features.radii), n_kinds=len(cfg.features.kinds),
         train_nmesh=max(int(round(box / cfg.grid.cell)), 1), eval_nmesh=eval_nmesh(cfg.grid, box),
-        frac=float(cfg.sampling.frac), batch_size=int(cfg.sampling.batch_size),
+        frac=resolve_frac(cfg.sampling.frac, cfg.sampling.per_cell, int(n_particles),
+                         max(int(round(box / cfg.grid.cell)), 1) ** 3), batch_size=int(cfg.sampling.batch_size),
         epochs=int(cfg.train.epochs), ensemble=int(cfg.train.ensemble),
         width=int(cfg.model.width), depth=int(cfg.model.depth), n_val=int(n_val),
         n_halos=_halo_estimate(float(box)), source=source)

@@ -77,6 +77,16 @@ def power_spectrum(fft: SlabFFT, field_a: np.ndarray, field_b: np.ndarray | None
     return {"k": k, "power": power, "modes": modes, "edges": edges}
 
 
+def mode_weighted_ratio_below(k: np.ndarray, modes: np.ndarray, p_num: np.ndarray, p_den: np.ndarray,
+                              kmax: float = 0.1) -> float:
+    """sum_k N_k P_num(k) / sum_k N_k P_den(k) over the bins with 0 < k < ``kmax`` (N_k: modes per
+    bin): the low-k ratio of the summed power rather than the mean of the bins' ratios."""
+    sel = np.isfinite(p_num) & np.isfinite(p_den) & (k > 0) & (k < kmax)
+    if not sel.any():
+        raise ValueError(f"no k bin below {kmax} h/Mpc: the box is too small")
+    return float(np.sum(modes[sel] * p_num[sel]) / np.sum(modes[sel] * p_den[sel]))
+
+
 def mean_ratio_below(k: np.ndarray, ratio: np.ndarray, kmax: float = 0.1) -> float:
     """Mean of ``ratio`` over the bins with 0 < k < ``kmax`` (the papers' low-k figure of merit)."""
     sel = np.isfinite(ratio) & (k > 0) & (k < kmax)

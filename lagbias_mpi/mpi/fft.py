@@ -242,11 +242,16 @@ def laplacian_kernel(k2: np.ndarray) -> np.ndarray:
 
 def tidal_kernel(fft: SlabFFT, i: int, j: int) -> np.ndarray:
     """k_i k_j / k^2 on the local Fourier slab (0 at k = 0): the Hessian of the potential of a
-    field whose Laplacian is that field."""
+    field whose Laplacian is that field. Hermitian: for i != j it is 0 on the Nyquist planes of
+    axes i and j (n even), where k_i = -n/2 k_f is its own mirror and k_i k_j would be odd under
+    k -> -k, so that the real transform keeps the kernel's whole effect."""
     k = fft.local_k()
     k2 = fft.local_k2()
     with np.errstate(divide="ignore", invalid="ignore"):
         out = np.where(k2 > 0, (k[i] * k[j]) / np.where(k2 > 0, k2, 1), 0.0)
+    if i != j and fft.n % 2 == 0:
+        nyq = fft.n // 2 * fft.kf
+        out = np.where((np.abs(k[i]) >= nyq * (1 - 1e-6)) | (np.abs(k[j]) >= nyq * (1 - 1e-6)), 0.0, out)
     return out.astype(fft.dtype, copy=False)
 
 

@@ -1,5 +1,17 @@
-"""Global batches of training cells: the selected particles of each batch on this rank as contiguous tensors,
-with the per-cell scale and targets (paper eq. 2.5); the same batches on any number of ranks.
+"""The batches of one ensemble member: per-cell sub-samples split into batches of whole cells.
+
+Loss of a batch (a fixed set of cells, DESIGN.md section 1), sums over the whole batch (all ranks):
+
+    L = sum_j (delta_model[j] - delta_true[j])^2 + sum_i (y_i - y_g)^4 [y_i < y_g] + C
+
+with 1 + delta_model[j] = scale_j sum_{selected i in j} f_i, scale_j = (N_cells / N_part) n_j / n_sel_j
+(``sampling.cell_scale``), and C the integral constraint on the weighted sum S = sum_i w_i f_i,
+w_i = n_j / n_sel_j (the same per-cell weights), against the true field's sum T, per particle of
+all cells N = sum_j n_j (:mod:`lagbias_mpi.training.loss`). Each batch carries its n_all (= its N)
+and true_sum (= its T). A cell and its particles live on one rank, so the first two terms are local
+sums; DDP averages gradients over the P ranks, so each rank back-propagates P times its local part,
+the constraint through a surrogate linear in S_local: the summed gradients equal the gradient of the
+whole-batch loss on one rank.
 """
 from __future__ import annotations
 
@@ -10,7 +22,13 @@ import numpy as np
 import torch
 
 from lagbias_mpi.mpi.comm import global_sum
-from lagbias_mpi.training.sampling import batch_of_cells, n_batches_for, select_in_cells
+from lagbias_mpi.training.sampling import (
+    batch_of_cells,
+    cell_scale,
+    cell_weight,
+    n_batches_for,
+    select_in_cells,
+)
 
 
 @dataclass
@@ -20,14 +38,17 @@ class Batch:
     x: torch.Tensor  # (n_b, n_in) inputs of the selected particles
     idx: torch.Tensor  # (n_b,) cell of each particle, local to the batch
     scale: torch.Tensor  # (n_cells_b,) N_cells/N_part * n/n_sel
+    weight: torch.Tensor  # (n_cells_b,) n/n_sel: the particles each selected particle stands for
     target: torch.Tensor  # (n_cells_b,) delta_true
     n_global: int  # selected particles of the batch over all ranks
+    n_all: int  # N: all particles of the batch's cells over all ranks (sum of n)
+    true_sum: float  # T: (N_part / N_cells) sum_j (1 + delta_true[j]) over the batch's cells, all ranks
     pidx: np.ndarray  # (n_b,) indices of the particles among the rank's particles of the simulation
     box: int = 0  # which training simulation (for the Fourier-space loss's coefficients)
 
     @property
     def nbytes(self) -> int:
-        return sum(t.element_size() * t.nelement() for t in (self.x, self.idx, self.scale, self.target))
+        return sum(t.element_size() * t.nelement() for t in (self.x, self.idx, self.scale, self.weight, self.target))
 
 
 @dataclass
@@ -35,6 +56,7 @@ class BatchSet:
     batches: list[Batch]
     n_selected: int  # global
     n_cells_local: int
+    n_particles: int = 0  # global: all particles of the cells of the batches (sum of the batches' n_all)
 
     def __len__(self):
         return len(self.batches)
@@ -52,7 +74,8 @@ def build_batches(comm, theta: np.ndarray, cell: np.ndarray, pid: np.ndarray, ta
     total = int(global_sum(comm, np.int64(n_sel.sum())))
     nb = n_batches_for(total, batch_size)
     bcell = batch_of_cells(cells, seed, member, nb)
-    scale = (n_cells_total / n_part) * n / n_sel
+    scale = cell_scale(n, n_sel, n_cells_total, n_part)
+    weight = cell_weight(n, n_sel)
     target = target_of_cells(cells) if len(cells) else np.zeros(0)
     sel = np.nonzero(selected)[0]
     pc = cell[sel]
@@ -62,6 +85,10 @@ def build_batches(comm, theta: np.ndarray, cell: np.ndarray, pid: np.ndarray, ta
     corder = np.lexsort((cells, bcell))
     c_edges = np.searchsorted(bcell[corder], np.arange(nb + 1))
     counts = global_sum(comm, np.diff(p_edges).astype(np.int64))
+    c_n = np.bincount(bcell, weights=n, minlength=nb) if len(cells) else np.zeros(nb)
+    c_t = np.bincount(bcell, weights=1.0 + np.asarray(target, np.float64), minlength=nb) if len(cells) else np.zeros(nb)
+    n_all = global_sum(comm, np.rint(c_n).astype(np.int64))
+    true_sum = global_sum(comm, np.asarray(c_t, np.float64)) * (n_part / n_cells_total)
     batches = []
     for b in range(nb):
         pidx = porder[p_edges[b]:p_edges[b + 1]]
@@ -71,9 +98,10 @@ def build_batches(comm, theta: np.ndarray, cell: np.ndarray, pid: np.ndarray, ta
             x=torch.as_tensor(np.ascontiguousarray(theta[pidx]), dtype=dtype, device=device),
             idx=torch.as_tensor(local_cell, dtype=torch.long, device=device),
             scale=torch.as_tensor(scale[cidx], dtype=dtype, device=device),
+            weight=torch.as_tensor(weight[cidx], dtype=dtype, device=device),
             target=torch.as_tensor(target[cidx], dtype=dtype, device=device),
-            n_global=int(counts[b]), pidx=pidx, box=box))
-    return BatchSet(batches, total, len(cells))
+            n_global=int(counts[b]), n_all=int(n_all[b]), true_sum=float(true_sum[b]), pidx=pidx, box=box))
+    return BatchSet(batches, total, len(cells), int(np.sum(n_all)))
 
 
 def interleave(sets: list[BatchSet]) -> BatchSet:
@@ -82,4 +110,5 @@ def interleave(sets: list[BatchSet]) -> BatchSet:
     if len(sets) == 1:
         return sets[0]
     batches = [b for group in itertools.zip_longest(*(s.batches for s in sets)) for b in group if b is not None]
-    return BatchSet(batches, sum(s.n_selected for s in sets), sum(s.n_cells_local for s in sets))
+    return BatchSet(batches, sum(s.n_selected for s in sets), sum(s.n_cells_local for s in sets),
+                    sum(s.n_particles for s in sets))

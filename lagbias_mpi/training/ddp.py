@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from lagbias_mpi.core.logs import get_logger
+
 log = get_logger("ddp")
 
 

@@ -25,7 +25,7 @@ from lagbias_mpi.mpi.cells import CellOwnership
 from lagbias_mpi.mpi.comm import global_sum
 from lagbias_mpi.mpi.exchange import redistribute_ranges
 from lagbias_mpi.mpi.fft import SlabFFT
-from lagbias_mpi.training.sampling import select_in_cells
+from lagbias_mpi.training.sampling import cell_scale, select_in_cells
 
 
 @dataclass
@@ -56,7 +56,7 @@ def build_field_set(comm, theta: np.ndarray, cell: np.ndarray, pid: np.ndarray, 
     lo, hi = own.bounds(comm.rank)
     selected, cells, n, n_sel = select_in_cells(cell, pid, frac, seed, member)
     scale = np.zeros(hi - lo)
-    scale[np.asarray(cells, np.int64) - lo] = (n_grid**3 / n_part) * n / n_sel
+    scale[np.asarray(cells, np.int64) - lo] = cell_scale(n, n_sel, n_grid**3, n_part)
     sel = np.nonzero(selected)[0]
     idx = np.asarray(cell[sel], np.int64) - lo
     if len(idx) and (idx.min() < 0 or idx.max() >= hi - lo):

@@ -1,5 +1,5 @@
 """Distributed training of one ensemble member: DDP steps with warm-up and decay, validation, divergence
-guard, checkpoints and resume, the epoch loop.
+guard, checkpoints and resume, the epoch loop (the loss of a batch: :mod:`lagbias_mpi.training.loss`).
 """
 from __future__ import annotations
 
@@ -23,7 +23,12 @@ from lagbias_mpi.training.checkpoint import (
     save_checkpoint,
 )
 from lagbias_mpi.training.kspace import FieldSet, kspace_coefficients
-from lagbias_mpi.training.loss import evaluate_loss, local_objective
+from lagbias_mpi.training.loss import (
+    RunningSum,
+    evaluate_loss,
+    local_objective,
+    renormalise,
+)
 from lagbias_mpi.training.sampling import batch_order
 from lagbias_mpi.training.stopping import StopControl, StopRequested
 
@@ -70,7 +75,7 @@ def train_member(comm, member: int, shape: dict, train_set: BatchSet, val_sets: 
     model = build_model(shape, seed=tcfg.seed * 1000 + member, dtype=dtype).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=tcfg.lr)
     sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=tcfg.lr_decay)
-    history, start, partial = _empty_history(), 1, None
+    history, start, partial, ckpt_running = _empty_history(), 1, None, None
     path = checkpoint_path(ckpt_dir, member)
     ckpt = load_checkpoint(comm, path) if resume else None
     if ckpt is not None:
@@ -81,13 +86,14 @@ def train_member(comm, member: int, shape: dict, train_set: BatchSet, val_sets: 
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
         history, start, partial = ckpt["history"], ckpt["epoch"] + 1, ckpt.get("in_epoch")
+        ckpt_running = ckpt.get("running_sum")
         torch.random.set_rng_state(ckpt["torch_rng"])
         where = f"epoch {start} step {partial['step']}" if partial else f"epoch {start}"
         log.info(f"member {member}: resumed from {path}, continuing with {where}")
     dmodel = ddp.wrap(model, comm)
     try:
         _epochs(comm, member, dmodel, model, opt, sched, history, start, path, train_set, val_sets, tcfg,
-                config_hash, shape, stop or StopControl(), field_sets, partial)
+                config_hash, shape, stop or StopControl(), field_sets, partial, ckpt_running)
     except BaseException as exc:
         traceback.clear_frames(exc.__traceback__)  # the frames would keep the DDP wrapper alive
         raise
@@ -98,15 +104,15 @@ def train_member(comm, member: int, shape: dict, train_set: BatchSet, val_sets: 
 
 
 def _step(comm, dmodel, opt, batch: Batch, eps, guard_y: float, kspace_coef: np.ndarray | None, lr_step: float,
-          stop_wish: bool) -> tuple[float, float, bool]:
+          stop_wish: bool, others=None) -> tuple[float, float, bool]:
     """One optimiser step on ``batch`` at learning rate ``lr_step`` (the group's lr is restored
     afterwards, so that the scheduler and checkpoints see the epoch's lr). Returns (whole-batch
     loss, global sum of f, whether any rank wants to stop). A non-finite loss is not stepped on."""
     opt.zero_grad(set_to_none=False)
     coef = None if kspace_coef is None else torch.as_tensor(kspace_coef, dtype=batch.x.dtype, device=batch.x.device)
-    obj, loss, s_glob, stopping = local_objective(comm, dmodel, batch, eps, guard_y, coef, stop_wish)
+    obj, loss, s_glob, stopping = local_objective(comm, dmodel, batch, eps, guard_y, coef, stop_wish, others)
     fail_point(comm, "ddp_step")  # tests: one rank fails while the others enter DDP's all-reduce
-    if not np.isfinite(loss) or not s_glob / max(batch.n_global, 1) < MAX_BATCH_MEAN_F:
+    if not np.isfinite(loss) or not s_glob / max(batch.n_all, 1) < MAX_BATCH_MEAN_F:
         return loss, s_glob, stopping
     obj.backward()
     lr = [group["lr"] for group in opt.param_groups]
@@ -119,14 +125,18 @@ def _step(comm, dmodel, opt, batch: Batch, eps, guard_y: float, kspace_coef: np.
 
 
 def _epochs(comm, member, dmodel, model, opt, sched, history, start, path, train_set, val_sets, tcfg,
-            config_hash, shape, stop: StopControl, field_sets=None, partial=None):
+            config_hash, shape, stop: StopControl, field_sets=None, partial=None, ckpt_running=None):
     """The epoch loop of :func:`train_member`; ``partial``: the ``in_epoch`` state of a mid-epoch
     checkpoint (the first epoch continues after its ``step`` steps)."""
     def payload(epoch, in_epoch=None):
         return {"member": member, "epoch": epoch, "done": epoch == tcfg.epochs and in_epoch is None,
                 "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                 "history": history, "torch_rng": torch.random.get_rng_state(), "config_hash": config_hash,
-                "shape": shape, "in_epoch": in_epoch}
+                "shape": shape, "in_epoch": in_epoch, "running_sum": running.s_last.copy()}
+
+    running = RunningSum.start(train_set)
+    if ckpt_running is not None:
+        running.s_last = np.asarray(ckpt_running, np.float64).copy()
 
     for epoch in range(start, tcfg.epochs + 1):
         if stop.start_epoch():
@@ -154,8 +164,8 @@ def _epochs(comm, member, dmodel, model, opt, sched, history, start, path, train
             coef = None if coefs is None else coefs[batch.box][batch.pidx]
             lr_step = lr * warmup_factor((epoch - 1) * len(train_set) + i, tcfg.warmup_steps)
             loss, s_glob, stopping = _step(comm, dmodel, opt, batch, eps, tcfg.guard_y, coef, lr_step,
-                                           stop.after_this_step())
-            batch_mean_f = s_glob / max(batch.n_global, 1)
+                                           stop.after_this_step(), running.others(b))
+            batch_mean_f = s_glob / max(batch.n_all, 1)
             if not np.isfinite(loss) or not batch_mean_f < MAX_BATCH_MEAN_F:
                 good = f"{path} (epoch {epoch - 1})" if epoch > 1 else "none (first epoch)"
                 raise TrainingDiverged(f"loss {loss:.4g}, batch mean f {batch_mean_f:.4g} at member {member}, "
@@ -163,6 +173,7 @@ def _epochs(comm, member, dmodel, model, opt, sched, history, start, path, train
                                        f"last good checkpoint: {good}")
             losses.append(loss)
             s_tot += s_glob
+            running.s_last[b] = s_glob
             prog.update(i + 1)
             every = getattr(tcfg, "checkpoint_steps", 0)
             periodic = every > 0 and ((epoch - 1) * len(train_set) + i + 1) % every == 0
@@ -176,12 +187,14 @@ def _epochs(comm, member, dmodel, model, opt, sched, history, start, path, train
             if stopping:  # the epoch's last step: finish the epoch (validation, checkpoint), then stop
                 stop.before_next_epoch()
         sched.step()
+        if eps is not None:  # the integral constraint by construction: mean f = T / N after every epoch
+            history.setdefault("renorm", []).append(renormalise(comm, model, train_set, tcfg.guard_y, running))
         t_train = time.perf_counter() - t0
         val = [evaluate_loss(comm, model, vs, eps, tcfg.guard_y) for vs in val_sets]
         history["epoch"].append(epoch)
         history["train_loss"].append(float(np.mean(losses)))
         history["val_loss"].append(float(np.mean([v[0] for v in val])) if val else float("nan"))
-        history["mean_f"].append(s_tot / max(train_set.n_selected, 1))
+        history["mean_f"].append(s_tot / max(train_set.n_particles, 1))
         history["val_mean_f"].append(float(np.mean([v[1] for v in val])) if val else float("nan"))
         history["eps"].append(eps if eps is not None else float("nan"))
         history["lr"].append(lr)

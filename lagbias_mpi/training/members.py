@@ -7,17 +7,24 @@ from pathlib import Path
 from lagbias_mpi.core.logs import get_logger
 from lagbias_mpi.training.batches import build_batches, interleave
 from lagbias_mpi.training.kspace import build_field_set
-from lagbias_mpi.training.loop import train_member
+from lagbias_mpi.training.loop import TrainingDiverged, train_member
 from lagbias_mpi.training.loss import evaluate_loss
+from lagbias_mpi.training.sampling import resolve_frac
 from lagbias_mpi.training.stopping import StopControl, StopRequested
 
 log = get_logger("train")
 
 
+def sim_frac(cfg, s) -> float:
+    """The selected fraction per cell of prepared simulation ``s`` (``sampling.frac``, "auto" resolved
+    from its mean cell occupancy)."""
+    return resolve_frac(cfg.sampling.frac, cfg.sampling.per_cell, s.sim.meta.n_particles, s.n_grid**3)
+
+
 def member_batches(comm, cfg, s, member: int, dtype, device, box: int = 0):
     """The batches of member ``member`` on the prepared simulation ``s`` (collective)."""
     return build_batches(comm, s.theta, s.parts.cell, s.parts.pid, s.targets(comm), s.n_grid**3,
-                         s.sim.meta.n_particles, cfg.sampling.frac, cfg.sampling.batch_size,
+                         s.sim.meta.n_particles, sim_frac(cfg, s), cfg.sampling.batch_size,
                          cfg.train.seed, member, dtype=dtype, device=device, box=box)
 
 
@@ -33,26 +40,29 @@ def train_ensemble(comm, cfg, trs: list, vals: list, shape: dict, ckpt_dir: Path
                    resume: bool = False, stop: StopControl | None = None):
     """Train the ``cfg.train.ensemble`` members on the prepared training simulations ``trs``
     (batches interleaved), validating on ``vals`` (collective). Returns (member states, histories,
-    batch info, bytes of the training batches), or None when ``stop`` stopped it (a signal or a
-    test budget; mid-epoch checkpoints are then written)."""
+    batch info, bytes of the training batches, failures), or None when ``stop`` stopped it (a signal
+    or a test budget; mid-epoch checkpoints are then written). A member whose training diverged
+    (:class:`TrainingDiverged`) is logged and left out: ``failures`` maps its index to the reason
+    (states and histories hold the other members); when every member diverged the error is raised."""
     tcfg = cfg.train
     k_cut = tcfg.kspace_loss.kcut(cfg.features.radii)
     if tcfg.kspace_loss.enabled:
         log.info(f"Fourier-space loss: weight {tcfg.kspace_loss.weight}, k <= {k_cut:.4g} h/Mpc, "
                  f"coefficients refreshed every {tcfg.kspace_loss.refresh_steps} step(s)")
-    states, histories, batch_info, train_bytes = [], [], {}, 0
+    states, histories, batch_info, train_bytes, failures = [], [], {}, 0, {}
     for member in range(tcfg.ensemble):
         def batches(s, box=0):
             return member_batches(comm, cfg, s, member, dtype, device, box)
 
         def field_set(s):
             return build_field_set(comm, s.theta, s.parts.cell, s.parts.pid, s.truth, s.n_grid,
-                                   s.sim.meta.box, s.sim.meta.n_particles, cfg.sampling.frac, tcfg.seed, member,
+                                   s.sim.meta.box, s.sim.meta.n_particles, sim_frac(cfg, s), tcfg.seed, member,
                                    k_cut, dtype=dtype, device=device, ownership=s.ownership)
         tset = interleave([batches(t, box) for box, t in enumerate(trs)])
         fsets = [field_set(t) for t in trs] if tcfg.kspace_loss.enabled else None
         vsets = [batches(v) for v in vals]
         train_bytes = max(train_bytes, sum(b.nbytes for b in tset.batches))
+        batch_info.setdefault("frac", sim_frac(cfg, trs[0]))
         batch_info.setdefault("n_selected", tset.n_selected)
         batch_info.setdefault("n_batches", len(tset))
         batch_info.setdefault("cells_local", tset.n_cells_local)
@@ -64,6 +74,12 @@ def train_ensemble(comm, cfg, trs: list, vals: list, shape: dict, ckpt_dir: Path
         except StopRequested as exc:
             log.warning(f"{exc}; continue with --resume")
             return None
+        except TrainingDiverged as exc:
+            log.error(f"member {member} left out of the ensemble: {exc}")
+            failures[member] = f"diverged in training: {exc}"
+            continue
         states.append(res.state)
         histories.append(res.history)
-    return states, histories, batch_info, train_bytes
+    if failures and not states:
+        raise TrainingDiverged(f"every member diverged: {failures}")
+    return states, histories, batch_info, train_bytes, failures

@@ -4,7 +4,8 @@ Nothing here depends on a rank's random stream, so the selected particles and th
 same on any number of ranks:
 
 - a particle's priority inside its cell is ``hash(particle id, seed, member)``; a cell with n
-  particles keeps the n_sel = max(int(frac * n), 1) of lowest priority;
+  particles keeps the n_sel = max(int(frac * n), 1) of lowest priority (``frac`` a number, or
+  ``"auto"`` resolved by :func:`resolve_frac` from the mean occupancy of the cells);
 - a cell's batch is ``floor(u * n_batches)`` with ``u = hash(cell id, seed, member)`` in [0, 1);
 - the order of the batches in an epoch is a permutation drawn from ``(seed, member, epoch)``.
 
@@ -39,6 +40,33 @@ def n_selected(n: np.ndarray, frac: float) -> np.ndarray:
     """Particles kept in a cell of n particles: max(int(frac * n), 1) (0 for an empty cell)."""
     n = np.asarray(n, dtype=np.int64)
     return np.where(n > 0, np.maximum((frac * n).astype(np.int64), 1), 0)
+
+
+PAPER_FRAC = 0.1  # the paper's fraction, meant for ~500 particles per 5 Mpc/h cell (AbacusSummit)
+
+
+def resolve_frac(frac, per_cell: float, n_part: int, n_cells_total: int) -> float:
+    """The selected fraction per cell: ``frac`` when it is a number; for ``"auto"``,
+    per_cell / (N_part / N_cells) (on average ``per_cell`` selected particles per cell), at least
+    the paper's 10% (AbacusSummit's ~500 particles per cell keep 10%) and at most 1 (pure)."""
+    if frac != "auto":
+        return float(frac)
+    occupancy = n_part / max(int(n_cells_total), 1)
+    return float(min(max(per_cell / max(occupancy, 1e-300), PAPER_FRAC), 1.0))
+
+
+def cell_weight(n: np.ndarray, n_sel: np.ndarray) -> np.ndarray:
+    """Weight n_j / n_sel_j of each selected particle of cell j (eq. 2.5): the particles it stands
+    for; 0 for a cell without selected particles."""
+    n, n_sel = np.asarray(n, np.float64), np.asarray(n_sel, np.float64)
+    return np.divide(n, n_sel, out=np.zeros_like(n), where=n_sel > 0)
+
+
+def cell_scale(n: np.ndarray, n_sel: np.ndarray, n_cells_total: int, n_part: int) -> np.ndarray:
+    """Per-cell factor of the model field, 1 + delta_model[j] = scale_j sum_{selected i in j} f_i:
+    scale_j = (N_cells / N_part) n_j / n_sel_j (0 for a cell without selected particles). The one
+    implementation used by the batches, the Fourier-space loss and the least squares."""
+    return (n_cells_total / n_part) * cell_weight(n, n_sel)
 
 
 def select_in_cells(cell: np.ndarray, pid: np.ndarray, frac: float, seed: int, member: int):

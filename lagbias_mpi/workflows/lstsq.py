@@ -27,6 +27,7 @@ from lagbias_mpi.config.lstsq import LstsqRunConfig
 from lagbias_mpi.core.logs import get_logger, setup_logging
 from lagbias_mpi.io import sources
 from lagbias_mpi.mpi.comm import StageTimer
+from lagbias_mpi.training.sampling import resolve_frac
 from lagbias_mpi.workflows.cli import write_summary
 
 log = get_logger("lstsq")
@@ -82,7 +83,9 @@ def run(comm, config_path, overrides=None, nn_run=None, out=None, base_dir=None)
                 truth = slab_to_owners(comm, delta_slab(comm, tpos, tw, n_grid, sim.meta.box, "ngp"), n_grid, own)
                 ne = normal_equations(comm, eparts.cell, eparts.pid, binning.bins(eparts.raw), binning.n_bins,
                                       lambda c: own.local_values(truth, comm.rank, c), n_grid**3,
-                                      sim.meta.n_particles, cfg.sampling.frac, cfg.train.seed, cfg.train.ensemble)
+                                      sim.meta.n_particles,
+                                      resolve_frac(cfg.sampling.frac, cfg.sampling.per_cell, sim.meta.n_particles, n_grid**3),
+                                      cfg.train.seed, cfg.train.ensemble)
                 f_bins = solve_all(comm, ne, lcfg.constraint_weight)
                 del eparts, truth
             losses = [loss_of(ne, m, f_bins[m]) for m in range(len(f_bins))]

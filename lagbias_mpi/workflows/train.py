@@ -13,7 +13,7 @@ from mpi4py import MPI
 
 from lagbias_mpi.analysis import plots
 from lagbias_mpi.bias.ensemble import Ensemble
-from lagbias_mpi.bias.evaluate import evaluate_simulation
+from lagbias_mpi.bias.evaluate import evaluate_simulation, member_health
 from lagbias_mpi.bias.prepare import (
     _exchange_summary,
     _validate_inputs,
@@ -87,7 +87,8 @@ def _evaluate_box(comm, timer, cfg, ens, s, results: dict, meta: dict) -> None:
         del f_members
         meta[s.label] = {"role": s.role, "source": str(s.spec.get("path", "")), "nmesh": nmesh}
         log.info(f"evaluate {s.label}: P_model/P_h at k < {cfg.grid.kmax_lowk} = "
-                 f"{results[s.label]['pk_ratio_lowk']:.4f}, mean f {results[s.label]['mean_f']:.5f}")
+                 f"{results[s.label]['pk_ratio_lowk']:.4f} (mode-weighted "
+                 f"{results[s.label]['pk_ratio_lowk_modes']:.4f}), mean f {results[s.label]['mean_f']:.5f}")
 
 
 def _memory_summary(comm, timer, particles_local: int) -> dict:
@@ -106,6 +107,19 @@ def _memory_summary(comm, timer, particles_local: int) -> dict:
 def _balance(stats: dict) -> dict:
     """Min/mean/max over ranks plus ``max_over_mean`` (1 = perfect balance)."""
     return {**stats, "max_over_mean": stats["max"] / stats["mean"] if stats["mean"] else float("nan")}
+
+
+def _members_ok(n_members: int, failures: dict, train_result: dict) -> tuple[list[dict], list[int]]:
+    """{"ok", "reason"} of every member (training failures first, then :func:`member_health` on the
+    training box's evaluation) and the indices of the trained members (rows of the evaluation)."""
+    trained = [m for m in range(n_members) if m not in failures]
+    out = [{"ok": False, "reason": failures[m]} for m in range(n_members)] if failures else [None] * n_members
+    for row, m in enumerate(trained):
+        out[m] = member_health(train_result["pk_ratio_lowk_members"][row], train_result["mean_f_members"][row])
+    for m, h in enumerate(out):
+        if not h["ok"]:
+            log.warning(f"member {m} is not in the ensemble average: {h['reason']}")
+    return out, trained
 
 
 def _run(comm, cfg, run_dir, train_specs, val_specs, resume, stop: StopControl):
@@ -131,21 +145,32 @@ def _run(comm, cfg, run_dir, train_specs, val_specs, resume, stop: StopControl):
             trained = train_ensemble(comm, cfg, trs, [], shape, ckpt_dir, run_hash, dtype, device, resume, stop)
         if trained is None:
             return None
-        states, histories, batch_info, train_bytes = trained
+        states, histories, batch_info, train_bytes, failures = trained
         bare = bare_mlp_rate(comm, shape, int(round(batch_info["n_selected"] / batch_info["n_batches"])), tcfg,
                              dtype, device)
     ens = Ensemble(shape, states, orth, moments, names, cfg.features.radii, cfg.features.kinds, tcfg.dtype,
                    to_dict(cfg))
+    ens_all = ens  # every trained member, in the order of ``histories`` (validation losses below)
+    results, meta = {}, {}
+    log.info("evaluate: ensemble-average and member f on all particles, CIC spectra")
+    _evaluate_box(comm, timer, cfg, ens, tr, results, meta)
+    members_ok, trained_ids = _members_ok(tcfg.ensemble, failures, results[tr.label])
+    keep = [i for i in trained_ids if members_ok[i]["ok"]]
+    if keep and len(keep) < len(states):
+        log.warning(f"ensemble average of members {keep} only (the others: "
+                    f"{[(j, m['reason']) for j, m in enumerate(members_ok) if not m['ok']]})")
+        ens = Ensemble(shape, [states[trained_ids.index(i)] for i in keep], orth, moments, names,
+                       cfg.features.radii, cfg.features.kinds, tcfg.dtype, to_dict(cfg))
+        _evaluate_box(comm, timer, cfg, ens, tr, results, meta)
+    elif not keep:
+        log.error("no member passed the flat/diverged check; the ensemble keeps all trained members")
     if comm.rank == 0:
         ens.save(run_dir / "model.pt")
     balance = {"n_particles": sum(t.sim.meta.n_particles for t in trs),
                "particles_local": sum(t.parts.n_local for t in trs),
                "cells_local": sum(int(t.ownership.counts()[comm.rank]) for t in trs)}
-    results, meta = {}, {}
-    log.info("evaluate: ensemble-average and member f on all particles, CIC spectra")
-    for box in trs:
+    for box in trs[1:]:
         _evaluate_box(comm, timer, cfg, ens, box, results, meta)
-    del box
     n_show = min(tr.parts.n_local, 20000)
     if comm.rank == 0 and n_show and cfg.run.figures:
         f_show = ens.predict_f_members(tr.theta[:n_show]).mean(axis=0)
@@ -156,9 +181,10 @@ def _run(comm, cfg, run_dir, train_specs, val_specs, resume, stop: StopControl):
     for spec, label in zip(val_specs, val_labels):
         v = prepare_simulation(comm, timer, cfg, spec, label, orth, moments, exch)
         with timer.stage("evaluate"):
-            val_losses.append(validation_losses(comm, cfg, v, ens.members, dtype, device))
+            val_losses.append(validation_losses(comm, cfg, v, ens_all.members, dtype, device))
         _evaluate_box(comm, timer, cfg, ens, v, results, meta)
         del v
+    del ens_all
     for m, h in enumerate(histories):  # validation after training: the last epoch's entry
         if val_losses and h["val_loss"]:
             h["val_loss"][-1] = float(np.mean([vl[m][0] for vl in val_losses]))
@@ -184,8 +210,14 @@ def _run(comm, cfg, run_dir, train_specs, val_specs, resume, stop: StopControl):
         "final_train_loss": float(np.mean([h["train_loss"][-1] for h in histories])),
         "final_val_loss": float(np.mean([h["val_loss"][-1] for h in histories])),
         "mean_f": results[tr_label]["mean_f"],
+        "mean_f_val": results[val_label]["mean_f"] if val_label else None,
         "pk_ratio_lowk_train": results[tr_label]["pk_ratio_lowk"],
         "pk_ratio_lowk_val": results[val_label]["pk_ratio_lowk"] if val_label else None,
+        "pk_ratio_lowk_train_modes": results[tr_label]["pk_ratio_lowk_modes"],
+        "pk_ratio_lowk_val_modes": results[val_label]["pk_ratio_lowk_modes"] if val_label else None,
+        "members_ok": members_ok,
+        "members_in_ensemble": keep or trained_ids,
+        "sampling_frac": batch_info.get("frac"),
         "pk_ratio_lowk_members": {k: r["pk_ratio_lowk_members"] for k, r in results.items()},
         "stage_wall_s": timer.summary(),
         "epoch_wall_s": [h["epoch_wall_s"] for h in histories],
