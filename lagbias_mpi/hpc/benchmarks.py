@@ -97,7 +97,7 @@ def bench_fft(comm, n: int, repeat: int, seed: int = 1) -> dict:
            "fft_backend_versions": {name: b["backend"]["version"] for name, b in by_backend.items()}}
     scipy_s = (None, None)
     if comm.rank == 0:
-        full = local if comm.size == 1 else plane_field(n, 0, n, seed)
+        full = plane_field(n, 0, n, seed)  # the field every backend transformed
 
         def scipy_pair():
             scipy.fft.irfftn(scipy.fft.rfftn(full, workers=1), s=full.shape, axes=(0, 1, 2), workers=1)
