@@ -167,7 +167,7 @@ def test_bad_arguments_refused():
 
 
 def test_planner_effort_from_the_environment(monkeypatch):
-    from lagbias_mpi.mpi.fft import PLANNER_ENV, planner_effort
+    from lagbias_mpi.mpi.fft_backends import PLANNER_ENV, planner_effort
 
     monkeypatch.delenv(PLANNER_ENV, raising=False)
     assert planner_effort() == "FFTW_MEASURE"

@@ -8,13 +8,8 @@ import pytest
 from mpi4py import MPI
 
 from lagbias_mpi.mpi.comm import gather_slabs
-from lagbias_mpi.mpi.fft import (
-    BACKEND_ENV,
-    SlabFFT,
-    backend_installed,
-    backend_name,
-    smooth,
-)
+from lagbias_mpi.mpi.fft import SlabFFT, backend_name, smooth
+from lagbias_mpi.mpi.fft_backends import BACKEND_ENV, backend_installed
 
 pytestmark = pytest.mark.skipif(not backend_installed("pfft"),
                                 reason="pfft-python not installed: run `make pfft` (PFFT_TARBALL=... if the "

@@ -84,7 +84,8 @@ def bench_fft(comm, n: int, repeat: int, seed: int = 1) -> dict:
     ``fft_s_by_backend``/``fft_cpu_s_by_backend`` hold every backend and ``scipy`` side by side."""
     import scipy.fft
 
-    from lagbias_mpi.mpi.fft import backend_name, installed_backends
+    from lagbias_mpi.mpi.fft import backend_name
+    from lagbias_mpi.mpi.fft_backends import installed_backends
 
     selected = backend_name()
     by_backend = {name: _bench_fft_backend(comm, n, repeat, seed, name) for name in installed_backends()}
@@ -97,7 +98,7 @@ def bench_fft(comm, n: int, repeat: int, seed: int = 1) -> dict:
            "fft_backend_versions": {name: b["backend"]["version"] for name, b in by_backend.items()}}
     scipy_s = (None, None)
     if comm.rank == 0:
-        full = plane_field(n, 0, n, seed)
+        full = plane_field(n, 0, n, seed)  # the field every backend transformed
 
         def scipy_pair():
             scipy.fft.irfftn(scipy.fft.rfftn(full, workers=1), s=full.shape, axes=(0, 1, 2), workers=1)

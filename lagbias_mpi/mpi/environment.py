@@ -48,7 +48,7 @@ def fftw_version() -> str | None:
 def fft_backend_info() -> dict:
     """``fft_backend`` (the one ``SlabFFT`` uses in this process: ``$LAGBIAS_FFT_BACKEND`` or
     mpi4py-fft) and ``fft_backend_version`` (None when its package is missing)."""
-    from lagbias_mpi.mpi.fft import BACKEND_ENV, BACKENDS, backend_version
+    from lagbias_mpi.mpi.fft_backends import BACKEND_ENV, BACKENDS, backend_version
 
     name = os.environ.get(BACKEND_ENV, "").strip() or BACKENDS[0]
     return {"fft_backend": name, "fft_backend_version": backend_version(name) if name in BACKENDS else None}
@@ -59,7 +59,7 @@ def collect(comm) -> dict:
     import mpi4py
     from mpi4py import MPI
 
-    from lagbias_mpi.mpi.fft import installed_backends
+    from lagbias_mpi.mpi.fft_backends import installed_backends
 
     info = {
         "lagbias_mpi": __version__,

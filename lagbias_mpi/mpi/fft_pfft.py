@@ -39,7 +39,7 @@ from importlib import metadata
 import numpy as np
 from mpi4py import MPI
 
-from lagbias_mpi.mpi.fft import FFTBackend, planner_effort
+from lagbias_mpi.mpi.fft_backends import FFTBackend, planner_effort
 from lagbias_mpi.mpi.layout import plane_transfer, slab_bounds
 
 
