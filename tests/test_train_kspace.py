@@ -70,6 +70,8 @@ def test_kspace_coefficients_give_the_parameter_gradient():
     fs = build_field_set(comm, theta, cell, pid, truth, N, BOX, n_part, 0.5, 7, 0, k_cut, dtype=torch.float64)
     assert 0 < len(fs.idx) < n_part
     model = build_model({"n_in": n_in, "width": 8, "depth": 2, "activation": "gelu"}, seed=1, dtype=torch.float64)
+    with torch.no_grad():  # the output layer starts at zero (f = 1); give every layer a gradient
+        model.net[-1].weight.copy_(torch.linspace(-0.3, 0.3, model.net[-1].weight.numel()).reshape(model.net[-1].weight.shape))
     loss, coef = kspace_coefficients(comm, model, fs, weight, chunk=500)
     assert coef.shape == (n_part,) and np.all(np.delete(coef, fs.sel) == 0)
     (torch.as_tensor(coef[fs.sel]) * f_of_y(model(fs.x)).reshape(-1)).sum().backward()
