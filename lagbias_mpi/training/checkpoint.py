@@ -5,13 +5,14 @@ state, the history so far, the integral-constraint batch sums, the epoch it ends
 configuration that wrote it; :func:`lagbias_mpi.training.loop.train_member` resumes from it.
 
 Surviving faults: a checkpoint appears by rename only (a kill while it is written leaves the old one
-whole), and the one it replaces is kept as ``member_<m>.prev.pt``. A checkpoint that cannot be read
+whole), and the one it replaces is kept as ``member_<m>.prev.pt`` (a hard link made before the rename). A checkpoint that cannot be read
 (truncated, corrupt, not a checkpoint) is refused with a message naming the file on every rank, and
 the previous one is used if it is good; if neither is, every rank raises :class:`CheckpointError`.
 """
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -42,14 +43,21 @@ def previous_path(path) -> Path:
 
 def save_checkpoint(comm, path, payload: dict) -> None:
     """Rank 0 writes ``payload`` atomically (write, rename), keeping the checkpoint it replaces as
-    :func:`previous_path`; everybody waits. A kill at any moment leaves a whole checkpoint at
-    ``path`` or (between the two renames) at the previous path, which :func:`load_checkpoint` reads."""
+    :func:`previous_path` (a hard link, so that ``path`` never disappears); everybody waits. A kill
+    at any moment leaves whole checkpoints at ``path`` and the previous path."""
     if comm.rank == 0:
         path = Path(path)
         with atomic_path(path) as tmp:
             torch.save(payload, tmp)
-            if path.is_file():
-                os.replace(path, previous_path(path))
+            if path.is_file():  # keep the current one as the previous, without ever removing it
+                prev = previous_path(path)
+                link = prev.with_name(f".{prev.name}.link")
+                link.unlink(missing_ok=True)
+                try:
+                    os.link(path, link)
+                except OSError:
+                    shutil.copy2(path, link)
+                os.replace(link, prev)
     comm.Barrier()
 
 
