@@ -32,7 +32,8 @@ def _ensemble(one_direction: bool) -> Ensemble:
         with torch.no_grad():
             if one_direction:
                 net.net[0].weight.copy_(torch.tensor(np.outer(rng.standard_normal(8) * 0.5, DIRECTION)))
-            net.net[-1].weight.mul_(0.3)
+            # the output layer starts at zero (f = 1): give it weights so that f varies
+            net.net[-1].weight.copy_(torch.tensor(rng.standard_normal(net.net[-1].weight.shape) * 0.3))
         states.append({k: v.float() for k, v in net.state_dict().items()})
     orth = Orthogonaliser(np.random.default_rng(5).standard_normal((N_IN, N_RAW)) * 0.5, np.zeros(N_RAW),
                           np.ones(N_IN))
