@@ -7,6 +7,7 @@ import yaml
 
 from lagbias_mpi.config.loader import load_config
 from lagbias_mpi.config.lstsq import LstsqRunConfig
+from lagbias_mpi.config.predict import PredictConfig, load_predict_config
 from lagbias_mpi.config.simulate import SimulateConfig, load_simulate_config
 from lagbias_mpi.config.train import TrainRunConfig, load_train_config
 
@@ -26,10 +27,14 @@ def test_shipped_config_loads_and_validates(path):
         cfg = load_simulate_config(path)
         assert isinstance(cfg, SimulateConfig) and cfg.box > 0 and cfg.ppd > 0
         return
-    cfg = load_config(LstsqRunConfig, path) if "lstsq" in raw else load_train_config(path)
-    assert isinstance(cfg, TrainRunConfig)
-    assert cfg.train.epochs >= 1 and cfg.train.ensemble >= 1 and len(cfg.features.radii) >= 1
     sim = raw["simulation"]
+    if "output" in raw:  # a predict config: no training sections
+        cfg = load_predict_config(path)
+        assert isinstance(cfg, PredictConfig) and cfg.output.nmesh >= 1
+    else:
+        cfg = load_config(LstsqRunConfig, path) if "lstsq" in raw else load_train_config(path)
+        assert isinstance(cfg, TrainRunConfig)
+        assert cfg.train.epochs >= 1 and cfg.train.ensemble >= 1 and len(cfg.features.radii) >= 1
     if "simulate" in sim:  # the simulation config it names exists and validates too (paths from the repo root)
         named = REPO / sim["simulate"]
         assert named.is_file(), f"{path}: simulation.simulate {sim['simulate']} not found"

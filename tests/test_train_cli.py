@@ -59,13 +59,13 @@ def _spoil_after_first_checkpoint(small, monkeypatch, name, spoil):
     cfg = write_config(d / f"{name}.yaml", sim, run={"log_level": "ERROR", "figures": False})
     out = d / f"{name}_run"
     ckpt = out / "checkpoints" / "member_0.pt"
-    real = trainer.batch_terms
+    real = trainer._terms_and_f  # the terms the training objective and the validation loss are made of
 
     def spoiled(model, batch, guard_y):
-        grid, guard, s = real(model, batch, guard_y)
-        return spoil(grid, guard, s) if ckpt.exists() else (grid, guard, s)
+        grid, guard, s, f = real(model, batch, guard_y)
+        return (*spoil(grid, guard, s), f) if ckpt.exists() else (grid, guard, s, f)
 
-    monkeypatch.setattr(trainer, "batch_terms", spoiled)
+    monkeypatch.setattr(trainer, "_terms_and_f", spoiled)
     return cfg, out, ckpt
 
 

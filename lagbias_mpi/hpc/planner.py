@@ -119,6 +119,35 @@ def load_costs(path: str | None = None) -> dict:
     return costs
 
 
+def box_terms(size: ProblemSize, ranks: int, imbalance: float | None = None) -> dict:
+    """The bytes per rank of the arrays that every command holds for one box (load, IC features,
+    Lagrangian routing), shared by the training and the predict models: ``n_p`` particles per rank
+    after Lagrangian routing, ``n_e`` after Eulerian routing (x ``imbalance``), cells per rank of the
+    IC (``c_ic``), evaluation (``c_ev``) and training (``c_tr``) grids, and the byte terms."""
+    P = int(ranks)
+    if P < 1:
+        raise ValueError("ranks must be >= 1")
+    if imbalance is None:
+        imbalance = 1.0 if P == 1 else 1.02
+    B, F = BYTES, size.n_raw
+    n_p = size.n_particles / P  # after loading and Lagrangian routing (uniform lattice)
+    c_ic = math.ceil(size.n_ic / P) * size.n_ic**2
+    loaded = B["load_particle"] * n_p
+    lag_set = (4 * F + 8 + 12) * n_p  # raw float32 + pid + pos after the Lagrangian readout
+    # FFT work while the columns are computed; moments and standardisation go one column at a time
+    # (16 B per cell of float64 temporaries) into a second float32 slab
+    features = max(B["fft_work_cell"], 4 * F + 16) * c_ic
+    features += B["fft_cache_cell"] * c_ic if P > 1 else 0.0
+    return {"P": P, "imbalance": imbalance, "n_p": n_p, "n_e": n_p * imbalance, "c_ic": c_ic,
+            "c_ev": math.ceil(size.eval_nmesh / P) * size.eval_nmesh**2,
+            "c_tr": math.ceil(size.train_nmesh / P) * size.train_nmesh**2,
+            "base": BASELINE_MB * MB, "halos": B["halo"] * size.n_halos / P, "loaded": loaded,
+            "ic": B["ic_cell"] * c_ic, "slab": 4 * F * c_ic,  # the standardised float32 feature slab
+            "lag_set": lag_set, "features": features,
+            "lagrangian": max(2 * loaded + 3 * min(EXCHANGE_CHUNK, B["load_particle"] * n_p),
+                              (B["load_particle"] + 4 * F + 8) * n_p)}
+
+
 def memory_per_rank(size: ProblemSize, ranks: int, imbalance: float | None = None) -> dict:
     """Predicted peak resident memory (bytes) of the busiest rank in each stage, and the total peak.
 
@@ -130,34 +159,17 @@ def memory_per_rank(size: ProblemSize, ranks: int, imbalance: float | None = Non
     ``imbalance`` (max/mean particles per rank after Eulerian routing) defaults to 1 on one rank,
     else 1.02 (measured: docs/supercomputer.md).
     """
-    P = int(ranks)
-    if P < 1:
-        raise ValueError("ranks must be >= 1")
-    if imbalance is None:
-        imbalance = 1.0 if P == 1 else 1.02
-    B = BYTES
-    F, m = size.n_raw, size.n_inputs
-    n_p = size.n_particles / P  # after loading and Lagrangian routing (uniform lattice)
-    n_e = n_p * imbalance  # after Eulerian routing
-    c_ic = math.ceil(size.n_ic / P) * size.n_ic**2
-    c_ev = math.ceil(size.eval_nmesh / P) * size.eval_nmesh**2
-    c_tr = math.ceil(size.train_nmesh / P) * size.train_nmesh**2
+    t = box_terms(size, ranks, imbalance)
+    P, imbalance, n_p, n_e = t["P"], t["imbalance"], t["n_p"], t["n_e"]
+    c_ic, c_ev, c_tr = t["c_ic"], t["c_ev"], t["c_tr"]
+    base, halos, loaded, ic, slab = t["base"], t["halos"], t["loaded"], t["ic"], t["slab"]
+    lag_set, features, lagrangian = t["lag_set"], t["features"], t["lagrangian"]
+    B, F, m = BYTES, size.n_raw, size.n_inputs
     n_cells = float(size.train_nmesh) ** 3
-    base = BASELINE_MB * MB
-    halos = B["halo"] * size.n_halos / P
-    loaded = B["load_particle"] * n_p
-    ic = B["ic_cell"] * c_ic
-    slab = 4 * F * c_ic  # the standardised float32 feature slab
-    lag_set = (4 * F + 8 + 12) * n_p  # raw float32 + pid + pos after the Lagrangian readout
     eul_rec = 4 * m + 8 + 12  # theta float32 + pid + pos
     prepared = (eul_rec + 8) * n_e  # + the cell id
     chunk = 3 * min(EXCHANGE_CHUNK, eul_rec * n_p)  # packed send rows, receive buffer, row targets of one round
-    # FFT work while the columns are computed; moments and standardisation go one column at a time
-    # (16 B per cell of float64 temporaries) into a second float32 slab
-    features = max(B["fft_work_cell"], 4 * F + 16) * c_ic
     keep = 0.0  # nothing of the FFTs outlives the feature stage (gc after it; measured, issue #11)
-    features += B["fft_cache_cell"] * c_ic if P > 1 else 0.0
-    lagrangian = max(2 * loaded + chunk, (B["load_particle"] + 4 * F + 8) * n_p)
     # Eulerian: theta computed while the raw features live, then input + int32 destination + output
     eulerian = max(lag_set + 4 * m * n_p, eul_rec * n_p + 4 * n_p + eul_rec * n_e + chunk) + 12 * n_cells
     truth = 8 * n_cells / P * imbalance + 2 * 8 * c_tr  # owned values + the NGP slab and its copy
@@ -165,7 +177,8 @@ def memory_per_rank(size: ProblemSize, ranks: int, imbalance: float | None = Non
     batches = (4 * m + 8 + 8) * sel + 16 * c_tr  # inputs, cell index, particle index; scale, target per cell
     select = B["select_particle"] * n_e  # per-cell sub-sampling: hash priorities, sort orders
     acts = size.batch_size / P * imbalance * size.depth * size.width * 4 * B["act_copies"]
-    evaluate = (size.ensemble + 1) * 8 * n_e + B["paint_particle"] * n_e + B["eval_cell"] * c_ev
+    # float32 f of every member and their average, the paint's particle terms, the float64 grids
+    evaluate = (size.ensemble + 1) * 4 * n_e + B["paint_particle"] * n_e + B["eval_cell"] * c_ev
     stages = {
         "load": base + loaded + ic + halos,
         "features": base + loaded + ic + halos + slab + features,

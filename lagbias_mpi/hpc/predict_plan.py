@@ -1,71 +1,56 @@
 """Memory and time of ``python -m lagbias_mpi.predict`` per rank, beside the training plan.
 
-The prediction of one box holds, per particle of the busiest rank (n_p = N / P after Lagrangian
-routing; the paint routing sees the training planner's imbalance): the loaded columns until the
-routing is done (24 B; the halos, 28 B each, until the comparison), the routed copy with its
-standardised feature rows ``(8 F + 20)`` B, f in float64 (8 B, or 8 B per member with
-``output.members``), the paint exchange of (position, weight) records and, for the comparison, the
-training evaluation's arrays. Network inputs are made in chunks of 2^20 particles (a constant).
-Grid terms: the IC slab, the FFT work of the features, the float64 model field and the evaluation
-grids, as in :mod:`lagbias_mpi.hpc.planner`, whose byte counts (``BYTES``) are reused.
+The prediction of one box holds what training holds for it up to the Lagrangian routing (the shared
+terms of :func:`lagbias_mpi.hpc.planner.box_terms`: loaded columns, IC slab, feature FFT work, the
+Lagrangian exchange, the routed float32 feature rows + pid + position) and then, per particle of the
+busiest rank: f in float32 (4 B, and 4 B per member with ``output.members``), the network inputs
+of one chunk of ``CHUNK`` particles (a constant), the CIC paint of (position, f) at the final
+positions onto the float64 model field and, for the comparison, the training evaluation's terms.
+No Eulerian copy, no batches, no truth on the training grid: below training's peak for the same box.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import replace
 
-from lagbias_mpi.hpc.planner import BASELINE_MB, BYTES, MB, RUNTIME_MB, time_per_stage
+from lagbias_mpi.hpc.planner import BYTES, MB, RUNTIME_MB, box_terms, time_per_stage
 from lagbias_mpi.hpc.problem import ProblemSize
 
 STAGES = ("load", "features", "routing", "predict", "field", "spectra")
 
 
-CHUNK = 1 << 20
+CHUNK = 1 << 20  # particles turned into network inputs at a time (lagbias_mpi.workflows.predict)
 
 
 def predict_memory_per_rank(size: ProblemSize, ranks: int, members: bool = False, particle_f: bool = False,
                             compare: bool = True, imbalance: float | None = None) -> dict:
     """Predicted peak resident memory (bytes) of the busiest rank in each predict stage for the box
-    of ``size`` (``size.eval_nmesh`` = ``output.nmesh``, ``size.ensemble`` = members of the model)."""
-    P = int(ranks)
-    if P < 1:
-        raise ValueError("ranks must be >= 1")
-    if imbalance is None:
-        imbalance = 1.0 if P == 1 else 1.0 + 0.05 * math.log2(P)
+    of ``size`` (``size.eval_nmesh`` = ``output.nmesh``, ``size.ensemble`` = members of the model).
+    ``imbalance``: max/mean particles per slab of the paint (default as the training planner's)."""
+    t = box_terms(size, ranks, imbalance)
     B, F, M = BYTES, size.n_raw, size.ensemble
-    n_p = size.n_particles / P
-    n_e = n_p * imbalance
-    c_ic = math.ceil(size.n_ic / P) * size.n_ic**2
-    c_ev = math.ceil(size.eval_nmesh / P) * size.eval_nmesh**2
-    base = BASELINE_MB * MB
-    halos = B["halo"] * size.n_halos / P if compare else 0.0
-    kept = B["load_particle"] * n_p
-    ic = B["ic_cell"] * c_ic
-    slab = 8 * F * c_ic
-    lag_part = (8 * F + 8 + 12) * n_p
-    lag_exchange = (B["exchange_copies"] * 48 + 16 + 16 * F) * n_p
-    keep = B["fft_cache_cell"] * c_ic if P > 1 else 0.0
-    f_bytes = 8 * (M + 1 if members else 1) * n_p
-    chunk = CHUNK * (8 * F + 8 * size.n_inputs + 8 * M + 4 * size.width * 2)
-    paint = B["exchange_copies"] * 20 * n_e + 8 * c_ev
-    pf = (2 * (8 + 4 + (4 * M if members else 0)) * n_p) if particle_f else 0.0
-    after = lag_part - 8 * F * n_p + f_bytes  # the feature rows are freed once f is known
+    n_p, n_e, c_ev = t["n_p"], t["n_e"], t["c_ev"]
+    base = t["base"]
+    halos = t["halos"] if compare else 0.0
+    f_bytes = 4 * (M + 1 if members else 1) * n_p
+    # one chunk: theta float32 and its float64 temporaries, y and f of every member, activations
+    chunk = CHUNK * (8 * F + 4 * size.n_inputs + 16 * M + 4 * size.width * 2)
+    after = t["lag_set"] - 4 * F * n_p + f_bytes  # the feature rows are freed once f is known
+    paint = B["paint_particle"] * n_e + B["eval_cell"] * c_ev
+    pf = (8 + 8 + 4 + (4 * M if members else 0)) * n_p if particle_f else 0.0  # sort order, pid, f copies
     stages = {
-        "load": base + kept + halos + ic,
-        "features": base + kept + halos + ic + max(B["feature_copies"] * 8 * F * c_ic,
-                                                   (8 * F + B["fft_work_cell"]) * c_ic),
-        "routing": base + keep + kept + halos + ic + slab + lag_exchange,
-        "predict": base + keep + halos + lag_part + f_bytes + chunk,
-        "field": base + keep + halos + after + max(paint + 4 * c_ev + B["eval_cell"] * c_ev, pf),
-        "spectra": base + keep + halos + after + ((M if members else 1) + 2) * 8 * n_e + 5 * 20 * n_e
-                   + B["eval_cell"] * c_ev if compare else base + keep + after,
+        "load": base + t["loaded"] + t["ic"] + halos,
+        "features": base + t["loaded"] + t["ic"] + halos + t["slab"] + t["features"],
+        "routing": base + halos + t["slab"] + t["lagrangian"],
+        "predict": base + halos + t["lag_set"] + f_bytes + chunk,
+        "field": base + halos + after + max(paint, pf),
+        "spectra": base + halos + after + (paint if compare else 0.0),
     }
     runtime = {"load": 0.0, "features": RUNTIME_MB["features"], "routing": RUNTIME_MB["routing"],
                "predict": RUNTIME_MB["routing"], "field": RUNTIME_MB["evaluate"], "spectra": RUNTIME_MB["evaluate"]}
     stages = {k: v + runtime[k] * MB for k, v in stages.items()}
     return {"bytes": stages, "peak_bytes": max(stages.values()), "peak_stage": max(stages, key=stages.get),
             "bytes_per_particle": (max(stages.values()) - base) / max(n_p, 1.0), "particles_per_rank": n_p,
-            "imbalance": imbalance}
+            "imbalance": t["imbalance"]}
 
 
 def predict_time(size: ProblemSize, ranks: int, nodes: int = 1, costs: dict | None = None,

@@ -28,7 +28,8 @@ from lagbias_mpi.training.batches import Batch, BatchSet
 def batch_terms(model, batch: Batch, guard_y: float):
     """Local (grid term, guard term, S_local = sum_i w_i f_i) tensors of one batch (w_i = n_j /
     n_sel_j of the particle's cell)."""
-    return _terms_and_f(model, batch, guard_y)[:3]
+    grid, guard, s_local, _ = _terms_and_f(model, batch, guard_y)
+    return grid, guard, s_local
 
 
 def _terms_and_f(model, batch: Batch, guard_y: float):

@@ -11,7 +11,7 @@ spectra (P_model(k); against the true halo field, when the simulation has one, t
 :func:`lagbias_mpi.bias.evaluate.evaluate_simulation`, exactly as training evaluates).
 
 Memory (bytes per particle of the box, beyond the grids): the loaded columns (24-28), the routed
-copy with its feature rows (8 per raw feature + 32), f (8, or 8 per member with ``members``); the
+copy with its feature rows (4 per raw feature + 20), f (4, and 4 per member with ``members``); the
 network inputs are made in chunks. Training holds all of that plus its Eulerian copy and batches.
 """
 from __future__ import annotations
@@ -25,7 +25,7 @@ from lagbias_mpi.bias.ensemble import load_ensemble
 from lagbias_mpi.bias.evaluate import evaluate_simulation
 from lagbias_mpi.bias.features import feature_names
 from lagbias_mpi.bias.particles import ic_features, lagrangian_particles
-from lagbias_mpi.bias.prepare import eval_nmesh
+from lagbias_mpi.bias.prepare import apply_orthogonaliser, eval_nmesh
 from lagbias_mpi.bias.truth import true_tracers
 from lagbias_mpi.config.loader import ConfigError, to_dict
 from lagbias_mpi.config.predict import PredictConfig, load_predict_config
@@ -180,16 +180,17 @@ def _run(comm, cfg: PredictConfig, run_dir, out_dir, ens, spec, run_hash, resolv
     with timer.stage("predict"):
         log.info(f"predict: f of {n_glob} particles, {ens.n_members} members")
         n = parts.n_local
-        f_members = np.empty((ens.n_members, n)) if ocfg.members else None
-        f_avg = np.empty(n)
+        # as training evaluates: float32 theta and float32 f (4 B per particle and member)
+        f_members = np.empty((ens.n_members, n), np.float32) if ocfg.members else None
+        f_avg = np.empty(n, np.float32)
         for lo in range(0, n, CHUNK):
-            fm = ens.predict_f_members(ens.inputs(parts.raw[lo:lo + CHUNK], standardised=True))
+            fm = ens.predict_f_members(apply_orthogonaliser(ens.orth, parts.raw[lo:lo + CHUNK]), dtype=np.float32)
             f_avg[lo:lo + CHUNK] = fm.mean(axis=0)
             if f_members is not None:
                 f_members[:, lo:lo + CHUNK] = fm
-        theta_show = ens.inputs(parts.raw[:20000], standardised=True)[:, 0] if comm.rank == 0 else None
+        theta_show = apply_orthogonaliser(ens.orth, parts.raw[:20000])[:, 0] if comm.rank == 0 else None
         parts.raw = None
-        sum_f = float(global_sum(comm, f_avg.sum()))
+        sum_f = float(global_sum(comm, f_avg.sum(dtype=np.float64)))
         mean_f = sum_f / n_glob
     attrs = {"box": meta.box, "cell": meta.box / nmesh, "assignment": ocfg.assignment,
              "redshift": meta.redshift, "training_config_hash": run_hash, "source": str(meta.source or label),
