@@ -75,7 +75,8 @@ def evaluate_simulation(comm, f_members: np.ndarray, pos: np.ndarray, true_pos: 
     """Spectra of the average f and of each member (rows of ``f_members``, on this rank's particles
     at ``pos``) against the true tracers. Returns a dict of arrays plus ``pk_ratio_lowk`` (mean of
     the bins' ratios below kmax), ``pk_ratio_lowk_modes`` (sum N_k P_model / sum N_k P_h below kmax),
-    their per-member lists and ``mean_f`` (the average f over all particles)."""
+    their per-member lists, ``mean_f`` (the average f over all particles) and ``truth_per_particle``
+    (the true tracers' summed weight over the number of particles)."""
     fft = SlabFFT(comm, nmesh, box, dtype=np.float64)
     delta_h = overdensity(comm, paint(comm, true_pos, true_weight, nmesh, box, method="cic"))
     ph = power_spectrum(fft, delta_h, compensate="cic")
@@ -93,4 +94,7 @@ def evaluate_simulation(comm, f_members: np.ndarray, pos: np.ndarray, true_pos: 
     n = global_sum(comm, np.int64(f_members.shape[1]))
     out["mean_f"] = float(global_sum(comm, f_members.mean(axis=0).sum())) / max(int(n), 1)
     out["mean_f_members"] = [float(x) / max(int(n), 1) for x in global_sum(comm, f_members.sum(axis=1))]
+    # the true field's weight per particle: a perfect model's mean f on this box, relative to the
+    # training boxes', is the ratio of these (boxes differ by their halo abundance)
+    out["truth_per_particle"] = float(global_sum(comm, np.asarray(true_weight, np.float64).sum())) / max(int(n), 1)
     return out

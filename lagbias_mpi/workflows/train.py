@@ -211,6 +211,10 @@ def _run(comm, cfg, run_dir, train_specs, val_specs, resume, stop: StopControl):
         "final_val_loss": float(np.mean([h["val_loss"][-1] for h in histories])),
         "mean_f": results[tr_label]["mean_f"],
         "mean_f_val": results[val_label]["mean_f"] if val_label else None,
+        # what a perfect model gives on the validation box: its true field's weight per particle
+        # relative to the training box's (the integral constraint normalises f on the training box)
+        "mean_f_val_expected": (results[val_label]["truth_per_particle"] / results[tr_label]["truth_per_particle"]
+                                if val_label else None),
         "pk_ratio_lowk_train": results[tr_label]["pk_ratio_lowk"],
         "pk_ratio_lowk_val": results[val_label]["pk_ratio_lowk"] if val_label else None,
         "pk_ratio_lowk_train_modes": results[tr_label]["pk_ratio_lowk_modes"],
