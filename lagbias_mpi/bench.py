@@ -13,6 +13,9 @@ Writes ``DIR/summary.json`` (atomically) with
 - ``exchange_MB_per_s``: bytes moved per second by :func:`~lagbias_mpi.mpi.exchange.exchange` with
   random destinations (pos float32 x3 + lagr_index int32 x3 + weight float64 = 32 B per particle);
 - ``n_ranks``, versions, the arguments and the wall time of each stage.
+``--recovery``: instead, the recovery benchmark of planted truths (:mod:`lagbias_mpi.workflows.recovery`;
+``--truths corners|full|centre``, ``--settings shipped|all|both``, ``--config``, ``--set``), written to
+``DIR/recovery.json`` and ``DIR/recovery.md``.
 ``--save-costs [PATH]`` also writes the per-unit costs (default: ``$LAGBIAS_COSTS`` or ``~/.cache/lagbias_mpi/costs.json``, where the planner looks first)
 that the resource planner (:mod:`lagbias_mpi.plan`) loads; see docs/benchmarks.md.
 The figures are for tracking performance; correctness is what the tests check.
@@ -42,11 +45,24 @@ def main(argv=None) -> dict:
     parser.add_argument("--save-costs", nargs="?", const=user_costs_path(), default=None, type=Path,
                         help="also write per-unit costs for the planner to this path")
     parser.add_argument("--log-level", default="INFO", help="logging level")
+    parser.add_argument("--recovery", action="store_true", help="run the planted-truth recovery benchmark")
+    parser.add_argument("--truths", default="corners", choices=["centre", "corners", "full"],
+                        help="recovery: which planted truths")
+    parser.add_argument("--settings", default="both", choices=["shipped", "all", "both"],
+                        help="recovery: shipped sampling, every particle selected, or both")
+    parser.add_argument("--config", type=Path, default=Path("configs/planted.yaml"), help="recovery: training config")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="recovery: training config override (repeatable)")
     args = parser.parse_args(argv)
     from lagbias_mpi.mpi.comm import abort_on_exception
 
     comm = MPI.COMM_WORLD
     setup_logging(comm, args.log_level)
+    if args.recovery:
+        from lagbias_mpi.workflows import recovery
+
+        return abort_on_exception(comm)(recovery.run)(comm, args.out, args.config, args.truths, args.settings,
+                                                      args.set, Path.cwd())
     if args.n < 2 or args.n < comm.size:
         parser.error(f"--n must be >= 2 and >= the number of ranks ({comm.size}), got {args.n}")
     return abort_on_exception(comm)(run)(comm, args.out, args.n, args.particles, args.repeat,

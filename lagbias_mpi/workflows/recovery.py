@@ -1,0 +1,158 @@
+"""Recovery benchmark (issue #15): train on planted truths of known f and measure how well f comes back.
+
+    mpirun -n P python -m lagbias_mpi.bench --recovery --out DIR [--truths corners|full|centre]
+        [--settings shipped|all|both] [--config configs/planted.yaml] [--set key=value ...]
+
+One PM run gives the particles (the built-in planted box of ``configs/planted.yaml``'s simulate config,
+generated into the cache when missing); each truth f_true = exp(b1 nu + b2 nu^2 + c_lap lambda) / mean
+is planted on its two realisations by :func:`lagbias_mpi.nbody.planted.planted_weights` (the same
+code as ``simulate``) without re-running the N-body part. Every truth is trained with the shipped
+settings (``shipped``) and with every particle selected (``all``: ``sampling.frac=1``). Criteria on
+the validation box: P_model/P_h at k < kmax within 2% of 1, median |f/f_true - 1| <= 5% over all
+particles, global mean f within 1e-3 of 1 (planted truths are normalised to mean 1 in each box).
+Writes ``DIR/recovery.json`` and ``DIR/recovery.md`` (the table; docs/results.md holds the measured one).
+"""
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from lagbias_mpi.bias.ensemble import load_ensemble, simulation_particles
+from lagbias_mpi.config.simulate import PlantedConfig, load_simulate_config
+from lagbias_mpi.config.train import load_train_config
+from lagbias_mpi.core.atomic import write_json
+from lagbias_mpi.core.logs import get_logger
+from lagbias_mpi.io import sources
+from lagbias_mpi.io.simfile import load_simulation, write_simulation
+from lagbias_mpi.mpi.comm import global_sum
+from lagbias_mpi.mpi.fft import SlabFFT
+from lagbias_mpi.nbody.planted import planted_weights
+from lagbias_mpi.workflows.train import run as train_run
+
+log = get_logger("recovery")
+
+GRID = {"b1": (0.5, 1.0, 1.5, 2.0), "b2": (0.0, 0.1, 0.2), "c_lap": (0.0, -0.5, -1.0)}
+CENTRE = (1.0, 0.1, -0.5)
+SETTINGS = {"shipped": [], "all": ["sampling.frac=1.0"]}
+CRITERIA = {"pk_ratio": 0.02, "median_rel_err": 0.05, "mean_f": 1e-3}
+
+
+def truths(which: str) -> list[tuple[float, float, float]]:
+    """(b1, b2, c_lap) of the benchmark: ``centre``, ``corners`` (the 8 corners and the centre) or ``full``."""
+    if which == "centre":
+        return [CENTRE]
+    if which == "corners":
+        ends = [(v[0], v[-1]) for v in GRID.values()]
+        return list(itertools.product(*ends)) + [CENTRE]
+    if which == "full":
+        return list(itertools.product(*GRID.values()))
+    raise ValueError(f"--truths must be centre, corners or full, got {which!r}")
+
+
+def replant(comm, src: Path, dst: Path, truth, radius: float) -> Path:
+    """``src`` rewritten to ``dst`` with f_true of ``truth`` = (b1, b2, c_lap) at ``radius`` Mpc/h,
+    normalised to mean 1 over the box (collective; kept when ``dst`` exists)."""
+    if dst.exists():
+        return dst
+    sim = load_simulation(comm, src)
+    meta = sim.meta
+    fft_ic = SlabFFT(comm, meta.n_ic, meta.box, dtype=np.float32)
+    pc = PlantedConfig(radius=radius, b1=truth[0], b2=truth[1], c_lap=truth[2])
+    f_raw = planted_weights(comm, fft_ic, sim.ic_delta, sim.lagr_index, meta.ppd, pc)
+    mean = float(global_sum(comm, f_raw.sum())) / meta.n_particles
+    sim.f_true = (f_raw / mean).astype(np.float32)
+    attrs = {"radius": radius, "b1": truth[0], "b2": truth[1], "c_lap": truth[2], "normalisation": mean}
+    write_simulation(comm, dst, sim, f_true_attrs=attrs)
+    return dst
+
+
+def median_relative_error(comm, f: np.ndarray, f_true: np.ndarray) -> float:
+    """Median over all ranks' particles of |f / f_true - 1| (gathered on rank 0; fine at benchmark sizes)."""
+    err = np.abs(np.asarray(f, np.float64) / np.asarray(f_true, np.float64) - 1.0)
+    parts = comm.gather(err, root=0)
+    return comm.bcast(float(np.median(np.concatenate(parts))) if comm.rank == 0 else None, root=0)
+
+
+def _case_config(base_cfg: Path, out: Path, train_file: Path, val_file: Path) -> Path:
+    raw = yaml.safe_load(base_cfg.read_text())
+    raw["simulation"] = {"train_files": [str(train_file)], "val_files": [str(val_file)]}
+    raw.setdefault("run", {})["figures"] = False
+    path = out / "config.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def recovery_case(comm, cfg_path: Path, out: Path, overrides: list[str], val_file: Path) -> dict:
+    """Train one case and measure the criteria on the validation box (collective)."""
+    s = train_run(comm, cfg_path, overrides, out=out / "run")
+    ens = load_ensemble(out / "run")
+    sim = sources.load(comm, sources.file_spec(val_file))
+    parts = simulation_particles(comm, sim, ens)
+    f = ens.predict_f(parts.raw, standardised=True)
+    row = {"pk_ratio_lowk_val": s["pk_ratio_lowk_val"], "pk_ratio_lowk_train": s["pk_ratio_lowk_train"],
+           "pk_ratio_lowk_val_modes": s["pk_ratio_lowk_val_modes"],
+           "median_rel_err_val": median_relative_error(comm, f, parts.f_true),
+           "mean_f": s["mean_f"], "mean_f_val": s["mean_f_val"],
+           "members_ok": [m["ok"] for m in s["members_ok"]], "sampling_frac": s["sampling_frac"],
+           "train_s": s["stage_wall_s"].get("train")}
+    row["passes"] = bool(abs(row["pk_ratio_lowk_val"] - 1) <= CRITERIA["pk_ratio"]
+                         and row["median_rel_err_val"] <= CRITERIA["median_rel_err"]
+                         and abs(row["mean_f_val"] - 1) <= CRITERIA["mean_f"])
+    return row
+
+
+def table(rows: list[dict]) -> str:
+    """The markdown table of the benchmark rows."""
+    lines = ["| b1 | b2 | c_lap | settings | frac | P_model/P_h val (train) | median abs(f/f_true-1) val "
+             "| mean f train / val | members ok | passes |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['b1']} | {r['b2']} | {r['c_lap']} | {r['settings']} | {r['sampling_frac']:.3g} "
+                     f"| {r['pk_ratio_lowk_val']:.4f} ({r['pk_ratio_lowk_train']:.4f}) | {r['median_rel_err_val']:.4f} "
+                     f"| {r['mean_f']:.5f} / {r['mean_f_val']:.5f} | {sum(r['members_ok'])}/{len(r['members_ok'])} "
+                     f"| {'yes' if r['passes'] else 'no'} |")
+    return "\n".join(lines) + "\n"
+
+
+def run(comm, out: Path, config: Path, which: str = "corners", settings: str = "both",
+        overrides: list[str] | None = None, base_dir: Path | None = None) -> dict:
+    """The benchmark over ``truths(which)`` x ``settings``; writes recovery.json/.md into ``out``."""
+    base_dir = Path(base_dir) if base_dir is not None else sources.PROJECT_ROOT
+    out = Path(out)
+    cfg = load_train_config(config, list(overrides or []))
+    if cfg.simulation.simulate is None:
+        raise ValueError(f"{config}: the recovery benchmark needs a built-in planted simulation (simulation.simulate)")
+    sim_cfg = load_simulate_config(base_dir / cfg.simulation.simulate, list(cfg.simulation.simulate_set))
+    if sim_cfg.halos.kind != "planted":
+        raise ValueError(f"{cfg.simulation.simulate}: halos.kind must be planted for the recovery benchmark")
+    train_specs, val_specs = sources.resolve_training(comm, cfg.simulation, base_dir)
+    src_train, src_val = Path(train_specs[0]["path"]), Path(val_specs[0]["path"])
+    names = {"both": list(SETTINGS), "shipped": ["shipped"], "all": ["all"]}[settings]
+    rows = []
+    for truth in truths(which):
+        tag = "b1_{}_b2_{}_clap_{}".format(*truth)
+        tdir = out / tag
+        if comm.rank == 0:
+            tdir.mkdir(parents=True, exist_ok=True)
+        comm.Barrier()
+        tr = replant(comm, src_train, tdir / "train.h5", truth, sim_cfg.planted.radius)
+        va = replant(comm, src_val, tdir / "val.h5", truth, sim_cfg.planted.radius)
+        for name in names:
+            cdir = tdir / name
+            if comm.rank == 0:
+                cdir.mkdir(parents=True, exist_ok=True)
+                _case_config(Path(config), cdir, tr, va)
+            comm.Barrier()
+            log.info(f"recovery: truth b1={truth[0]} b2={truth[1]} c_lap={truth[2]}, settings {name}")
+            row = recovery_case(comm, cdir / "config.yaml", cdir, list(overrides or []) + SETTINGS[name], va)
+            row.update({"b1": truth[0], "b2": truth[1], "c_lap": truth[2], "settings": name})
+            rows.append(row)
+            log.info(f"recovery: P_model/P_h val {row['pk_ratio_lowk_val']:.4f}, median |f/f_true-1| "
+                     f"{row['median_rel_err_val']:.4f}, mean f val {row['mean_f_val']:.5f}, passes {row['passes']}")
+            if comm.rank == 0:  # the table so far (a long benchmark shows its progress)
+                write_json(out / "recovery.json", {"criteria": CRITERIA, "rows": rows, "config": str(config),
+                                                   "overrides": list(overrides or []), "ranks": comm.size})
+                (out / "recovery.md").write_text(table(rows))
+    return {"criteria": CRITERIA, "rows": rows}
