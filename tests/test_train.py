@@ -132,3 +132,21 @@ def test_mass_conservation(comm, sims):
     assert abs(s["mean_f"] - 1) < 1e-3
     assert s["loss_history"][0]["eps"][-1] == pytest.approx(1e-4)
 
+
+
+@pytest.mark.mpi
+def test_mean_f_exact_over_all_particles_with_subsampling(comm, sims):
+    """With 30% of each cell selected the per-epoch renormalisation is a sub-sample estimate; the final
+    normalisation over every training particle makes the global mean f 1 to float precision. With the
+    constraint off, f is left alone."""
+    a, b, d = sims
+    common = dict(sampling={"frac": 0.3, "batch_size": 4000}, run={"log_level": "WARNING", "figures": False})
+    cfg = write_config(d / f"exact{comm.size}.yaml", a, [b], train={"epochs": 3, "ensemble": 1, "bare_steps": 1}, **common)
+    s = run(comm, cfg, out=d / f"exact_run{comm.size}")
+    factor = s["loss_history"][0]["final_normalisation"]
+    assert s["mean_f"] == pytest.approx(1.0, abs=2e-6) and factor != 1.0
+    assert s["mean_f_val_expected"] == pytest.approx(1.0, abs=1e-5)  # planted truths: mean 1 in every box
+    off = write_config(d / f"off{comm.size}.yaml", a, [], train={"epochs": 2, "ensemble": 1, "bare_steps": 1,
+                                                                 "constraint_from": 100}, **common)
+    s_off = run(comm, off, out=d / f"off_run{comm.size}")
+    assert "final_normalisation" not in s_off["loss_history"][0] and abs(s_off["mean_f"] - 1) > 1e-5
