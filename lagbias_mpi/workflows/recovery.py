@@ -21,6 +21,7 @@ import numpy as np
 import yaml
 
 from lagbias_mpi.bias.ensemble import load_ensemble, simulation_particles
+from lagbias_mpi.bias.routing import route_lagrangian
 from lagbias_mpi.config.simulate import PlantedConfig, load_simulate_config
 from lagbias_mpi.config.train import load_train_config
 from lagbias_mpi.core.atomic import write_json
@@ -54,11 +55,16 @@ def truths(which: str) -> list[tuple[float, float, float]]:
 
 def replant(comm, src: Path, dst: Path, truth, radius: float) -> Path:
     """``src`` rewritten to ``dst`` with f_true of ``truth`` = (b1, b2, c_lap) at ``radius`` Mpc/h,
-    normalised to mean 1 over the box (collective; kept when ``dst`` exists)."""
+    normalised to mean 1 over the box (collective; kept when ``dst`` exists). The particles are
+    written in the order of their Lagrangian slabs (the file's row order carries no meaning)."""
     if dst.exists():
         return dst
     sim = load_simulation(comm, src)
     meta = sim.meta
+    # planted_weights reads the IC slab at the particles' lattice points: to their slab owners first
+    got = route_lagrangian(comm, {"lagr_index": sim.lagr_index, "pos": sim.pos}, meta.ppd, meta.n_ic,
+                           with_ic_index=False)
+    sim.lagr_index, sim.pos = got["lagr_index"], got["pos"]
     fft_ic = SlabFFT(comm, meta.n_ic, meta.box, dtype=np.float32)
     pc = PlantedConfig(radius=radius, b1=truth[0], b2=truth[1], c_lap=truth[2])
     f_raw = planted_weights(comm, fft_ic, sim.ic_delta, sim.lagr_index, meta.ppd, pc)
