@@ -19,6 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from mpi4py import MPI
 
 from lagbias_mpi.analysis import plots, predict_figures
 from lagbias_mpi.bias.ensemble import load_ensemble
@@ -154,7 +155,7 @@ def _lowk_figures(res: dict, kmax: float) -> dict:
 
 
 def _run(comm, cfg: PredictConfig, run_dir, out_dir, ens, spec, run_hash, resolved) -> dict:
-    timer = StageTimer(comm)
+    timer = StageTimer(comm, track_rss=True)
     ocfg = cfg.output
     nmesh, kmax = resolved["nmesh"], resolved["kmax"]
     label = sources.spec_name(spec)
@@ -252,6 +253,8 @@ def _run(comm, cfg: PredictConfig, run_dir, out_dir, ens, spec, run_hash, resolv
                           + ([out_dir / "spectra.h5"] if comparison else [])),
         "particles_per_rank": global_min_max_mean(comm, parts.n_local),
         "stage_wall_s": timer.summary(),
+        "peak_rss_mb": comm.allreduce(timer.peak_rss_mb(), op=MPI.MAX),
+        "stage_peak_rss_mb": timer.rss_summary(),
     }
     write_summary(comm, out_dir / "summary.json", summary, cfg=cfg)
     summary["config"] = to_dict(cfg)
