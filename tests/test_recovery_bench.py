@@ -60,14 +60,19 @@ def test_runs_and_replants_as_simulate(tiny):
     assert (row["b1"], row["b2"], row["c_lap"], row["settings"]) == (*recovery.CENTRE, "shipped")
     assert np.isfinite(row["pk_ratio_lowk_val"]) and 0 <= row["median_rel_err_val"] < 10
     assert row["passes"] == (abs(row["pk_ratio_lowk_val"] - 1) <= 0.02 and row["median_rel_err_val"] <= 0.05
-                             and abs(row["mean_f_val"] - 1) <= 1e-3)
+                             and abs(row["mean_f"] - 1) <= 1e-3
+                             and abs(row["mean_f_val"] / row["mean_f_val_expected"] - 1) <= 1e-3)
+    # the validation truth shares the training box's normalisation: the perfect model's mean f there
+    assert row["mean_f_val_expected"] == pytest.approx(row["mean_f_true_val"], rel=1e-5)
     if WORLD.rank == 0:
         on_disk = json.loads((out / "recovery.json").read_text())
         assert on_disk["rows"][0]["median_rel_err_val"] == row["median_rel_err_val"]
         assert "| 1.0 | 0.1 | -0.5 | shipped |" in (out / "recovery.md").read_text()
     # replanting the simulation's own truth gives back the f_true that simulate wrote
     src = next((d / "sims").rglob("realisation_0.h5"))
-    again = recovery.replant(WORLD, src, d / f"again{WORLD.size}.h5", (1.2, 0.15, -0.4), 4.0)
+    again = d / f"again{WORLD.size}.h5"
+    info = recovery.replant(WORLD, src, again, (1.2, 0.15, -0.4), 4.0)
+    assert info["mean"] == pytest.approx(1.0, rel=1e-12)
     a, b = load_simulation(WORLD, src), load_simulation(WORLD, again)
     by_pid = []
     for sim in (a, b):
@@ -75,5 +80,5 @@ def test_runs_and_replants_as_simulate(tiny):
         f = np.concatenate(WORLD.allgather(sim.f_true))
         by_pid.append(f[np.argsort(pid)])
     np.testing.assert_allclose(by_pid[1], by_pid[0], rtol=1e-5)
-    other = load_simulation(WORLD, out / "b1_1.0_b2_0.1_clap_-0.5" / "val.h5")
+    other = load_simulation(WORLD, out / "b1_1.0_b2_0.1_clap_-0.5" / "train.h5")
     assert WORLD.allreduce(float(other.f_true.astype(np.float64).sum())) == pytest.approx(other.meta.n_particles, rel=1e-5)

@@ -7,9 +7,12 @@ One PM run gives the particles (the built-in planted box of ``configs/planted.ya
 generated into the cache when missing); each truth f_true = exp(b1 nu + b2 nu^2 + c_lap lambda) / mean
 is planted on its two realisations by :func:`lagbias_mpi.nbody.planted.planted_weights` (the same
 code as ``simulate``) without re-running the N-body part. Every truth is trained with the shipped
-settings (``shipped``) and with every particle selected (``all``: ``sampling.frac=1``). Criteria on
-the validation box: P_model/P_h at k < kmax within 2% of 1, median |f/f_true - 1| <= 5% over all
-particles, global mean f within 1e-3 of 1 (planted truths are normalised to mean 1 in each box).
+settings (``shipped``) and with every particle selected (``all``: ``sampling.frac=1``). The validation
+box's truth is the same function of the density as the training box's (the training box's moments
+of nu and lambda and its normalisation; ``simulate`` standardises each box on its own, which makes
+the truths of two boxes differ by their moments). Criteria on the validation box: P_model/P_h at
+k < kmax within 2% of 1, median |f/f_true - 1| <= 5% over all particles, global mean f within 1e-3
+of a perfect model's (the mean of f_true there), and the training box's mean f within 1e-3 of 1.
 Writes ``DIR/recovery.json`` and ``DIR/recovery.md`` (the table; docs/results.md holds the measured one).
 """
 from __future__ import annotations
@@ -53,12 +56,13 @@ def truths(which: str) -> list[tuple[float, float, float]]:
     raise ValueError(f"--truths must be centre, corners or full, got {which!r}")
 
 
-def replant(comm, src: Path, dst: Path, truth, radius: float) -> Path:
-    """``src`` rewritten to ``dst`` with f_true of ``truth`` = (b1, b2, c_lap) at ``radius`` Mpc/h,
-    normalised to mean 1 over the box (collective; kept when ``dst`` exists). The particles are
-    written in the order of their Lagrangian slabs (the file's row order carries no meaning)."""
-    if dst.exists():
-        return dst
+def replant(comm, src: Path, dst: Path, truth, radius: float, like: dict | None = None) -> dict:
+    """``src`` rewritten to ``dst`` with f_true of ``truth`` = (b1, b2, c_lap) at ``radius`` Mpc/h
+    (collective). Alone, nu and lambda are standardised on this box and f_true has mean 1 here, as
+    ``simulate`` plants it; with ``like`` (the return value of the training box's replant) the training
+    box's moments and normalisation are used, so that f_true is the same function of the density in
+    both boxes and a perfect model's mean f here is the mean of this f_true (not 1). The particles
+    are written in the order of their Lagrangian slabs. Returns {moments, normalisation, mean}."""
     sim = load_simulation(comm, src)
     meta = sim.meta
     # planted_weights reads the IC slab at the particles' lattice points: to their slab owners first
@@ -67,12 +71,15 @@ def replant(comm, src: Path, dst: Path, truth, radius: float) -> Path:
     sim.lagr_index, sim.pos = got["lagr_index"], got["pos"]
     fft_ic = SlabFFT(comm, meta.n_ic, meta.box, dtype=np.float32)
     pc = PlantedConfig(radius=radius, b1=truth[0], b2=truth[1], c_lap=truth[2])
-    f_raw = planted_weights(comm, fft_ic, sim.ic_delta, sim.lagr_index, meta.ppd, pc)
-    mean = float(global_sum(comm, f_raw.sum())) / meta.n_particles
-    sim.f_true = (f_raw / mean).astype(np.float32)
-    attrs = {"radius": radius, "b1": truth[0], "b2": truth[1], "c_lap": truth[2], "normalisation": mean}
+    f_raw, moments = planted_weights(comm, fft_ic, sim.ic_delta, sim.lagr_index, meta.ppd, pc,
+                                     moments=like["moments"] if like else None, return_moments=True)
+    own = float(global_sum(comm, f_raw.sum())) / meta.n_particles
+    norm = like["normalisation"] if like else own
+    sim.f_true = (f_raw / norm).astype(np.float32)
+    attrs = {"radius": radius, "b1": truth[0], "b2": truth[1], "c_lap": truth[2], "normalisation": norm,
+             "standardisation": "training box's moments" if like else "this box's moments"}
     write_simulation(comm, dst, sim, f_true_attrs=attrs)
-    return dst
+    return {"moments": moments, "normalisation": norm, "mean": own / norm}
 
 
 def median_relative_error(comm, f: np.ndarray, f_true: np.ndarray) -> float:
@@ -104,20 +111,24 @@ def recovery_case(comm, cfg_path: Path, out: Path, overrides: list[str], val_fil
            "mean_f": s["mean_f"], "mean_f_val": s["mean_f_val"],
            "members_ok": [m["ok"] for m in s["members_ok"]], "sampling_frac": s["sampling_frac"],
            "train_s": s["stage_wall_s"].get("train")}
+    # a perfect model's mean f on the validation box is its true field's weight per particle relative
+    # to the training box's (mean_f_val_expected): the mean f criterion is taken against it
+    row["mean_f_val_expected"] = s["mean_f_val_expected"]
     row["passes"] = bool(abs(row["pk_ratio_lowk_val"] - 1) <= CRITERIA["pk_ratio"]
                          and row["median_rel_err_val"] <= CRITERIA["median_rel_err"]
-                         and abs(row["mean_f_val"] - 1) <= CRITERIA["mean_f"])
+                         and abs(row["mean_f"] - 1) <= CRITERIA["mean_f"]
+                         and abs(row["mean_f_val"] / row["mean_f_val_expected"] - 1) <= CRITERIA["mean_f"])
     return row
 
 
 def table(rows: list[dict]) -> str:
     """The markdown table of the benchmark rows."""
     lines = ["| b1 | b2 | c_lap | settings | frac | P_model/P_h val (train) | median abs(f/f_true-1) val "
-             "| mean f train / val | members ok | passes |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| mean f train / val (perfect model) | members ok | passes |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['b1']} | {r['b2']} | {r['c_lap']} | {r['settings']} | {r['sampling_frac']:.3g} "
                      f"| {r['pk_ratio_lowk_val']:.4f} ({r['pk_ratio_lowk_train']:.4f}) | {r['median_rel_err_val']:.4f} "
-                     f"| {r['mean_f']:.5f} / {r['mean_f_val']:.5f} | {sum(r['members_ok'])}/{len(r['members_ok'])} "
+                     f"| {r['mean_f']:.5f} / {r['mean_f_val']:.5f} ({r['mean_f_val_expected']:.5f}) | {sum(r['members_ok'])}/{len(r['members_ok'])} "
                      f"| {'yes' if r['passes'] else 'no'} |")
     return "\n".join(lines) + "\n"
 
@@ -143,8 +154,9 @@ def run(comm, out: Path, config: Path, which: str = "corners", settings: str = "
         if comm.rank == 0:
             tdir.mkdir(parents=True, exist_ok=True)
         comm.Barrier()
-        tr = replant(comm, src_train, tdir / "train.h5", truth, sim_cfg.planted.radius)
-        va = replant(comm, src_val, tdir / "val.h5", truth, sim_cfg.planted.radius)
+        tr, va = tdir / "train.h5", tdir / "val.h5"
+        planted = replant(comm, src_train, tr, truth, sim_cfg.planted.radius)
+        val_mean = replant(comm, src_val, va, truth, sim_cfg.planted.radius, like=planted)["mean"]
         for name in names:
             cdir = tdir / name
             if comm.rank == 0:
@@ -153,7 +165,8 @@ def run(comm, out: Path, config: Path, which: str = "corners", settings: str = "
             comm.Barrier()
             log.info(f"recovery: truth b1={truth[0]} b2={truth[1]} c_lap={truth[2]}, settings {name}")
             row = recovery_case(comm, cdir / "config.yaml", cdir, list(overrides or []) + SETTINGS[name], va)
-            row.update({"b1": truth[0], "b2": truth[1], "c_lap": truth[2], "settings": name})
+            row.update({"b1": truth[0], "b2": truth[1], "c_lap": truth[2], "settings": name,
+                        "mean_f_true_val": val_mean})
             rows.append(row)
             log.info(f"recovery: P_model/P_h val {row['pk_ratio_lowk_val']:.4f}, median |f/f_true-1| "
                      f"{row['median_rel_err_val']:.4f}, mean f val {row['mean_f_val']:.5f}, passes {row['passes']}")
