@@ -24,11 +24,11 @@ run: $(STAMP)
 test: test-serial test-mpi
 
 test-serial: $(STAMP)
-	$(PYTEST) -q tests
+	timeout -k 30 1500 $(PYTEST) -q tests
 
 test-mpi: $(STAMP)
-	$(MPIRUN) -n 2 sh scripts/pytest_rank.sh $(PYTEST) -q -m mpi tests
-	$(MPIRUN) -n 3 sh scripts/pytest_rank.sh $(PYTEST) -q -m mpi tests
+	timeout -k 30 1500 $(MPIRUN) -n 2 sh scripts/pytest_rank.sh $(PYTEST) -q -m mpi tests
+	timeout -k 30 1500 $(MPIRUN) -n 3 sh scripts/pytest_rank.sh $(PYTEST) -q -m mpi tests
 
 bench: $(STAMP)
 	$(MPIRUN) -n 1 $(PY) -m lagbias_mpi.bench --out runs/bench
