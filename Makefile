@@ -8,7 +8,7 @@ MPIRUN  := mpirun --allow-run-as-root --oversubscribe
 PYTEST  := $(PY) -m pytest -p no:cacheprovider --color=no --with-mpi
 # Wall-clock bound of each test stage of `make test` (each test also has its own pytest timeout):
 # a stage still running after TEST_TIMEOUT seconds is sent SIGTERM, then SIGKILL 30 s later.
-TEST_TIMEOUT ?= 1200
+TEST_TIMEOUT ?= 1500
 TIMEOUT := timeout -k 30 $(TEST_TIMEOUT)
 export OMP_NUM_THREADS := 1
 export OPENBLAS_NUM_THREADS := 1
