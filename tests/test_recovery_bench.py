@@ -44,6 +44,27 @@ def test_median_relative_error_over_all_ranks():
     assert got == pytest.approx(np.median(np.abs(f / f_true - 1)), rel=1e-12)
 
 
+@pytest.mark.mpi
+def test_best_quadratic_is_exact_on_a_quadratic_truth_at_any_rank_count():
+    """The floor column's fit: ln f_true = a quadratic of the inputs is recovered to rounding from
+    any split of the particles over the ranks (empty ranks included), as from all on one rank; a
+    truth outside the inputs' span leaves a residual."""
+    rng = np.random.default_rng(11)
+    theta = rng.standard_normal((3000, 3))
+    coef = rng.normal(0, 0.3, recovery.quadratic_design(theta[:1]).shape[1])
+    f_true = np.exp(recovery.quadratic_design(theta) @ coef)
+    if WORLD.size == 1:
+        mine = np.arange(3000)
+    else:  # rank 0 holds no particle, the others uneven shares
+        mine = np.array_split(np.arange(3000), WORLD.size - 1)[WORLD.rank - 1] if WORLD.rank else np.arange(0)
+    got = recovery.fit_quadratic_log(WORLD, theta[mine], f_true[mine])
+    one = recovery.fit_quadratic_log(MPI.COMM_SELF, theta, f_true)
+    assert np.allclose(got, coef, rtol=0, atol=1e-9) and np.allclose(got, one, rtol=0, atol=1e-11)
+    hidden = np.exp(0.5 * rng.standard_normal(3000))  # depends on nothing in theta
+    best = np.exp(recovery.quadratic_design(theta) @ recovery.fit_quadratic_log(MPI.COMM_SELF, theta, f_true * hidden))
+    assert np.median(np.abs(best / (f_true * hidden) - 1)) > 0.2
+
+
 def test_truth_grids():
     assert len(recovery.truths("full")) == 36 and len(recovery.truths("corners")) == 9
     assert (2.0, 0.2, -1.0) in recovery.truths("corners") and recovery.truths("centre") == [recovery.CENTRE]

@@ -82,14 +82,18 @@ def test_rank_count_invariance_and_outputs(comm, sims):
     ({"warmup_steps": 30}, {"stop_after_epochs": 3}, (1, 1, None)),
     ({"warmup_steps": 30}, {"stop_after_steps": 6}, (0, 1, 2)),  # mid-epoch: member 0, epoch 2 after 2 steps
     ({}, {"stop_after_steps": 4}, (0, 1, None)),  # the last step of an epoch: the epoch is finished
-], ids=["epochs", "warmup_epochs", "warmup_mid_epoch", "epoch_end"])
+    ({"constraint": "projection"}, {"stop_after_epochs": 3}, (1, 1, None)),
+    ({"constraint": "projection"}, {"stop_after_steps": 6}, (0, 1, 2)),
+    ({"normalise_steps": True}, {"stop_after_steps": 6}, (0, 1, 2)),
+], ids=["epochs", "warmup_epochs", "warmup_mid_epoch", "epoch_end", "projection_epochs", "projection_mid_epoch",
+        "normalise_steps_mid_epoch"])
 def test_resume_gives_same_model(comm, sims, extra, stop, where):
     """Resume after a "kill" (after whole epochs, or as on SIGTERM after a step inside an epoch, with
     a mid-epoch checkpoint) reproduces the uninterrupted run, also with a learning-rate warm-up
     longer than the run, so that it spans the restart. 4 batches per epoch, 2 epochs, 2 members."""
     a, b, d = sims
     member, epoch, step = where
-    tag = f"{comm.size}{'w' if extra else ''}{''.join(f'{k[11]}{v}' for k, v in stop.items())}"
+    tag = f"{comm.size}{''.join(k[0] for k in extra)}{''.join(f'{k[11]}{v}' for k, v in stop.items())}"
     cfg = write_config(d / f"res{tag}.yaml", a, [b],
                        train={"epochs": 2, "ensemble": 2, "dtype": "float64", "seed": 3, "bare_steps": 1, **extra},
                        run={"log_level": "WARNING", "figures": False})

@@ -122,3 +122,50 @@ def test_true_field_meets_the_constraint():
         s = float((batch.weight * torch.zeros_like(batch.scale).index_add_(
             0, batch.idx, torch.as_tensor(f_true[batch.pidx]))).sum())
         assert np.isclose(s, batch.true_sum, rtol=1e-12)
+
+
+@pytest.mark.mpi
+def test_projected_gradient_equals_one_rank_whole_batch(comm):
+    """``constraint: projection``: the DDP gradient of the grid term of f scaled to the batch's true
+    sum equals plain autograd through the scale on one rank (empty ranks included), and the term is
+    blind to the normalisation of f (the output bias gets no gradient from it)."""
+    theta, cell, pid = _all_particles()
+    mine = plane_owner(cell // NG**2, NG, comm.size) == comm.rank
+    dist = _batches(comm, theta[mine], cell[mine], pid[mine])
+    ref_set = _batches(MPI.COMM_SELF, theta, cell, pid)
+    with ddp.process_group(comm):
+        for b in range(len(dist)):
+            model = _model()
+            with torch.no_grad():
+                model.net[-1].bias.fill_(0.3)  # no guard term: the bias direction is the normalisation alone
+            dmodel = ddp.wrap(model, comm)
+            obj, loss, _, _ = local_objective(comm, dmodel, dist.batches[b], None, -5.0, project=True)
+            obj.backward()
+            grads = [p.grad for p in model.parameters()]
+            ref = _model()
+            with torch.no_grad():
+                ref.net[-1].bias.fill_(0.3)
+            ref_loss, ref_grads = _reference_projected_with(ref, ref_set.batches[b], cell)
+            assert np.isclose(loss, ref_loss, rtol=1e-10)
+            scale = max(float(r.abs().max()) for r in ref_grads)
+            for g, r in zip(grads, ref_grads):
+                assert torch.allclose(g, r, rtol=1e-8, atol=1e-10 * scale)
+            bias_grad = float(model.net[-1].bias.grad.abs().max())
+            assert bias_grad < 1e-9 * max(float(g.abs().max()) for g in grads)
+            del dmodel, obj
+        gc.collect()
+
+
+def _reference_projected_with(model, batch, cell, guard_y=-5.0):
+    y = model(batch.x)
+    f = f_of_y(y)
+    cellsum = torch.zeros_like(batch.scale).index_add_(0, batch.idx, f)
+    sel_cells = cell[batch.pidx]
+    cells, n_sel = np.unique(sel_cells, return_counts=True)
+    all_cells, n_all = np.unique(cell, return_counts=True)
+    w = torch.as_tensor((n_all[np.searchsorted(all_cells, cells)] / n_sel)[np.searchsorted(cells, sel_cells)])
+    _, _, t = _direct_constraint(batch, cell, f.detach().numpy())
+    c = t / (w * f).sum()
+    loss = ((batch.scale * cellsum * c - 1 - batch.target) ** 2).sum() + (torch.clamp(y - guard_y, max=0) ** 4).sum()
+    loss.backward()
+    return float(loss.detach()), [p.grad.clone() for p in model.parameters()]

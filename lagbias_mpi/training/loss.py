@@ -32,14 +32,36 @@ def batch_terms(model, batch: Batch, guard_y: float):
     return grid, guard, s_local
 
 
-def _terms_and_f(model, batch: Batch, guard_y: float):
-    """:func:`batch_terms` plus the tensor of f (for the Fourier-space loss's surrogate)."""
+def _terms_and_f(model, batch: Batch, guard_y: float, comm=None):
+    """:func:`batch_terms` plus the tensor of f (for the Fourier-space loss's surrogate). With
+    ``comm`` the grid term is the projected one (:func:`projected_grid`, collective): its value that
+    of f scaled to the batch's true sum, its gradient including the part through the scale."""
     y = model(batch.x)
     f = f_of_y(y)
     cellsum = torch.zeros(batch.scale.shape, dtype=f.dtype, device=f.device).index_add_(0, batch.idx, f)
-    grid = ((batch.scale * cellsum - 1.0 - batch.target) ** 2).sum()
+    s_local = (batch.weight * cellsum).sum()
+    if comm is None:
+        grid = ((batch.scale * cellsum - 1.0 - batch.target) ** 2).sum()
+    else:
+        grid, through_c, _ = projected_grid(comm, batch, cellsum, s_local)
+        grid = grid + (through_c - through_c.detach())  # the value of the grid term, the gradient of both
     guard = (torch.clamp(y - guard_y, max=0.0) ** 4).sum()
-    return grid, guard, (batch.weight * cellsum).sum(), f
+    return grid, guard, s_local, f
+
+
+def projected_grid(comm, batch: Batch, cellsum: torch.Tensor, s_local: torch.Tensor):
+    """The grid term of the batch's f scaled by c = T / S (S = sum_i w_i f_i over the whole batch,
+    all ranks; T the true field's sum): the term sees the shape of f, never its normalisation, and
+    the batch's sum is the true field's by construction. Returns (grid value with c held fixed,
+    surrogate K S_local whose gradient is the part through c, c): with dc/dS = -c/S and
+    K = -(c/S) sum_j 2 r_j scale_j cellsum_j over all ranks, the gradients summed over ranks equal
+    the one-rank gradient of the whole batch (two scalar Allreduces)."""
+    s_glob = comm.allreduce(float(s_local.detach()), op=MPI.SUM)
+    c = batch.true_sum / s_glob if s_glob > 0 and np.isfinite(s_glob) else 1.0
+    resid = batch.scale * cellsum * c - 1.0 - batch.target
+    dgdc = comm.allreduce(float((2.0 * resid * batch.scale * cellsum).sum().detach()), op=MPI.SUM)
+    k = -dgdc * c / s_glob if s_glob > 0 and np.isfinite(s_glob) else 0.0
+    return (resid ** 2).sum(), k * s_local, c
 
 
 def reduce_terms(comm, grid, guard, s_local, stop: bool = False) -> np.ndarray:
@@ -93,6 +115,22 @@ def renormalise(comm, model, batches: BatchSet, guard_y: float, running: "Runnin
     return factor
 
 
+def normalise_step(model, running: "RunningSum", b: int, s_batch: float) -> float:
+    """The constraint by construction, after an optimiser step on batch ``b`` whose global weighted
+    sum of f was ``s_batch``: the output bias is shifted so that the running sum over all batches
+    equals the true field's T, and every batch's running sum is scaled with it (the shift multiplies
+    every f by the same factor). No communication: the sums are global already. Returns the factor."""
+    running.s_last[b] = s_batch
+    total = float(running.s_last.sum())
+    if not (total > 0 and np.isfinite(total)) or running.t_total <= 0:
+        return 1.0
+    factor = running.t_total / total
+    with torch.no_grad():
+        output_bias(model).add_(float(np.log10(factor)))
+    running.s_last *= factor
+    return factor
+
+
 def _constraint_parts(batch: Batch, others) -> tuple[float, float, int]:
     return (0.0, batch.true_sum, batch.n_all) if others is None else others
 
@@ -112,29 +150,33 @@ def whole_loss(totals: np.ndarray, batch: Batch, eps: float | None, others=None)
 
 
 def local_objective(comm, model, batch: Batch, eps: float | None, guard_y: float,
-                    kspace_coef: torch.Tensor | None = None, stop: bool = False, others=None):
+                    kspace_coef: torch.Tensor | None = None, stop: bool = False, others=None,
+                    constraint_grad: bool = True, project: bool = False):
     """(tensor to back-propagate on this rank, whole-batch loss value, global S = sum_i w_i f_i,
     whether any rank wants to stop after this step).
 
     ``kspace_coef``: the Fourier-space loss's c_i of the batch's particles (:mod:`lagbias_mpi.training.kspace`),
     whose surrogate sum_i c_i f_i joins the objective (not the reported loss). ``stop``: this rank's
     wish to stop after the step, reduced with the loss terms. ``others``: (S of the other batches, T,
-    N) of the constraint (:meth:`RunningSum.others`), None for the batch alone.
+    N) of the constraint (:meth:`RunningSum.others`), None for the batch alone. ``constraint_grad``
+    False: the constraint enters the loss value only (it is held by :func:`normalise_step`).
+    ``project``: the grid term of f scaled to the batch's true sum (:func:`projected_grid`).
 
     The constraint's gradient reaches only the output bias (f -> f 10^db, the one direction that
     changes the normalisation and not the shape of f): measured, letting it reach every weight at
     eps = 1e-4 turned the network flat on planted truths (f = 1 meets the constraint best)."""
-    grid, guard, s_local, f = _terms_and_f(model, batch, guard_y)
+    grid, guard, s_local, f = _terms_and_f(model, batch, guard_y, comm if project else None)
     totals = reduce_terms(comm, grid.detach(), guard.detach(), s_local.detach(), stop)
     obj = grid + guard
     if kspace_coef is not None:
         obj = obj + (kspace_coef * f).sum()
     n = _constraint_parts(batch, others)[2]
-    if eps is not None and n > 0:
+    if eps is not None and n > 0 and constraint_grad:
         bias = output_bias(model)
         s_norm = s_local.detach() * torch.pow(10.0, bias - bias.detach()).sum()  # value S_local, d/d(bias) only
         obj = obj + (2.0 * constraint_residual(totals[2], batch, others) / (eps**2 * n)) * s_norm
-    return obj * comm.size, whole_loss(totals, batch, eps, others), float(totals[2]), bool(totals[3] > 0)
+    reported_eps = None if project else eps  # projection: the constraint holds by construction
+    return obj * comm.size, whole_loss(totals, batch, reported_eps, others), float(totals[2]), bool(totals[3] > 0)
 
 
 def evaluate_loss(comm, model, batches: BatchSet, eps: float | None, guard_y: float) -> tuple[float, float]:
