@@ -10,6 +10,7 @@ from mpi4py import MPI
 
 from lagbias_mpi.io.simfile import load_simulation
 from lagbias_mpi.mesh.grid import particle_id
+from lagbias_mpi.analysis import quadratic_fit
 from lagbias_mpi.workflows import recovery
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,17 +52,17 @@ def test_best_quadratic_is_exact_on_a_quadratic_truth_at_any_rank_count():
     truth outside the inputs' span leaves a residual."""
     rng = np.random.default_rng(11)
     theta = rng.standard_normal((3000, 3))
-    coef = rng.normal(0, 0.3, recovery.quadratic_design(theta[:1]).shape[1])
-    f_true = np.exp(recovery.quadratic_design(theta) @ coef)
+    coef = rng.normal(0, 0.3, quadratic_fit.quadratic_design(theta[:1]).shape[1])
+    f_true = np.exp(quadratic_fit.quadratic_design(theta) @ coef)
     if WORLD.size == 1:
         mine = np.arange(3000)
     else:  # rank 0 holds no particle, the others uneven shares
         mine = np.array_split(np.arange(3000), WORLD.size - 1)[WORLD.rank - 1] if WORLD.rank else np.arange(0)
-    got = recovery.fit_quadratic_log(WORLD, theta[mine], f_true[mine])
-    one = recovery.fit_quadratic_log(MPI.COMM_SELF, theta, f_true)
+    got = quadratic_fit.fit_quadratic_log(WORLD, theta[mine], f_true[mine])
+    one = quadratic_fit.fit_quadratic_log(MPI.COMM_SELF, theta, f_true)
     assert np.allclose(got, coef, rtol=0, atol=1e-9) and np.allclose(got, one, rtol=0, atol=1e-11)
     hidden = np.exp(0.5 * rng.standard_normal(3000))  # depends on nothing in theta
-    best = np.exp(recovery.quadratic_design(theta) @ recovery.fit_quadratic_log(MPI.COMM_SELF, theta, f_true * hidden))
+    best = np.exp(quadratic_fit.quadratic_design(theta) @ quadratic_fit.fit_quadratic_log(MPI.COMM_SELF, theta, f_true * hidden))
     assert np.median(np.abs(best / (f_true * hidden) - 1)) > 0.2
 
 

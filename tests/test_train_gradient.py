@@ -53,6 +53,14 @@ def _direct_constraint(batch, cell, f):
     return float(np.sum(w * f)), int(n.sum()), float(NPART / NG**3 * np.sum(1 + _target(cells)))
 
 
+def _numpy_weights(batch, cell):
+    """w_i = n_j / n_sel_j of the batch's particles, counted in numpy from the whole particle set."""
+    sel_cells = cell[batch.pidx]
+    cells, n_sel = np.unique(sel_cells, return_counts=True)
+    all_cells, n_all = np.unique(cell, return_counts=True)
+    return torch.as_tensor((n_all[np.searchsorted(all_cells, cells)] / n_sel)[np.searchsorted(cells, sel_cells)])
+
+
 def _reference_grad(batch, cell, eps, others, guard_y=-5.0):
     """Plain autograd of the whole-batch loss on one rank, the constraint built from numpy weights."""
     model = _model()
@@ -61,10 +69,7 @@ def _reference_grad(batch, cell, eps, others, guard_y=-5.0):
     cellsum = torch.zeros_like(batch.scale).index_add_(0, batch.idx, f)
     loss = ((batch.scale * cellsum - 1 - batch.target) ** 2).sum() + (torch.clamp(y - guard_y, max=0) ** 4).sum()
     s, n, t = _direct_constraint(batch, cell, f.detach().numpy())
-    sel_cells = cell[batch.pidx]
-    cells, n_sel = np.unique(sel_cells, return_counts=True)
-    all_cells, n_all = np.unique(cell, return_counts=True)
-    w = torch.as_tensor((n_all[np.searchsorted(all_cells, cells)] / n_sel)[np.searchsorted(cells, sel_cells)])
+    w = _numpy_weights(batch, cell)
     bias = model.net[-1].bias
     s_t = (w * f.detach()).sum() * torch.pow(10.0, bias - bias.detach()).sum()  # the constraint moves the bias only
     assert np.isclose(float(s_t.detach()), s, rtol=1e-12)
@@ -139,7 +144,7 @@ def test_projected_gradient_equals_one_rank_whole_batch(comm):
             with torch.no_grad():
                 model.net[-1].bias.fill_(0.3)  # no guard term: the bias direction is the normalisation alone
             dmodel = ddp.wrap(model, comm)
-            obj, loss, _, _ = local_objective(comm, dmodel, dist.batches[b], None, -5.0, project=True)
+            obj, loss, _, _ = local_objective(comm, dmodel, dist.batches[b], None, -5.0, constraint="projection")
             obj.backward()
             grads = [p.grad for p in model.parameters()]
             ref = _model()
@@ -157,13 +162,12 @@ def test_projected_gradient_equals_one_rank_whole_batch(comm):
 
 
 def _reference_projected_with(model, batch, cell, guard_y=-5.0):
+    """Plain autograd on one rank of the projected grid term of ``model``: f scaled by c = T / S (S from
+    numpy weights, T the true field's batch sum), the gradient through c included."""
     y = model(batch.x)
     f = f_of_y(y)
     cellsum = torch.zeros_like(batch.scale).index_add_(0, batch.idx, f)
-    sel_cells = cell[batch.pidx]
-    cells, n_sel = np.unique(sel_cells, return_counts=True)
-    all_cells, n_all = np.unique(cell, return_counts=True)
-    w = torch.as_tensor((n_all[np.searchsorted(all_cells, cells)] / n_sel)[np.searchsorted(cells, sel_cells)])
+    w = _numpy_weights(batch, cell)
     _, _, t = _direct_constraint(batch, cell, f.detach().numpy())
     c = t / (w * f).sum()
     loss = ((batch.scale * cellsum * c - 1 - batch.target) ** 2).sum() + (torch.clamp(y - guard_y, max=0) ** 4).sum()

@@ -193,13 +193,13 @@ class TrainConfig:
     """Adam with lr * lr_decay^(epoch-1), the first ``warmup_steps`` optimiser steps ramped linearly
     from lr / warmup_steps (0: none, the paper; f = 10^y reacts exponentially to the first large
     steps); integral constraint from epoch ``constraint_from``:
-    eps = max(10^(eps_a + eps_b log10 epoch), eps_min). ``normalise_steps``: while the constraint is
-    on, after every optimiser step the output bias is shifted so that the running weighted sum of f
-    equals the true field's (the constraint held by construction; its penalty is then reported, not
-    back-propagated). ``constraint``: ``penalty`` (default) is the
-    paper's eq. 2.5 penalty with tolerance eps; ``projection`` (opt-in, docs/results.md) trains the grid term on f scaled to each
-    batch's true sum, so that no gradient reaches the normalisation of f and the constraint holds by
-    construction from the first step (eps then enters only the validation loss)."""
+    eps = max(10^(eps_a + eps_b log10 epoch), eps_min). ``constraint``: ``penalty`` (default) is the
+    paper's eq. 2.5 penalty with tolerance eps; ``projection`` (docs/results.md) trains the grid term
+    on f scaled to each batch's true sum, so that no gradient reaches the normalisation of f and the
+    constraint holds by construction from the first step (eps then enters only the validation loss).
+    ``normalise_steps``: while the constraint is on, the output bias is reset after every optimiser
+    step so that the running weighted sum of f equals the true field's (the penalty is then reported,
+    not back-propagated)."""
 
     epochs: int = 50
     ensemble: int = 5

@@ -106,20 +106,20 @@ def train_member(comm, member: int, shape: dict, train_set: BatchSet, val_sets: 
 
 
 def _step(comm, dmodel, opt, batch: Batch, eps, guard_y: float, kspace_coef: np.ndarray | None, lr_step: float,
-          stop_wish: bool, others=None, constraint_grad: bool = True, project: bool = False) -> tuple[float, float, bool]:
+          stop_wish: bool, others=None, constraint: str = "penalty") -> tuple[float, float, bool]:
     """One optimiser step on ``batch`` at learning rate ``lr_step`` (the group's lr is restored
     afterwards, so that the scheduler and checkpoints see the epoch's lr). Returns (whole-batch
     loss, global sum of f, whether any rank wants to stop). A non-finite loss is not stepped on."""
     opt.zero_grad(set_to_none=False)
     coef = None if kspace_coef is None else torch.as_tensor(kspace_coef, dtype=batch.x.dtype, device=batch.x.device)
     obj, loss, s_glob, stopping = local_objective(comm, dmodel, batch, eps, guard_y, coef, stop_wish, others,
-                                                  constraint_grad, project)
+                                                  constraint)
     fail_point(comm, "ddp_step")  # tests: one rank fails while the others enter DDP's all-reduce
     if not np.isfinite(loss) or not s_glob / max(batch.n_all, 1) < MAX_BATCH_MEAN_F:
         return loss, s_glob, stopping
     obj.backward()
-    if project:  # the projected loss is blind to the output bias: its gradient is rounding noise, which
-        output_bias(dmodel).grad.zero_()  # Adam would turn into lr-sized steps (and rank-count-dependent ones)
+    if constraint == "projection":  # the projected loss is blind to the output bias: its gradient is
+        output_bias(dmodel).grad.zero_()  # rounding noise, which Adam would turn into lr-sized steps
     lr = [group["lr"] for group in opt.param_groups]
     for group in opt.param_groups:
         group["lr"] = lr_step
@@ -139,6 +139,7 @@ def _epochs(comm, member, dmodel, model, opt, sched, history, start, path, train
                 "history": history, "torch_rng": torch.random.get_rng_state(), "config_hash": config_hash,
                 "shape": shape, "in_epoch": in_epoch, "running_sum": running.s_last.copy()}
 
+    project = tcfg.constraint == "projection"
     running = RunningSum.start(train_set)
     if ckpt_running is not None:
         running.s_last = np.asarray(ckpt_running, np.float64).copy()
@@ -148,6 +149,10 @@ def _epochs(comm, member, dmodel, model, opt, sched, history, start, path, train
             raise StopRequested(f"stopped by {stop.reason()} before member {member} epoch {epoch}; "
                                 f"checkpoint {path}")
         eps = tcfg.eps(epoch)
+        # the constraint's mode this epoch (training.loss.local_objective), and whether the output
+        # bias is reset from the running sum after every step
+        by_step = (eps is not None or project) and tcfg.normalise_steps
+        mode = "projection" if project else ("held" if by_step else "penalty")
         lr = opt.param_groups[0]["lr"]
         skip, losses, s_tot, t_before = 0, [], 0.0, 0.0
         if partial is not None:
@@ -168,11 +173,8 @@ def _epochs(comm, member, dmodel, model, opt, sched, history, start, path, train
                     history.setdefault("kspace_loss", []).append(float(sum(kl)))
             coef = None if coefs is None else coefs[batch.box][batch.pidx]
             lr_step = lr * warmup_factor((epoch - 1) * len(train_set) + i, tcfg.warmup_steps)
-            project = tcfg.constraint == "projection"
-            by_step = (eps is not None or project) and tcfg.normalise_steps
             loss, s_glob, stopping = _step(comm, dmodel, opt, batch, eps, tcfg.guard_y, coef, lr_step,
-                                           stop.after_this_step(), running.others(b), not (by_step or project),
-                                           project)
+                                           stop.after_this_step(), running.others(b), mode)
             batch_mean_f = s_glob / max(batch.n_all, 1)
             if not np.isfinite(loss) or not batch_mean_f < MAX_BATCH_MEAN_F:
                 good = f"{path} (epoch {epoch - 1})" if epoch > 1 else "none (first epoch)"
@@ -198,7 +200,7 @@ def _epochs(comm, member, dmodel, model, opt, sched, history, start, path, train
             if stopping:  # the epoch's last step: finish the epoch (validation, checkpoint), then stop
                 stop.before_next_epoch()
         sched.step()
-        if eps is not None or tcfg.constraint == "projection":  # mean f = T / N after every epoch
+        if eps is not None or project:  # mean f = T / N after every epoch
             history.setdefault("renorm", []).append(renormalise(comm, model, train_set, tcfg.guard_y, running))
         t_train = time.perf_counter() - t0
         val = [evaluate_loss(comm, model, vs, eps, tcfg.guard_y) for vs in val_sets]

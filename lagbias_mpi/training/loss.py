@@ -43,7 +43,7 @@ def _terms_and_f(model, batch: Batch, guard_y: float, comm=None):
     if comm is None:
         grid = ((batch.scale * cellsum - 1.0 - batch.target) ** 2).sum()
     else:
-        grid, through_c, _ = projected_grid(comm, batch, cellsum, s_local)
+        grid, through_c = projected_grid(comm, batch, cellsum, s_local)
         grid = grid + (through_c - through_c.detach())  # the value of the grid term, the gradient of both
     guard = (torch.clamp(y - guard_y, max=0.0) ** 4).sum()
     return grid, guard, s_local, f
@@ -53,7 +53,7 @@ def projected_grid(comm, batch: Batch, cellsum: torch.Tensor, s_local: torch.Ten
     """The grid term of the batch's f scaled by c = T / S (S = sum_i w_i f_i over the whole batch,
     all ranks; T the true field's sum): the term sees the shape of f, never its normalisation, and
     the batch's sum is the true field's by construction. Returns (grid value with c held fixed,
-    surrogate K S_local whose gradient is the part through c, c): with dc/dS = -c/S and
+    surrogate K S_local whose gradient is the part through c): with dc/dS = -c/S and
     K = -(c/S) sum_j 2 r_j scale_j cellsum_j over all ranks, the gradients summed over ranks equal
     the one-rank gradient of the whole batch (two scalar Allreduces)."""
     s_glob = comm.allreduce(float(s_local.detach()), op=MPI.SUM)
@@ -61,7 +61,7 @@ def projected_grid(comm, batch: Batch, cellsum: torch.Tensor, s_local: torch.Ten
     resid = batch.scale * cellsum * c - 1.0 - batch.target
     dgdc = comm.allreduce(float((2.0 * resid * batch.scale * cellsum).sum().detach()), op=MPI.SUM)
     k = -dgdc * c / s_glob if s_glob > 0 and np.isfinite(s_glob) else 0.0
-    return (resid ** 2).sum(), k * s_local, c
+    return (resid ** 2).sum(), k * s_local
 
 
 def reduce_terms(comm, grid, guard, s_local, stop: bool = False) -> np.ndarray:
@@ -149,29 +149,36 @@ def whole_loss(totals: np.ndarray, batch: Batch, eps: float | None, others=None)
     return float(loss)
 
 
+CONSTRAINT_MODES = ("penalty", "held", "projection")
+
+
 def local_objective(comm, model, batch: Batch, eps: float | None, guard_y: float,
                     kspace_coef: torch.Tensor | None = None, stop: bool = False, others=None,
-                    constraint_grad: bool = True, project: bool = False):
+                    constraint: str = "penalty"):
     """(tensor to back-propagate on this rank, whole-batch loss value, global S = sum_i w_i f_i,
     whether any rank wants to stop after this step).
 
     ``kspace_coef``: the Fourier-space loss's c_i of the batch's particles (:mod:`lagbias_mpi.training.kspace`),
     whose surrogate sum_i c_i f_i joins the objective (not the reported loss). ``stop``: this rank's
     wish to stop after the step, reduced with the loss terms. ``others``: (S of the other batches, T,
-    N) of the constraint (:meth:`RunningSum.others`), None for the batch alone. ``constraint_grad``
-    False: the constraint enters the loss value only (it is held by :func:`normalise_step`).
-    ``project``: the grid term of f scaled to the batch's true sum (:func:`projected_grid`).
+    N) of the constraint (:meth:`RunningSum.others`), None for the batch alone. ``constraint``:
+    ``penalty`` (back-propagated as below), ``held`` (the penalty enters the loss value only: the
+    constraint is held by :func:`normalise_step`) or ``projection`` (the grid term of f scaled to
+    the batch's true sum, :func:`projected_grid`; no penalty).
 
     The constraint's gradient reaches only the output bias (f -> f 10^db, the one direction that
     changes the normalisation and not the shape of f): measured, letting it reach every weight at
     eps = 1e-4 turned the network flat on planted truths (f = 1 meets the constraint best)."""
+    if constraint not in CONSTRAINT_MODES:
+        raise ValueError(f"constraint must be one of {CONSTRAINT_MODES}, got {constraint!r}")
+    project = constraint == "projection"
     grid, guard, s_local, f = _terms_and_f(model, batch, guard_y, comm if project else None)
     totals = reduce_terms(comm, grid.detach(), guard.detach(), s_local.detach(), stop)
     obj = grid + guard
     if kspace_coef is not None:
         obj = obj + (kspace_coef * f).sum()
     n = _constraint_parts(batch, others)[2]
-    if eps is not None and n > 0 and constraint_grad:
+    if eps is not None and n > 0 and constraint == "penalty":
         bias = output_bias(model)
         s_norm = s_local.detach() * torch.pow(10.0, bias - bias.detach()).sum()  # value S_local, d/d(bias) only
         obj = obj + (2.0 * constraint_residual(totals[2], batch, others) / (eps**2 * n)) * s_norm
