@@ -12,6 +12,9 @@ Writes ``DIR/summary.json`` (atomically) with
   :func:`~lagbias_mpi.mesh.paint.cic_numpy_reference` (``np.bincount``) on rank 0's particles;
 - ``exchange_MB_per_s``: bytes moved per second by :func:`~lagbias_mpi.mpi.exchange.exchange` with
   random destinations (pos float32 x3 + lagr_index int32 x3 + weight float64 = 32 B per particle);
+- ``feature_fft_bytes_per_ic_cell``: the FFT work per IC cell of the shipped feature columns
+  computed one at a time (``--feature-n``^3, default ``--n``), float64 and float32 (the planner's
+  ``FFT_WORK_CELL``);
 - ``n_ranks``, versions, the arguments and the wall time of each stage.
 ``--recovery``: instead, the recovery benchmark of planted truths (:mod:`lagbias_mpi.workflows.recovery`;
 ``--truths corners|full|centre``, ``--settings shipped|all|both``, ``--config``, ``--set``), written to
@@ -39,6 +42,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--out", required=True, type=Path, help="output directory (summary.json)")
     parser.add_argument("--n", type=count, default=256, help="FFT grid cells per side (and paint grid)")
     parser.add_argument("--paint-n", type=count, default=None, help="paint grid cells per side (default --n)")
+    parser.add_argument("--feature-n", type=count, default=None,
+                        help="IC grid cells per side of the feature-memory benchmark (default --n)")
     parser.add_argument("--particles", type=count, default=2**24, help="particles painted (global)")
     parser.add_argument("--exchange-particles", type=count, default=4 * 10**6, help="particles exchanged (global)")
     parser.add_argument("--repeat", type=count, default=5, help="timed repetitions (the median is kept)")
@@ -66,7 +71,7 @@ def main(argv=None) -> dict:
     if args.n < 2 or args.n < comm.size:
         parser.error(f"--n must be >= 2 and >= the number of ranks ({comm.size}), got {args.n}")
     return abort_on_exception(comm)(run)(comm, args.out, args.n, args.particles, args.repeat,
-                                         args.exchange_particles, args.paint_n, args.save_costs)
+                                         args.exchange_particles, args.paint_n, args.save_costs, args.feature_n)
 
 
 if __name__ == "__main__":

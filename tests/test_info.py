@@ -68,6 +68,8 @@ def test_bench_small(comm, shared_tmp):
     assert on_disk["exchange_off_rank_fraction"] == pytest.approx((comm.size - 1) / comm.size, abs=0.05)
     assert on_disk["exchange_bytes"] == 3000 * 32  # pos float32 x3 + lagr int32 x3 + weight float64
     assert on_disk["versions"]["fft_backend"]["name"] == "mpi4py-fft"
+    assert set(on_disk["feature_fft_bytes_per_ic_cell"]) == {"float64", "float32"}
+    assert on_disk["feature_memory_n"] == 16
     assert all(on_disk[k] > 0 for k in ("fft_s", "paint_cic_particles_per_s", "exchange_MB_per_s"))
     # the planner's costs are the measured times per unit: route = exchange wall x ranks / particles
     from lagbias_mpi.hpc.planner import load_costs

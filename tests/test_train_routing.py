@@ -2,7 +2,8 @@
 import numpy as np
 import pytest
 
-from lagbias_mpi.bias.routing import read_features, route_eulerian, route_lagrangian
+from lagbias_mpi.bias.routing import route_eulerian, route_lagrangian
+from lagbias_mpi.mesh.paint import readout_index
 from lagbias_mpi.mesh.grid import cell_index, ic_index, particle_id
 from lagbias_mpi.mpi.layout import slab_bounds
 
@@ -38,7 +39,7 @@ def test_routing_conserves_and_reads_right_values(comm):
     got = route_lagrangian(comm, {"lagr_index": lagr, "pos": pos}, ppd, n_ic, stats=stats)
     assert comm.allreduce(len(got["pos"])) == comm.allreduce(n_local)
     assert stats[0][1].n_global == comm.allreduce(n_local)
-    vals = read_features(slab, s0, got["ic_index"])
+    vals = readout_index(slab, s0, got["ic_index"])
     idx = ic_index(got["lagr_index"], ppd, n_ic)
     assert np.array_equal(vals[:, 0], (idx[:, 0] * n_ic + idx[:, 1]) * n_ic + idx[:, 2])
     assert np.array_equal(vals[:, 1], -vals[:, 0])

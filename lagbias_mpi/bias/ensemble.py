@@ -18,6 +18,7 @@ import torch
 
 from lagbias_mpi.bias.model import BiasMLP
 from lagbias_mpi.bias.orthogonalise import Orthogonaliser
+from lagbias_mpi.config.train import fft_dtype
 from lagbias_mpi.core.atomic import atomic_path
 
 FORMAT = "lagbias_mpi.ensemble"
@@ -45,6 +46,11 @@ class Ensemble:
             m.load_state_dict(st)
             m.eval()
             self.members.append(m)
+
+    @property
+    def fft_dtype(self):
+        """Precision of the feature FFTs of the training run (``features.fft_precision``)."""
+        return fft_dtype(self.config.get("features", {}).get("fft_precision", "float64"))
 
     @property
     def n_members(self) -> int:
@@ -119,7 +125,7 @@ def simulation_particles(comm, sim, ensemble: Ensemble):
     """This rank's particles of ``sim`` with their standardised raw features (Lagrangian-routed),
     computed exactly as in training (the ensemble's scales, kinds and standardisation); use
     ``ensemble.predict_f(parts.raw, standardised=True)``. Collective."""
-    from lagbias_mpi.bias.particles import ic_features, lagrangian_particles
+    from lagbias_mpi.bias.particles import featurised_particles
 
-    slab, _ = ic_features(comm, sim, ensemble.radii, ensemble.kinds, ensemble.moments)
-    return lagrangian_particles(comm, sim, slab)
+    return featurised_particles(comm, sim, ensemble.radii, ensemble.kinds, ensemble.moments,
+                                fft_dtype=ensemble.fft_dtype)[0]

@@ -10,11 +10,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from lagbias_mpi.bias import features as feat
-from lagbias_mpi.bias.routing import read_features, route_eulerian, route_lagrangian
+from lagbias_mpi.bias.routing import route_eulerian, route_lagrangian
 from lagbias_mpi.io.simfile import LocalSimulation, SimulationMeta
 from lagbias_mpi.mesh.grid import ic_index, particle_id
 from lagbias_mpi.mpi.cells import CellOwnership
-from lagbias_mpi.mpi.comm import global_moments
 
 READOUT_CHUNK = 1 << 20  # particles per step of the feature readout
 
@@ -43,21 +42,21 @@ class Particles:
         return len(self.pid)
 
 
-def ic_features(comm, sim: LocalSimulation, radii, kinds, moments=None):
-    """Standardised feature slab of ``sim``'s IC grid and the moments used (the given ``moments``
-    (mean, std) of the training simulation, or this simulation's global moments)."""
-    feat.check_scales(radii, sim.meta.box, sim.meta.n_ic)
-    raw = feat.compute_features(comm, sim.ic_delta, sim.meta.box, radii, kinds)
-    if moments is None:
-        moments = global_moments(comm, raw)
-    return feat.standardise(raw, *moments), moments
+def featurised_particles(comm, sim: LocalSimulation, radii, kinds, moments=None,
+                         release_loaded: bool = False, fft_dtype=np.float64):
+    """Route ``sim``'s particles to the owner of their IC plane and give them their standardised
+    raw features (collective). Returns ``(particles, moments, own_moments)``: the (mean, std)
+    arrays used to standardise (the given training ``moments``, else this box's own) and this box's
+    own global moments over all IC grid points.
 
-
-def lagrangian_particles(comm, sim: LocalSimulation, feature_slab: np.ndarray,
-                         release_loaded: bool = False) -> Particles:
-    """Route ``sim``'s particles to their IC slab owner and read their features there.
-    ``release_loaded``: drop ``sim``'s loaded particle arrays once they are sent (before the readout)."""
+    The particles are routed first; then each feature column is computed on the IC grid (the FFT
+    work of one column), its moments taken, read out at the particles' nearest IC grid point and
+    dropped: no ``(planes, n, n, n_features)`` slab exists (36 B per IC cell less for 9 columns).
+    ``release_loaded``: drop ``sim``'s loaded particle arrays once sent and its IC slab once
+    transformed. Bytes per particle: raw float32 (4 per column), pid 8, pos 12 (+ f_true 8), and the
+    8 B local IC offset while the columns are read out."""
     meta = sim.meta
+    feat.check_scales(radii, meta.box, meta.n_ic)
     cols = {"lagr_index": sim.lagr_index, "pos": sim.pos}
     if sim.f_true is not None:
         cols["f_true"] = sim.f_true
@@ -67,13 +66,36 @@ def lagrangian_particles(comm, sim: LocalSimulation, feature_slab: np.ndarray,
     got = route_lagrangian(comm, cols, meta.ppd, meta.n_ic, stats=stats, with_ic_index=False)
     del cols
     lagr = got.pop("lagr_index")
-    raw = np.empty((len(lagr), feature_slab.shape[-1]), feature_slab.dtype)
+    offset = np.empty(len(lagr), np.int64)  # flat index into the local IC slab
     for lo in range(0, len(lagr), READOUT_CHUNK):  # IC grid points a chunk at a time (24 B each)
         idx = ic_index(lagr[lo:lo + READOUT_CHUNK], meta.ppd, meta.n_ic)
-        raw[lo:lo + READOUT_CHUNK] = read_features(feature_slab, sim.ic_start, idx)
+        if len(idx) and (idx[:, 0].min() < sim.ic_start or idx[:, 0].max() >= sim.ic_start + sim.ic_delta.shape[0]):
+            raise RuntimeError("feature readout: a particle is not on the owner of its IC plane")
+        offset[lo:lo + READOUT_CHUNK] = ((idx[:, 0] - sim.ic_start) * meta.n_ic + idx[:, 1]) * meta.n_ic + idx[:, 2]
+        del idx
     pid = particle_id(lagr, meta.ppd)
     del lagr
-    return Particles(meta, raw, pid, got["pos"], f_true=got.get("f_true"), exchange_stats=stats)
+    n_col = len(radii) * len(kinds)
+    raw = np.empty((len(pid), n_col), np.float32)
+    own_mean, own_std = np.empty(n_col), np.empty(n_col)
+    ic_slab = sim.ic_delta
+    if release_loaded:
+        sim.ic_delta = None
+    columns = feat.feature_columns(comm, ic_slab, meta.box, radii, kinds, dtype=fft_dtype)
+    del ic_slab
+    for c, column in columns:
+        own_mean[c], own_std[c] = feat.column_moments(comm, column)
+        mean, std = (own_mean[c], own_std[c]) if moments is None else (moments[0][c], moments[1][c])
+        flat = column.reshape(-1)
+        for lo in range(0, len(offset), READOUT_CHUNK):
+            v = flat[offset[lo:lo + READOUT_CHUNK]].astype(np.float64)
+            raw[lo:lo + READOUT_CHUNK, c] = (v - np.float64(mean)) / np.float64(std)
+        del column, flat
+    del offset, columns
+    own = (own_mean, own_std)
+    used = own if moments is None else (np.asarray(moments[0], np.float64), np.asarray(moments[1], np.float64))
+    parts = Particles(meta, raw, pid, got["pos"], f_true=got.get("f_true"), exchange_stats=stats)
+    return parts, used, own
 
 
 def eulerian_route(comm, parts: Particles, n_grid: int, theta: np.ndarray | None = None,

@@ -10,7 +10,7 @@ from mpi4py import MPI
 
 from lagbias_mpi.bias.features import feature_names
 from lagbias_mpi.bias.orthogonalise import fit as fit_orthogonaliser
-from lagbias_mpi.bias.particles import eulerian_route, ic_features, lagrangian_particles
+from lagbias_mpi.bias.particles import eulerian_route, featurised_particles
 from lagbias_mpi.bias.routing import slab_to_owners
 from lagbias_mpi.bias.truth import delta_slab, true_tracers
 from lagbias_mpi.config.loader import ConfigError
@@ -89,13 +89,11 @@ def _load_lagrangian(comm, timer, cfg, spec, moments, names):
         log.info(f"load: {sources.spec_name(spec)} ({spec.get('path', spec['kind'])})")
         sim = sources.load(comm, spec)
     with timer.stage("features"):
-        log.info(f"features: {len(names)} columns on the {sim.meta.n_ic}^3 IC grid")
-        slab, mom = ic_features(comm, sim, cfg.features.radii, cfg.features.kinds, moments)
+        log.info(f"features: {sim.meta.n_particles} particles to their Lagrangian slab, "
+                 f"{len(names)} columns on the {sim.meta.n_ic}^3 IC grid read out one at a time")
+        parts, mom, _ = featurised_particles(comm, sim, cfg.features.radii, cfg.features.kinds, moments,
+                                             release_loaded=True, fft_dtype=cfg.features.fft_dtype)
         gc.collect()  # the FFT objects hold reference cycles: free their work arrays now
-    with timer.stage("routing"):
-        log.info(f"routing: {sim.meta.n_particles} particles to their Lagrangian slab")
-        parts = lagrangian_particles(comm, sim, slab, release_loaded=True)
-    del slab
     sim.ic_delta = sim.pos = sim.lagr_index = sim.f_true = None  # routed copies live in ``parts``
     return sim, parts, (mom if moments is None else moments)
 

@@ -15,7 +15,6 @@ import numpy as np
 from mpi4py import MPI
 
 from lagbias_mpi.mesh.grid import cell_index, ic_index
-from lagbias_mpi.mesh.paint import readout_index
 from lagbias_mpi.mpi.cells import CellOwnership
 from lagbias_mpi.mpi.exchange import exchange, redistribute_ranges
 from lagbias_mpi.mpi.layout import plane_owner
@@ -35,11 +34,6 @@ def route_lagrangian(comm, columns: dict[str, np.ndarray], ppd: int, n_ic: int, 
     if stats is not None:
         stats.append(("lagrangian", st))
     return got
-
-
-def read_features(feature_slab: np.ndarray, ic_start: int, ic_idx: np.ndarray) -> np.ndarray:
-    """Feature rows (n, n_feat) at the IC grid points ``ic_idx`` (routed to this slab)."""
-    return np.ascontiguousarray(readout_index(feature_slab, ic_start, ic_idx))
 
 
 HISTOGRAM_CHUNK = 1 << 22  # particles per step of the cell histogram

@@ -60,12 +60,25 @@ class SimulationConfig:
         return self.train_realisations or (self.train_realisation,)
 
 
+FFT_PRECISIONS = ("float64", "float32")
+
+
+def fft_dtype(precision: str):
+    """numpy dtype of the feature FFTs for a ``features.fft_precision`` value."""
+    import numpy as np
+
+    return np.float32 if precision == "float32" else np.float64
+
+
 @dataclass(frozen=True)
 class FeatureConfig:
-    """Smoothing scales (a Table-1 name or radii in Mpc/h) and feature kinds."""
+    """Smoothing scales (a Table-1 name or radii in Mpc/h), feature kinds, and the precision of the
+    feature FFTs (``float64``, or ``float32``: about half the FFT memory per IC cell, features
+    equal to ~1e-6 of their std; the features are stored as float32 either way)."""
 
     scales: Union[str, tuple[float, ...]] = "3Rf coarse"
     kinds: tuple[str, ...] = ("delta", "lap", "g2")
+    fft_precision: str = "float64"
 
     def __post_init__(self):
         resolve_scales(self.scales)
@@ -74,6 +87,12 @@ class FeatureConfig:
             raise ValueError(f"features.kinds: {bad or 'empty'}; choose from {KINDS}")
         if len(set(self.kinds)) != len(self.kinds):
             raise ValueError("features.kinds has duplicates")
+        if self.fft_precision not in FFT_PRECISIONS:
+            raise ValueError(f"features.fft_precision: {self.fft_precision!r}; choose from {FFT_PRECISIONS}")
+
+    @property
+    def fft_dtype(self):
+        return fft_dtype(self.fft_precision)
 
     @property
     def radii(self) -> tuple[float, ...]:

@@ -171,6 +171,44 @@ def bench_exchange(comm, n_particles: int, repeat: int, seed: int = 3) -> dict:
             "exchange_s_per_particle_per_rank": t * comm.size / n_particles}
 
 
+FEATURE_SCALES, FEATURE_KINDS = (1.0, 2.83, 8.0), ("delta", "lap", "g2")  # the shipped feature set
+
+
+def bench_feature_memory(comm, n: int, box: float = 500.0, seed: int = 4) -> dict:
+    """Bytes per IC cell of the feature columns' FFT work (the planner's ``FFT_WORK_CELL``), by
+    FFT precision: max over ranks of (peak RSS while the 9 columns of the shipped feature set are
+    computed one at a time and dropped - RSS before, with the IC slab held) / IC cells per rank.
+    Needs Linux's resettable peak RSS (else NaN)."""
+    import gc
+
+    from lagbias_mpi.bias.features import feature_columns
+    from lagbias_mpi.mpi.comm import current_rss_mb, peak_rss_mb, reset_peak_rss
+    from lagbias_mpi.mpi.layout import slab_bounds
+
+    out = {}
+    start, stop = slab_bounds(n, comm.size, comm.rank)
+    cells = max((stop - start) * n * n, 1)
+    for precision, dtype in (("float64", np.float64), ("float32", np.float32)):
+        warm = plane_field(16, *slab_bounds(16, comm.size, comm.rank), seed)  # FFTW and numpy loaded
+        for _ in feature_columns(comm, warm, 64.0, (4.0,), FEATURE_KINDS, dtype=dtype):
+            pass
+        del warm
+        ic = plane_field(n, start, stop, seed)
+        gc.collect()
+        comm.Barrier()
+        before = current_rss_mb()
+        ok = reset_peak_rss()
+        columns = feature_columns(comm, ic, box, FEATURE_SCALES, FEATURE_KINDS, dtype=dtype)
+        del ic
+        for _, column in columns:
+            del column
+        del columns
+        gc.collect()
+        per_cell = (peak_rss_mb() - before) * 2**20 / cells if ok else float("nan")
+        out[precision] = comm.allreduce(per_cell, op=MPI.MAX)
+    return {"feature_fft_bytes_per_ic_cell": out, "feature_memory_n": n}
+
+
 def costs_from(summary: dict) -> dict:
     """Per-unit costs (core-seconds) for the resource planner, from a bench summary. FFT and paint
     costs use the CPU time (robust to other jobs sharing the cores), the exchange its wall time."""
@@ -192,8 +230,8 @@ def costs_from(summary: dict) -> dict:
 
 
 def run(comm, out: Path, n: int, n_particles: int, repeat: int, exchange_particles: int,
-        paint_n: int | None = None, save_costs: Path | None = None) -> dict:
-    """Run the three benchmarks and write ``out/summary.json``. Collective."""
+        paint_n: int | None = None, save_costs: Path | None = None, feature_n: int | None = None) -> dict:
+    """Run the benchmarks and write ``out/summary.json``. Collective."""
     from lagbias_mpi.core.atomic import write_json
     from lagbias_mpi.mpi.comm import StageTimer, peak_rss_mb
     from lagbias_mpi.mpi.environment import environment_info, fftw_version
@@ -216,6 +254,10 @@ def run(comm, out: Path, n: int, n_particles: int, repeat: int, exchange_particl
         summary.update(bench_exchange(comm, exchange_particles, repeat))
     log.info(f"exchange {summary['exchange_MB_per_s']:.1f} MB/s "
              f"({summary['exchange_off_rank_fraction']:.0%} of the particles to other ranks)")
+    with timer.stage("feature_memory"):
+        summary.update(bench_feature_memory(comm, feature_n or n))
+    log.info("feature FFT work per IC cell (B): " + ", ".join(
+        f"{k} {v:.1f}" for k, v in summary["feature_fft_bytes_per_ic_cell"].items()))
     versions = environment_info(comm)
     versions.update(fft_backend=summary.pop("fft_backend"), fftw=fftw_version())
     for name in ("scipy", "numba"):
@@ -226,7 +268,8 @@ def run(comm, out: Path, n: int, n_particles: int, repeat: int, exchange_particl
                    date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                    command=f"python -m lagbias_mpi.bench --out {out} --n {n} --particles {n_particles} "
                            f"--repeat {repeat} --exchange-particles {exchange_particles}"
-                           + (f" --paint-n {paint_n}" if paint_n else ""))
+                           + (f" --paint-n {paint_n}" if paint_n else "")
+                           + (f" --feature-n {feature_n}" if feature_n else ""))
     if comm.rank == 0:
         write_json(Path(out) / "summary.json", summary)
         if save_costs is not None:

@@ -12,8 +12,9 @@ simulation), the simulation files' metadata (``train_files``) or the AbacusSummi
 
 Memory model (``memory_per_rank``): every array ``lagbias_mpi.train`` holds at the peak of each stage,
 with its dtype (``BYTES``), for the design of issue #11: one box in memory at a time (validation
-boxes are prepared and evaluated one by one after training); float32 feature slabs and inputs, FFT
-work arrays in float64; an exchange holds its input and its preallocated output plus rounds of
+boxes are prepared and evaluated one by one after training); the particles routed to their IC
+plane before the features, each feature column computed and read out at them in turn (no feature
+slab), FFT work in ``features.fft_precision``; float32 features and inputs; an exchange holds its input and its preallocated output plus rounds of
 bounded size; float32 batch tensors of the selected particles plus the activations of one batch;
 float64 evaluation grids. On top: the measured resident memory of an idle training process
 (``BASELINE_MB``) and its size-independent growth during the run (``RUNTIME_MB``). Checked against
@@ -55,14 +56,25 @@ RUNTIME_MB = {"load": 0.0, "features": 20.0, "routing": 40.0, "orthogonalise": 4
 BYTES = {
     "load_particle": 24,      # lagr_index int32 x3 + pos float32 x3
     "ic_cell": 4,             # the IC slab, float32
-    "fft_work_cell": 110,     # float64 r2c/c2r: k-slab, k^2, window, tidal kernel + temporaries, FFT copies
     "act_copies": 6,          # per hidden layer and batch particle: linear, GELU, their grads, Adam
-    "fft_cache_cell": 60,     # more FFT work on > 1 rank (mpi4py-fft transposes), measured at 2 and 4 ranks
     "eval_cell": 56,          # model + true fields float64, their r2c slabs, paint ghost planes
     "select_particle": 40,    # per-cell sub-sampling of all particles: hash priority, lexsort order, masks
     "paint_particle": 40,     # CIC paint: float64 grid coordinates, weights, slab routing of the particles
     "halo": 28,               # pos float32 x3 + npart int64 + mass float64
 }
+
+
+# Bytes per IC cell of the feature columns' FFT work (delta_k, k^2, the scale's W delta_k, one
+# column, the tidal kernel, its product and transform, the FFT library's arrays), on one rank and on
+# more (mpi4py-fft's transposes): measured peak RSS over the IC slab held, 192^3, 3 scales x (delta,
+# lap, g2), by features.fft_precision (docs/supercomputer.md).
+FFT_WORK_CELL = {"float64": (78, 114), "float32": (47, 64)}
+
+
+def fft_work_cell(precision: str, ranks: int) -> float:
+    """Bytes per IC cell of the feature FFT work at ``precision`` on ``ranks`` ranks."""
+    one, more = FFT_WORK_CELL[precision]
+    return float(one if ranks == 1 else more)
 
 
 # Seconds per unit per rank on this machine (2-core VM, Open MPI 4.1, torch 2.13 CPU, float64 FFTs),
@@ -134,18 +146,17 @@ def box_terms(size: ProblemSize, ranks: int, imbalance: float | None = None) -> 
     c_ic = math.ceil(size.n_ic / P) * size.n_ic**2
     loaded = B["load_particle"] * n_p
     lag_set = (4 * F + 8 + 12) * n_p  # raw float32 + pid + pos after the Lagrangian readout
-    # FFT work while the columns are computed; moments and standardisation go one column at a time
-    # (16 B per cell of float64 temporaries) into a second float32 slab
-    features = max(B["fft_work_cell"], 4 * F + 16) * c_ic
-    features += B["fft_cache_cell"] * c_ic if P > 1 else 0.0
+    ic = B["ic_cell"] * c_ic
+    # the Lagrangian exchange (input, output, rounds), then the columns one at a time: the routed
+    # particles with their raw rows and IC offsets (8 B) beside the FFT work of one column
+    lagrangian = 2 * loaded + 3 * min(EXCHANGE_CHUNK, B["load_particle"] * n_p)
+    columns = lag_set + 8 * n_p + fft_work_cell(size.fft_precision, P) * c_ic
     return {"P": P, "imbalance": imbalance, "n_p": n_p, "n_e": n_p * imbalance, "c_ic": c_ic,
             "c_ev": math.ceil(size.eval_nmesh / P) * size.eval_nmesh**2,
             "c_tr": math.ceil(size.train_nmesh / P) * size.train_nmesh**2,
             "base": BASELINE_MB * MB, "halos": B["halo"] * size.n_halos / P, "loaded": loaded,
-            "ic": B["ic_cell"] * c_ic, "slab": 4 * F * c_ic,  # the standardised float32 feature slab
-            "lag_set": lag_set, "features": features,
-            "lagrangian": max(2 * loaded + 3 * min(EXCHANGE_CHUNK, B["load_particle"] * n_p),
-                              (B["load_particle"] + 4 * F + 8) * n_p)}
+            "ic": ic, "lag_set": lag_set, "lagrangian": lagrangian, "columns": columns,
+            "features": ic + max(lagrangian, columns)}
 
 
 def memory_per_rank(size: ProblemSize, ranks: int, imbalance: float | None = None) -> dict:
@@ -162,8 +173,8 @@ def memory_per_rank(size: ProblemSize, ranks: int, imbalance: float | None = Non
     t = box_terms(size, ranks, imbalance)
     P, imbalance, n_p, n_e = t["P"], t["imbalance"], t["n_p"], t["n_e"]
     c_ic, c_ev, c_tr = t["c_ic"], t["c_ev"], t["c_tr"]
-    base, halos, loaded, ic, slab = t["base"], t["halos"], t["loaded"], t["ic"], t["slab"]
-    lag_set, features, lagrangian = t["lag_set"], t["features"], t["lagrangian"]
+    base, halos, loaded, ic = t["base"], t["halos"], t["loaded"], t["ic"]
+    lag_set, features = t["lag_set"], t["features"]
     B, F, m = BYTES, size.n_raw, size.n_inputs
     n_cells = float(size.train_nmesh) ** 3
     eul_rec = 4 * m + 8 + 12  # theta float32 + pid + pos
@@ -181,8 +192,8 @@ def memory_per_rank(size: ProblemSize, ranks: int, imbalance: float | None = Non
     evaluate = (size.ensemble + 1) * 4 * n_e + B["paint_particle"] * n_e + B["eval_cell"] * c_ev
     stages = {
         "load": base + loaded + ic + halos,
-        "features": base + loaded + ic + halos + slab + features,
-        "routing": base + keep + halos + max(slab + lagrangian, eulerian + truth),
+        "features": base + halos + features,  # Lagrangian routing, then the columns read out
+        "routing": base + keep + halos + eulerian + truth,
         "orthogonalise": base + keep + halos + lag_set + 8 * F * min(n_p, COV_CHUNK_ROWS),
         "train": base + keep + halos + prepared + truth + batches + max(select, acts),
         "evaluate": base + keep + halos + prepared + truth + evaluate,

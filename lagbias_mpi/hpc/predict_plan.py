@@ -39,8 +39,9 @@ def predict_memory_per_rank(size: ProblemSize, ranks: int, members: bool = False
     pf = (8 + 8 + 4 + (4 * M if members else 0)) * n_p if particle_f else 0.0  # sort order, pid, f copies
     stages = {
         "load": base + t["loaded"] + t["ic"] + halos,
-        "features": base + t["loaded"] + t["ic"] + halos + t["slab"] + t["features"],
-        "routing": base + halos + t["slab"] + t["lagrangian"],
+        # the loaded columns stay (the planted comparison paints them), beside the routed ones
+        "features": base + halos + t["loaded"] + t["features"],
+        "routing": base + halos + t["loaded"] + t["lag_set"],
         "predict": base + halos + t["lag_set"] + f_bytes + chunk,
         "field": base + halos + after + max(paint, pf),
         "spectra": base + halos + after + (paint if compare else 0.0),

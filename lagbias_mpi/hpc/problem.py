@@ -35,6 +35,7 @@ class ProblemSize:
     n_val: int  # validation simulations (same size as the training one)
     n_halos: int
     source: str  # builtin | file | abacus
+    fft_precision: str = "float64"  # features.fft_precision
 
     @property
     def n_raw(self) -> int:
@@ -134,7 +135,7 @@ def sizes_from_dict(data: dict, base_dir: Path | None = None) -> ProblemSize:
                          max(int(round(box / cfg.grid.cell)), 1) ** 3), batch_size=int(cfg.sampling.batch_size),
         epochs=int(cfg.train.epochs), ensemble=int(cfg.train.ensemble),
         width=int(cfg.model.width), depth=int(cfg.model.depth), n_val=int(n_val),
-        n_halos=_halo_estimate(float(box)), source=source)
+        n_halos=_halo_estimate(float(box)), source=source, fft_precision=cfg.features.fft_precision)
 
 
 def builtin_sizes(simulate_config, simulate_set=()) -> tuple[float, int, int]:

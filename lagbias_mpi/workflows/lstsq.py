@@ -18,7 +18,7 @@ from lagbias_mpi.analysis.lstsq import (
 from lagbias_mpi.bias.ensemble import load_ensemble, simulation_particles
 from lagbias_mpi.bias.evaluate import evaluate_simulation
 from lagbias_mpi.bias.features import feature_names
-from lagbias_mpi.bias.particles import eulerian_route, ic_features, lagrangian_particles
+from lagbias_mpi.bias.particles import eulerian_route, featurised_particles
 from lagbias_mpi.bias.prepare import eval_nmesh
 from lagbias_mpi.bias.routing import slab_to_owners
 from lagbias_mpi.bias.truth import delta_slab, true_tracers
@@ -70,9 +70,8 @@ def run(comm, config_path, overrides=None, nn_run=None, out=None, base_dir=None)
         with timer.stage("load"):
             sim = sources.load(comm, spec)
         with timer.stage("features"):
-            slab, moments = ic_features(comm, sim, (radius,), ("delta", "lap"), moments)
-            parts = lagrangian_particles(comm, sim, slab)
-            del slab
+            parts, moments, _ = featurised_particles(comm, sim, (radius,), ("delta", "lap"), moments,
+                                                     fft_dtype=cfg.features.fft_dtype)
         tpos, tw, what = true_tracers(comm, sim, cfg.halos)
         if i == 0:
             with timer.stage("fit"):

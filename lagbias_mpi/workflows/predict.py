@@ -25,7 +25,7 @@ from lagbias_mpi.analysis import plots, predict_figures
 from lagbias_mpi.bias.ensemble import load_ensemble
 from lagbias_mpi.bias.evaluate import evaluate_simulation
 from lagbias_mpi.bias.features import feature_names
-from lagbias_mpi.bias.particles import ic_features, lagrangian_particles
+from lagbias_mpi.bias.particles import featurised_particles
 from lagbias_mpi.bias.prepare import apply_orthogonaliser, eval_nmesh
 from lagbias_mpi.bias.truth import true_tracers
 from lagbias_mpi.config.loader import ConfigError, to_dict
@@ -40,7 +40,6 @@ from lagbias_mpi.mesh.power import mean_ratio_below, overdensity, power_spectrum
 from lagbias_mpi.mpi.comm import (
     StageTimer,
     global_min_max_mean,
-    global_moments,
     global_sum,
 )
 from lagbias_mpi.mpi.fft import SlabFFT
@@ -92,11 +91,13 @@ def check_inputs(comm, cfg: PredictConfig, train_cfg, radii, meta, source: str) 
             "compare": truth and cfg.output.compare != "off", "halos": cfg.halos or train_cfg.halos}
 
 
-def moment_check(comm, slab, names, tolerance: float) -> dict:
-    """The new box's feature moments relative to the training ones, from the slab standardised
-    with the training moments: mean in training standard deviations and the std ratio; warns
-    (with the numbers) for the features beyond ``tolerance``."""
-    mean_s, std_s = global_moments(comm, slab)
+def moment_check(comm, own_moments, train_moments, names, tolerance: float) -> dict:
+    """The new box's feature moments (global, over its IC grid) relative to the training ones:
+    mean in training standard deviations and the std ratio; warns (with the numbers) for the
+    features beyond ``tolerance``."""
+    (m_own, s_own), (m_tr, s_tr) = own_moments, train_moments
+    mean_s = (np.asarray(m_own, np.float64) - np.asarray(m_tr, np.float64)) / np.asarray(s_tr, np.float64)
+    std_s = np.asarray(s_own, np.float64) / np.asarray(s_tr, np.float64)
     report = {"names": list(names), "mean_shift_in_training_std": mean_s, "std_ratio": std_s,
               "tolerance": tolerance, "beyond_tolerance": []}
     for name, m, s in zip(names, mean_s, std_s):
@@ -165,13 +166,13 @@ def _run(comm, cfg: PredictConfig, run_dir, out_dir, ens, spec, run_hash, resolv
         sim = sources.load(comm, spec)
     meta = sim.meta
     with timer.stage("features"):
-        log.info(f"features: {len(names)} columns on the {meta.n_ic}^3 IC grid, training moments")
-        slab, _ = ic_features(comm, sim, ens.radii, ens.kinds, ens.moments)
-        moments = moment_check(comm, slab, names, cfg.checks.moment_tolerance)
-    with timer.stage("routing"):
-        parts = lagrangian_particles(comm, sim, slab)
-        del slab
+        log.info(f"features: {meta.n_particles} particles to their Lagrangian slab, {len(names)} columns "
+                 f"on the {meta.n_ic}^3 IC grid (training moments) read out one at a time")
+        parts, _, own = featurised_particles(comm, sim, ens.radii, ens.kinds, ens.moments,
+                                             fft_dtype=ens.fft_dtype)
         sim.ic_delta = None
+        moments = moment_check(comm, own, ens.moments, names, cfg.checks.moment_tolerance)
+    with timer.stage("routing"):
         n_glob = int(global_sum(comm, np.int64(parts.n_local)))
         if n_glob != meta.n_particles:
             raise ValueError(f"{label}: {n_glob} particles routed, metadata says {meta.n_particles}")
