@@ -9,6 +9,7 @@ from lagbias_mpi.mesh.paint import (
     paint,
     readout_cic,
     readout_index,
+    slab_offset,
     route_to_slabs,
 )
 from lagbias_mpi.mpi.comm import gather_slabs
@@ -194,6 +195,10 @@ def test_readout_index(comm):
     idx = np.stack([rng.integers(start, max(stop, start + 1), 50), rng.integers(0, nmesh, 50),
                     rng.integers(0, nmesh, 50)], axis=1)[: 50 if stop > start else 0]
     np.testing.assert_array_equal(readout_index(full[start:stop], start, idx), full[tuple(idx.T)])
+    off = slab_offset(idx, start, full[start:stop].shape)
+    np.testing.assert_array_equal(full[start:stop].reshape(-1)[off], full[tuple(idx.T)])
     if stop > start:
+        with pytest.raises(ValueError, match="outside"):
+            slab_offset(np.array([[start - 1, 0, 0]]), start, full[start:stop].shape)
         with pytest.raises(ValueError, match="outside"):
             readout_index(full[start:stop], start, np.array([[stop % nmesh + nmesh * (stop == nmesh), 0, 0]]))

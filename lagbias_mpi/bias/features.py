@@ -57,8 +57,8 @@ def _tidal_sq_sum(fft: SlabFFT, wdk: np.ndarray, traceless: bool) -> np.ndarray:
 
 
 def feature_columns(comm, ic_slab: np.ndarray, box: float, scales, kinds, dtype=np.float64):
-    """The raw feature columns on this rank's IC slab, one at a time: yields ``(column, slab)``
-    with ``slab`` of shape ``(planes, n, n)`` (the FFT's ``dtype``, float64 for G2/s2), in the
+    """The raw feature columns on this rank's IC slab, one at a time: yields slabs of shape
+    ``(planes, n, n)`` (the FFT's ``dtype``, float64 for G2/s2), in the
     order of :func:`feature_names`. Only one column, the Fourier slab of delta and that of the
     current scale are alive together: a caller that reads a column out and drops it holds no
     ``(planes, n, n, n_features)`` array. Collective (every rank iterates to the end)."""
@@ -71,7 +71,6 @@ def feature_columns(comm, ic_slab: np.ndarray, box: float, scales, kinds, dtype=
     del ic_slab  # the caller's reference is the only one left
     k2 = fft.local_k2()
     dk[k2 == 0] = 0  # the field's mean: g2 and s2 would pick up terms in it through delta_R
-    col = 0
     for r in scales:
         wdk = dk * gaussian_window(k2, r).astype(fft.dtype)
         delta_r = fft.backward(wdk) if ("g2" in kinds or "delta" in kinds) else None
@@ -85,9 +84,8 @@ def feature_columns(comm, ic_slab: np.ndarray, box: float, scales, kinds, dtype=
                 val -= delta_r.astype(np.float64) ** 2
             else:
                 val = _tidal_sq_sum(fft, wdk, traceless=True)
-            yield col, val
+            yield val
             del val
-            col += 1
         del wdk, delta_r
 
 
@@ -97,7 +95,7 @@ def compute_features(comm, ic_slab: np.ndarray, box: float, scales, kinds,
     ``out_dtype``, columns ordered as :func:`feature_names`; FFTs in ``dtype``. Collective.
     The pipeline reads :func:`feature_columns` out at the particles instead (no such array)."""
     out = None
-    for col, val in feature_columns(comm, ic_slab, box, scales, kinds, dtype):
+    for col, val in enumerate(feature_columns(comm, ic_slab, box, scales, kinds, dtype)):
         if out is None:
             out = np.empty(val.shape + (len(scales) * len(kinds),), dtype=out_dtype)
         out[..., col] = val

@@ -13,6 +13,7 @@ from lagbias_mpi.bias import features as feat
 from lagbias_mpi.bias.routing import route_eulerian, route_lagrangian
 from lagbias_mpi.io.simfile import LocalSimulation, SimulationMeta
 from lagbias_mpi.mesh.grid import ic_index, particle_id
+from lagbias_mpi.mesh.paint import slab_offset
 from lagbias_mpi.mpi.cells import CellOwnership
 
 READOUT_CHUNK = 1 << 20  # particles per step of the feature readout
@@ -68,11 +69,8 @@ def featurised_particles(comm, sim: LocalSimulation, radii, kinds, moments=None,
     lagr = got.pop("lagr_index")
     offset = np.empty(len(lagr), np.int64)  # flat index into the local IC slab
     for lo in range(0, len(lagr), READOUT_CHUNK):  # IC grid points a chunk at a time (24 B each)
-        idx = ic_index(lagr[lo:lo + READOUT_CHUNK], meta.ppd, meta.n_ic)
-        if len(idx) and (idx[:, 0].min() < sim.ic_start or idx[:, 0].max() >= sim.ic_start + sim.ic_delta.shape[0]):
-            raise RuntimeError("feature readout: a particle is not on the owner of its IC plane")
-        offset[lo:lo + READOUT_CHUNK] = ((idx[:, 0] - sim.ic_start) * meta.n_ic + idx[:, 1]) * meta.n_ic + idx[:, 2]
-        del idx
+        offset[lo:lo + READOUT_CHUNK] = slab_offset(ic_index(lagr[lo:lo + READOUT_CHUNK], meta.ppd, meta.n_ic),
+                                                    sim.ic_start, sim.ic_delta.shape)
     pid = particle_id(lagr, meta.ppd)
     del lagr
     n_col = len(radii) * len(kinds)
@@ -83,7 +81,7 @@ def featurised_particles(comm, sim: LocalSimulation, radii, kinds, moments=None,
         sim.ic_delta = None
     columns = feat.feature_columns(comm, ic_slab, meta.box, radii, kinds, dtype=fft_dtype)
     del ic_slab
-    for c, column in columns:
+    for c, column in enumerate(columns):
         own_mean[c], own_std[c] = feat.column_moments(comm, column)
         mean, std = (own_mean[c], own_std[c]) if moments is None else (moments[0][c], moments[1][c])
         flat = column.reshape(-1)

@@ -95,7 +95,7 @@ def _load_lagrangian(comm, timer, cfg, spec, moments, names):
                                              release_loaded=True, fft_dtype=cfg.features.fft_dtype)
         gc.collect()  # the FFT objects hold reference cycles: free their work arrays now
     sim.ic_delta = sim.pos = sim.lagr_index = sim.f_true = None  # routed copies live in ``parts``
-    return sim, parts, (mom if moments is None else moments)
+    return sim, parts, mom
 
 
 def _finish(comm, timer, cfg, sim, parts, spec, label, role, orth, exch, keep_raw) -> _Sim:

@@ -8,6 +8,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal, Optional, Union
 
+import numpy as np
+
 from lagbias_mpi.config.abacus import AbacusSet
 from lagbias_mpi.config.features import KINDS, resolve_scales
 from lagbias_mpi.config.loader import config_hash, load_config, to_dict
@@ -65,8 +67,6 @@ FFT_PRECISIONS = ("float64", "float32")
 
 def fft_dtype(precision: str):
     """numpy dtype of the feature FFTs for a ``features.fft_precision`` value."""
-    import numpy as np
-
     return np.float32 if precision == "float32" else np.float64
 
 

@@ -171,9 +171,6 @@ def bench_exchange(comm, n_particles: int, repeat: int, seed: int = 3) -> dict:
             "exchange_s_per_particle_per_rank": t * comm.size / n_particles}
 
 
-FEATURE_SCALES, FEATURE_KINDS = (1.0, 2.83, 8.0), ("delta", "lap", "g2")  # the shipped feature set
-
-
 def bench_feature_memory(comm, n: int, box: float = 500.0, seed: int = 4) -> dict:
     """Bytes per IC cell of the feature columns' FFT work (the planner's ``FFT_WORK_CELL``), by
     FFT precision: max over ranks of (peak RSS while the 9 columns of the shipped feature set are
@@ -182,15 +179,17 @@ def bench_feature_memory(comm, n: int, box: float = 500.0, seed: int = 4) -> dic
     import gc
 
     from lagbias_mpi.bias.features import feature_columns
+    from lagbias_mpi.config.train import FeatureConfig
     from lagbias_mpi.mpi.comm import current_rss_mb, peak_rss_mb, reset_peak_rss
     from lagbias_mpi.mpi.layout import slab_bounds
 
+    shipped = FeatureConfig()  # the default feature set: 3 scales x (delta, lap, g2)
     out = {}
     start, stop = slab_bounds(n, comm.size, comm.rank)
     cells = max((stop - start) * n * n, 1)
     for precision, dtype in (("float64", np.float64), ("float32", np.float32)):
         warm = plane_field(16, *slab_bounds(16, comm.size, comm.rank), seed)  # FFTW and numpy loaded
-        for _ in feature_columns(comm, warm, 64.0, (4.0,), FEATURE_KINDS, dtype=dtype):
+        for _ in feature_columns(comm, warm, 64.0, (4.0,), shipped.kinds, dtype=dtype):
             pass
         del warm
         ic = plane_field(n, start, stop, seed)
@@ -198,9 +197,9 @@ def bench_feature_memory(comm, n: int, box: float = 500.0, seed: int = 4) -> dic
         comm.Barrier()
         before = current_rss_mb()
         ok = reset_peak_rss()
-        columns = feature_columns(comm, ic, box, FEATURE_SCALES, FEATURE_KINDS, dtype=dtype)
+        columns = feature_columns(comm, ic, box, shipped.radii, shipped.kinds, dtype=dtype)
         del ic
-        for _, column in columns:
+        for column in columns:
             del column
         del columns
         gc.collect()

@@ -286,12 +286,26 @@ def readout_cic_local(fields: np.ndarray, u: np.ndarray, start: int) -> np.ndarr
     return out
 
 
+def _in_slab(index: np.ndarray, start: int, planes: int) -> np.ndarray:
+    """``index`` (n, 3) as int64, refused when a first component lies outside ``[start, start + planes)``."""
+    index = np.asarray(index, dtype=np.int64)
+    if len(index) and (index[:, 0].min() < start or index[:, 0].max() >= start + planes):
+        raise ValueError("readout: grid index outside this rank's slab; route the particles first")
+    return index
+
+
+def slab_offset(index: np.ndarray, start: int, shape) -> np.ndarray:
+    """Flat offsets (int64) into a C-ordered local slab of ``shape`` (planes, ny, nz) starting at
+    global plane ``start`` of integer grid indices ``index`` (n, 3)."""
+    planes, ny, nz = shape[:3]
+    index = _in_slab(index, start, planes)
+    return ((index[:, 0] - start) * ny + index[:, 1]) * nz + index[:, 2]
+
+
 def readout_index(slab: np.ndarray, start: int, index: np.ndarray) -> np.ndarray:
     """Nearest-grid-point readout: the values at integer grid indices ``index`` (n, 3), whose first
     component lies in this rank's slab ``[start, start + len(slab))``."""
-    index = np.asarray(index, dtype=np.int64)
-    if len(index) and (index[:, 0].min() < start or index[:, 0].max() >= start + slab.shape[0]):
-        raise ValueError("readout_index: grid index outside this rank's slab; route the particles first")
+    index = _in_slab(index, start, slab.shape[0])
     return slab[index[:, 0] - start, index[:, 1], index[:, 2]]
 
 
