@@ -162,3 +162,68 @@ def test_exchange_in_rounds_equals_one_round(comm):
     for name in cols:
         assert np.array_equal(one[name], many[name])
     assert st.n_received == len(one["id"]) and st.n_global == comm.allreduce(n)
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("chunk_bytes", [7 * 20, 1 << 27])
+def test_consuming_exchange_equals_plain(comm, chunk_bytes):
+    """consume=True gives the plain exchange's result (rows, order), empties the dict, takes the
+    destinations by name without sending them, and leaves an array the caller still holds whole."""
+    rng = np.random.default_rng(60 + comm.rank)
+    n = [41, 0, 66][comm.rank % 3]
+    a = rng.standard_normal((n, 3)).astype(np.float32)
+    ids = np.arange(n, dtype=np.uint64) + 1000 * comm.rank
+    dest = rng.integers(0, comm.size, n).astype(np.int32)
+    plain = exchange(comm, {"a": a, "id": ids}, dest, chunk_bytes=chunk_bytes)
+    cols = {"a": a.copy(), "id": ids, "_d": dest.copy()}  # "a" only in the dict; "id" also held here
+    got, st = exchange(comm, cols, "_d", return_stats=True, chunk_bytes=chunk_bytes, consume=True)
+    assert cols == {} and set(got) == {"a", "id"}
+    for name in got:
+        assert np.array_equal(got[name], plain[name])
+    assert st.bytes_sent == n * (12 + 8)  # the destinations do not travel
+    assert np.array_equal(ids, np.arange(n, dtype=np.uint64) + 1000 * comm.rank)  # not cut
+
+
+def test_shrink_rows_only_unshared():
+    from lagbias_mpi.core.arrays import shrink_rows
+    hold = {"x": np.arange(12.0).reshape(6, 2).copy()}
+    assert shrink_rows(hold, "x", 2) and hold["x"].shape == (2, 2)
+    assert np.array_equal(hold["x"], [[0, 1], [2, 3]])
+    other = hold["x"]
+    assert not shrink_rows(hold, "x", 1) and hold["x"].shape == (2, 2)  # referenced elsewhere
+    del other
+    view = {"v": np.arange(10.0)[2:]}
+    assert not shrink_rows(view, "v", 3) and len(view["v"]) == 8  # does not own its data
+
+
+def test_exchange_dest_by_name_needs_consume():
+    with pytest.raises(ValueError, match="consume"):
+        exchange(MPI.COMM_SELF, {"a": np.zeros(3), "d": np.zeros(3, np.int64)}, "d")
+
+
+def test_permute_rows_in_place_equals_scatter():
+    from lagbias_mpi.core.arrays import permute_rows_in_place
+    rng = np.random.default_rng(4)
+    for shape, dtype in [((500, 7), np.float32), ((500,), np.uint64), ((500, 3), np.int32), ((1,), np.float64),
+                         ((0, 2), np.float32)]:
+        a = (rng.random(shape) * 1000).astype(dtype)
+        dest = rng.permutation(shape[0])
+        ref = np.empty_like(a)
+        ref[dest] = a
+        permute_rows_in_place(a, dest.astype(np.int32))
+        assert np.array_equal(a, ref)
+    with pytest.raises(ValueError, match="permutation"):
+        permute_rows_in_place(np.arange(4.0), np.array([1, 1, 2, 3]))
+
+
+def test_one_rank_result_never_aliases_a_held_input():
+    """On one rank a consumed array held by nothing else is handed over; any other is copied, so
+    that a caller changing the result in place (the Eulerian sort) cannot change its own arrays."""
+    held = np.arange(6.0)
+    cols = {"held": held, "own": np.arange(6.0) * 2}
+    out = exchange(MPI.COMM_SELF, cols, np.zeros(6, np.int64), consume=True)
+    assert out["held"] is not held and np.array_equal(out["held"], held)
+    out["held"][0] = -1.0
+    assert held[0] == 0.0
+    plain = exchange(MPI.COMM_SELF, {"a": held}, np.zeros(6, np.int64))
+    assert not np.shares_memory(plain["a"], held)

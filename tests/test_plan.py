@@ -162,10 +162,11 @@ def test_local_series_agrees(local_runs):
     assert Path(res["report"]["png"]).is_file() and Path(res["report"]["markdown"]).is_file()
 
 
-def test_memory_prediction_within_30_percent(local_runs):
+def test_memory_prediction_within_20_percent(local_runs):
     cfg, overrides, res = local_runs
     size = hpc_problem.load_sizes(str(cfg), overrides)
     for run in res["runs"]:
         summary = json.loads((Path(run["run_dir"]) / "summary.json").read_text())
         pred = hpc_planner.memory_per_rank(size, summary["n_ranks"])["peak_bytes"] / hpc_planner.MB
-        assert abs(pred - summary["peak_rss_mb"]) <= 0.3 * summary["peak_rss_mb"], (run, pred, summary["peak_rss_mb"])
+        print(f"planner {pred:.0f} MB, measured {summary['peak_rss_mb']:.0f} MB at {summary['n_ranks']} rank(s)")
+        assert abs(pred - summary["peak_rss_mb"]) <= 0.2 * summary["peak_rss_mb"], (run, pred, summary["peak_rss_mb"])

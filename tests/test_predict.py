@@ -215,7 +215,8 @@ def test_config_refuses_bad_keys(tmp_path):
 
 
 def test_planner_predict_below_training():
-    """The predict memory model: below training's for the same box, growing with members."""
+    """The predict memory model: at most training's for the same box (both peak in the features of
+    the 2 Gpc/h box at few ranks, where they hold the same arrays), growing with members."""
     from dataclasses import replace
 
     from lagbias_mpi.hpc.planner import memory_per_rank
@@ -226,5 +227,5 @@ def test_planner_predict_below_training():
     size = load_sizes(str(root / "configs" / "abacus_base_c000_2gpc.yaml"), ["simulation.abacus.n_ic=1152"])
     for ranks in (1, 64, 480):
         pred = predict_memory_per_rank(size, ranks)
-        assert pred["peak_bytes"] < memory_per_rank(replace(size, n_val=0), ranks)["peak_bytes"]
+        assert pred["peak_bytes"] <= memory_per_rank(replace(size, n_val=0), ranks)["peak_bytes"]
         assert predict_memory_per_rank(size, ranks, members=True)["peak_bytes"] >= pred["peak_bytes"]

@@ -83,3 +83,49 @@ def test_cell_scale_and_weight():
     n, n_sel = np.array([10, 3, 0]), np.array([2, 3, 0])
     assert np.allclose(sampling.cell_weight(n, n_sel), [5.0, 1.0, 0.0])
     assert np.allclose(sampling.cell_scale(n, n_sel, 8, 16), [2.5, 0.5, 0.0])
+
+
+def _sorted_layout(seed=3, n=4000, n_cells=300):
+    rng = np.random.default_rng(seed)
+    cell = rng.integers(0, n_cells, n).astype(np.int32)
+    pid = rng.permutation(10 * n)[:n].astype(np.uint64)
+    order = np.lexsort((pid, cell))
+    return cell[order], pid[order]
+
+
+@pytest.mark.parametrize("chunk", [1, 37, 1000, 1 << 18])
+def test_select_in_chunks_of_whole_cells_equals_one_sort(chunk):
+    """Rows grouped by cell (the Eulerian layout) are selected a chunk of whole cells at a time with
+    the result of the one global sort, for chunks smaller than a cell too."""
+    cell, pid = _sorted_layout()
+    assert sampling.sorted_by_cell_and_id(cell, pid, chunk=max(chunk, 2))
+    ref = sampling._select(cell, pid, 0.3, 5, 1)
+    got = sampling.select_in_cells(cell, pid, 0.3, 5, 1, chunk=chunk)
+    for a, b in zip(got, ref):
+        assert np.array_equal(a, b)
+    shuffled = np.random.default_rng(0).permutation(len(cell))
+    assert not sampling.sorted_by_cell_and_id(cell[shuffled], pid[shuffled])
+
+
+def test_batches_of_grouped_rows_equal_general_path():
+    """The counting sort of the grouped layout gives every batch the particles (in order: cell, pid)
+    and cells of the general path on a shuffled copy of the same particles."""
+    from mpi4py import MPI
+
+    from lagbias_mpi.training.batches import build_batches
+
+    cell, pid = _sorted_layout(n=5000)
+    theta = np.random.default_rng(1).standard_normal((len(cell), 3)).astype(np.float32)
+    perm = np.random.default_rng(2).permutation(len(cell))
+
+    def target(cells):
+        return np.sin(np.asarray(cells, np.float64))
+
+    args = (target, 300, len(cell), 0.5, 400, 11, 0)
+    a = build_batches(MPI.COMM_SELF, theta, cell, pid, *args)
+    b = build_batches(MPI.COMM_SELF, theta[perm], cell[perm], pid[perm], *args)
+    assert len(a) == len(b) > 3
+    for x, y in zip(a.batches, b.batches):
+        assert np.array_equal(pid[x.pidx], pid[perm][y.pidx])
+        assert np.array_equal(x.x.numpy(), y.x.numpy()) and np.array_equal(x.idx.numpy(), y.idx.numpy())
+        assert np.array_equal(x.target.numpy(), y.target.numpy()) and x.n_all == y.n_all

@@ -1,6 +1,7 @@
 """Two-stage routing: particles conserved, features read at the right IC grid point, cells local."""
 import numpy as np
 import pytest
+from mpi4py import MPI
 
 from lagbias_mpi.bias.routing import route_eulerian, route_lagrangian
 from lagbias_mpi.mesh.paint import readout_index
@@ -78,3 +79,53 @@ def test_eulerian_routing_balances_clustered_particles(comm, n_grid):
     if n_grid == 16:
         assert np.all(own.counts() >= 1)
         assert max(n_ranks) / np.mean(n_ranks) <= 1.10
+
+
+@pytest.mark.mpi
+def test_eulerian_layout_sorted_by_cell_and_id_same_on_any_rank_count(comm):
+    """After the Eulerian routing the rows are grouped by cell in increasing cell id and ordered by
+    pid inside each cell (small exchange rounds interleave the sources), and the gathered layout
+    equals the one-rank layout row for row."""
+    from lagbias_mpi.mpi import exchange as exchange_module
+
+    box, n_grid = 100.0, 6
+    rng = np.random.default_rng(20 + comm.rank)
+    n_local = [700, 0, 1100][comm.rank % 3]
+    pos = rng.uniform(-50, 50, (n_local, 3)).astype(np.float32)
+    pid = rng.permutation(n_local).astype(np.uint64) + np.uint64(10**6 * comm.rank)
+    val = rng.standard_normal((n_local, 2)).astype(np.float32)
+    full = {k: np.concatenate(comm.allgather(v)) for k, v in (("pos", pos), ("pid", pid), ("val", val))}
+    old = exchange_module.EXCHANGE_CHUNK_BYTES
+    try:
+        exchange_module.EXCHANGE_CHUNK_BYTES = 200  # ~9 rows per round
+        eul, own = route_eulerian(comm, {"pos": pos.copy(), "pid": pid.copy(), "val": val.copy()}, n_grid, box)
+    finally:
+        exchange_module.EXCHANGE_CHUNK_BYTES = old
+    one, _ = route_eulerian(MPI.COMM_SELF, {k: v.copy() for k, v in full.items()}, n_grid, box)
+    key = np.lexsort((eul["pid"], eul["cell"]))
+    assert np.array_equal(key, np.arange(len(key)))  # sorted by (cell, pid)
+    for name in ("pos", "pid", "val", "cell"):
+        assert np.array_equal(np.concatenate(comm.allgather(eul[name])), one[name])
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("n_grid", [1, 3, 10])
+def test_distributed_ownership_equals_global_histogram(comm, n_grid):
+    """The ownership from the slab counts (no rank holds the whole histogram) has the edges of
+    balanced_edges on the global histogram, and every rank gets the counts of its cells; clustered
+    particles, a rank without particles, more ranks than planes (n_grid 1)."""
+    from lagbias_mpi.bias.routing import _ownership_and_counts, flat_cells
+    from lagbias_mpi.mpi.cells import balanced_edges
+
+    box = 100.0
+    rng = np.random.default_rng(30 + comm.rank)
+    n_local = [2500, 0, 4000][comm.rank % 3]
+    pos = np.where((rng.random(n_local) < 0.8)[:, None], rng.normal(20, 4, (n_local, 3)),
+                   rng.uniform(-50, 50, (n_local, 3)))
+    pos = (np.mod(pos + box / 2, box) - box / 2).astype(np.float32)
+    own, counts = _ownership_and_counts(comm, pos, n_grid, box)
+    all_cells = np.concatenate(comm.allgather(flat_cells(pos, n_grid, box)))
+    hist = np.bincount(all_cells, minlength=n_grid**3)
+    assert np.array_equal(own.edges, balanced_edges(hist, comm.size))
+    lo, hi = own.bounds(comm.rank)
+    assert np.array_equal(counts, hist[lo:hi])

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from lagbias_mpi.core.logs import get_logger
-from lagbias_mpi.mesh.paint import paint
+from lagbias_mpi.mesh.paint import paint, route_to_slabs
 from lagbias_mpi.mesh.power import (
     mean_ratio_below,
     mode_weighted_ratio_below,
@@ -18,9 +18,6 @@ from lagbias_mpi.mesh.power import (
 )
 from lagbias_mpi.mpi.comm import global_sum
 from lagbias_mpi.mpi.fft import SlabFFT
-
-log = get_logger("evaluate")
-
 
 log = get_logger("evaluate")
 
@@ -61,8 +58,10 @@ def member_health(pk_ratio_lowk: float, mean_f: float) -> dict:
 
 
 def _spectra(fft, delta_h, p_h, weight, pos) -> dict:
-    grid = paint(fft.comm, pos, weight, fft.n, fft.box, method="cic")
+    """Spectra of the field painted with ``weight`` at ``pos`` (particles already on their slab)."""
+    grid = paint(fft.comm, pos, weight, fft.n, fft.box, method="cic", routed=True)
     delta_m = overdensity(fft.comm, grid)
+    del grid
     p_m = power_spectrum(fft, delta_m, compensate="cic")["power"]
     p_hm = power_spectrum(fft, delta_m, delta_h, compensate="cic")["power"]
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -70,31 +69,55 @@ def _spectra(fft, delta_h, p_h, weight, pos) -> dict:
                 "uncorr_ratio": (p_m - p_hm**2 / p_h) / p_h, "corr": p_hm / np.sqrt(p_m * p_h)}
 
 
-def evaluate_simulation(comm, f_members: np.ndarray, pos: np.ndarray, true_pos: np.ndarray,
-                        true_weight: np.ndarray, box: float, nmesh: int, kmax: float = 0.1) -> dict:
-    """Spectra of the average f and of each member (rows of ``f_members``, on this rank's particles
-    at ``pos``) against the true tracers. Returns a dict of arrays plus ``pk_ratio_lowk`` (mean of
-    the bins' ratios below kmax), ``pk_ratio_lowk_modes`` (sum N_k P_model / sum N_k P_h below kmax),
-    their per-member lists, ``mean_f`` (the average f over all particles) and ``truth_per_particle``
-    (the true tracers' summed weight over the number of particles)."""
+def evaluate_simulation(comm, f_members, pos: np.ndarray, true_pos: np.ndarray,
+                        true_weight: np.ndarray, box: float, nmesh: int, kmax: float = 0.1,
+                        average_rows=None) -> dict:
+    """Spectra of each member's f and of their average against the true tracers. Returns a dict of
+    arrays plus ``pk_ratio_lowk`` (mean of the bins' ratios below kmax), ``pk_ratio_lowk_modes``
+    (sum N_k P_model / sum N_k P_h below kmax), their per-member lists, ``mean_f`` (the average f over
+    all particles), ``mean_f_members`` and ``truth_per_particle`` (the true tracers' summed weight over
+    the number of particles).
+
+    ``f_members``: the members' f on this rank's particles at ``pos``, as an (M, n) array, or as a
+    dict of M 1-d arrays that the routing to the evaluation slabs consumes (cut as they are sent).
+    The particles are routed once with all members' f (pos 12 + 4 M B per particle arrive) and every
+    field is painted from there. ``average_rows(result) -> rows``: which members the average takes,
+    decided from the members' entries of the result (default: all), listed in ``average_rows``."""
     fft = SlabFFT(comm, nmesh, box, dtype=np.float64)
     delta_h = overdensity(comm, paint(comm, true_pos, true_weight, nmesh, box, method="cic"))
     ph = power_spectrum(fft, delta_h, compensate="cic")
     out = {"k": ph["k"], "modes": ph["modes"], "edges": ph["edges"], "P_h": ph["power"]}
-    avg = _spectra(fft, delta_h, ph["power"], f_members.mean(axis=0), pos)
-    out.update({f"{k}_avg": v for k, v in avg.items()})
-    members = [_spectra(fft, delta_h, ph["power"], f, pos) for f in f_members]
-    for key in avg:
+    n = max(int(global_sum(comm, np.int64(len(pos)))), 1)
+    consume = isinstance(f_members, dict)
+    cols = f_members if consume else {f"f{m}": np.asarray(f) for m, f in enumerate(f_members)}
+    names = list(cols)
+    routed = route_to_slabs(comm, pos, cols, nmesh, box, what="evaluation", consume=consume)
+    del cols, f_members
+    rpos = routed.pop("pos")
+    members = [_spectra(fft, delta_h, ph["power"], routed[name], rpos) for name in names]
+    for key in (members[0] if members else {}):
         out[f"{key}_members"] = np.array([m[key] for m in members])
+    out["pk_ratio_lowk_members"] = [_lowk(ph["k"], m["ratio"], kmax) for m in members]
+    out["pk_ratio_lowk_modes_members"] = [_lowk_modes(ph["k"], ph["modes"], m["P_model"], ph["power"], kmax)
+                                          for m in members]
+    sums = global_sum(comm, np.array([routed[name].sum(dtype=np.float64) for name in names]))
+    out["mean_f_members"] = [float(x) / n for x in np.atleast_1d(sums)]
+    rows = list(range(len(names))) if average_rows is None else [int(r) for r in average_rows(out)]
+    if not rows:
+        raise ValueError("evaluate_simulation: the average takes no member")
+    avg = np.zeros(len(rpos), np.result_type(np.float32, *(routed[name].dtype for name in names)))
+    for r in rows:
+        avg += routed[names[r]]
+    avg /= avg.dtype.type(len(rows))
+    for name in names:
+        routed[name] = None
+    out["average_rows"] = rows
+    spec = _spectra(fft, delta_h, ph["power"], avg, rpos)
+    out.update({f"{k}_avg": v for k, v in spec.items()})
     out["pk_ratio_lowk"] = _lowk(ph["k"], out["ratio_avg"], kmax)
-    out["pk_ratio_lowk_members"] = [_lowk(ph["k"], r, kmax) for r in out["ratio_members"]]
     out["pk_ratio_lowk_modes"] = _lowk_modes(ph["k"], ph["modes"], out["P_model_avg"], ph["power"], kmax)
-    out["pk_ratio_lowk_modes_members"] = [_lowk_modes(ph["k"], ph["modes"], p, ph["power"], kmax)
-                                          for p in out["P_model_members"]]
-    n = global_sum(comm, np.int64(f_members.shape[1]))
-    out["mean_f"] = float(global_sum(comm, f_members.mean(axis=0).sum())) / max(int(n), 1)
-    out["mean_f_members"] = [float(x) / max(int(n), 1) for x in global_sum(comm, f_members.sum(axis=1))]
+    out["mean_f"] = float(np.mean([out["mean_f_members"][r] for r in rows]))  # = the average's, exactly
     # the true field's weight per particle: a perfect model's mean f on this box, relative to the
     # training boxes', is the ratio of these (boxes differ by their halo abundance)
-    out["truth_per_particle"] = float(global_sum(comm, np.asarray(true_weight, np.float64).sum())) / max(int(n), 1)
+    out["truth_per_particle"] = float(global_sum(comm, np.asarray(true_weight).sum(dtype=np.float64))) / n
     return out

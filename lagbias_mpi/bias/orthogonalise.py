@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 from mpi4py import MPI
 
+from lagbias_mpi.core.memory import ROWS_PER_STEP
+
 DENSITY_KINDS = ("delta", "lap")
 
 
@@ -37,7 +39,7 @@ class Orthogonaliser:
                    np.asarray(d["eigenvalues"], np.float64))
 
 
-COVARIANCE_CHUNK = 1 << 20  # rows per step of the covariance sums
+COVARIANCE_CHUNK = ROWS_PER_STEP  # rows per step of the covariance sums
 
 
 def global_covariance(comm, raw: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:

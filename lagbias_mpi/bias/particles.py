@@ -11,12 +11,13 @@ import numpy as np
 
 from lagbias_mpi.bias import features as feat
 from lagbias_mpi.bias.routing import route_eulerian, route_lagrangian
+from lagbias_mpi.core.memory import ROWS_PER_STEP
 from lagbias_mpi.io.simfile import LocalSimulation, SimulationMeta
 from lagbias_mpi.mesh.grid import ic_index, particle_id
 from lagbias_mpi.mesh.paint import slab_offset
 from lagbias_mpi.mpi.cells import CellOwnership
 
-READOUT_CHUNK = 1 << 20  # particles per step of the feature readout
+READOUT_CHUNK = ROWS_PER_STEP  # particles per step of the feature readout
 
 
 @dataclass
@@ -54,8 +55,8 @@ def featurised_particles(comm, sim: LocalSimulation, radii, kinds, moments=None,
     work of one column), its moments taken, read out at the particles' nearest IC grid point and
     dropped: no ``(planes, n, n, n_features)`` slab exists (36 B per IC cell less for 9 columns).
     ``release_loaded``: drop ``sim``'s loaded particle arrays once sent and its IC slab once
-    transformed. Bytes per particle: raw float32 (4 per column), pid 8, pos 12 (+ f_true 8), and the
-    8 B local IC offset while the columns are read out."""
+    transformed. Bytes per particle: raw float32 (4 per column), pid 8, pos 12 (+ f_true 4), and the
+    4 B local IC offset (8 B for slabs of 2^31 points or more) while the columns are read out."""
     meta = sim.meta
     feat.check_scales(radii, meta.box, meta.n_ic)
     cols = {"lagr_index": sim.lagr_index, "pos": sim.pos}
@@ -67,11 +68,14 @@ def featurised_particles(comm, sim: LocalSimulation, radii, kinds, moments=None,
     got = route_lagrangian(comm, cols, meta.ppd, meta.n_ic, stats=stats, with_ic_index=False)
     del cols
     lagr = got.pop("lagr_index")
-    offset = np.empty(len(lagr), np.int64)  # flat index into the local IC slab
+    slab_size = int(np.prod(sim.ic_delta.shape))
+    offset = np.empty(len(lagr), np.int32 if slab_size < 2**31 else np.int64)  # flat index into the IC slab
     for lo in range(0, len(lagr), READOUT_CHUNK):  # IC grid points a chunk at a time (24 B each)
         offset[lo:lo + READOUT_CHUNK] = slab_offset(ic_index(lagr[lo:lo + READOUT_CHUNK], meta.ppd, meta.n_ic),
                                                     sim.ic_start, sim.ic_delta.shape)
-    pid = particle_id(lagr, meta.ppd)
+    pid = np.empty(len(lagr), np.uint64)
+    for lo in range(0, len(lagr), READOUT_CHUNK):  # int64 lattice indices of one chunk at a time
+        pid[lo:lo + READOUT_CHUNK] = particle_id(lagr[lo:lo + READOUT_CHUNK], meta.ppd)
     del lagr
     n_col = len(radii) * len(kinds)
     raw = np.empty((len(pid), n_col), np.float32)
@@ -96,20 +100,23 @@ def featurised_particles(comm, sim: LocalSimulation, radii, kinds, moments=None,
     return parts, used, own
 
 
-def eulerian_route(comm, parts: Particles, n_grid: int, theta: np.ndarray | None = None,
-                   keep_raw: bool = True) -> Particles:
+def eulerian_route(comm, parts: Particles, n_grid: int, keep_raw: bool = True, consume: bool = True) -> Particles:
     """Send particles to the owner of their training-grid cell (sets ``cell`` and ``ownership``).
 
     Only what the next stages need travels: ``pid``, ``pos``, ``f_true`` (planted), the inputs
-    ``theta`` when given (float32; then ``theta`` is set) and the raw features when ``keep_raw``.
-    Bytes per particle: 8 + 12 + 4 n_in (+ 4 n_raw) (+ 8 for f_true), plus the 8 B cell id."""
+    ``parts.theta`` when set (float32) and the raw features when ``keep_raw``. With ``consume``
+    ``parts`` is used up (its arrays are moved into the exchange, which cuts them as it sends);
+    otherwise it is left whole. Bytes per particle:
+    8 + 12 + 4 n_in (+ 4 n_raw) (+ 8 for f_true), plus the cell id (4 B below 2^31 cells)."""
     cols = {"pid": parts.pid, "pos": parts.pos}
     if keep_raw:
         cols["raw"] = parts.raw
-    if theta is not None:
-        cols["theta"] = np.asarray(theta, np.float32)
+    if parts.theta is not None:
+        cols["theta"] = np.asarray(parts.theta, np.float32)
     if parts.f_true is not None:
         cols["f_true"] = parts.f_true
+    if consume:
+        parts.pid = parts.pos = parts.raw = parts.theta = parts.f_true = None
     got, own = route_eulerian(comm, cols, n_grid, parts.meta.box, stats=parts.exchange_stats)
     return Particles(parts.meta, got.get("raw"), got["pid"], got["pos"], got["cell"], got.get("f_true"),
                      parts.exchange_stats, own, got.get("theta"))

@@ -15,7 +15,9 @@ from lagbias_mpi.bias.routing import slab_to_owners
 from lagbias_mpi.bias.truth import delta_slab, true_tracers
 from lagbias_mpi.config.loader import ConfigError
 from lagbias_mpi.config.train import TrainRunConfig
+from lagbias_mpi.core.arrays import shrink_rows
 from lagbias_mpi.core.logs import get_logger
+from lagbias_mpi.core.memory import ROWS_PER_STEP
 from lagbias_mpi.io import sources
 from lagbias_mpi.io.simfile import SimulationFileError
 from lagbias_mpi.mpi.comm import global_sum
@@ -71,14 +73,26 @@ def sim_labels(n_train: int, n_val: int) -> list[str]:
     return tr + (["val"] if n_val == 1 else [f"val{i}" for i in range(n_val)])
 
 
-THETA_CHUNK = 1 << 20  # particles per step of the orthogonaliser (bounds its float64 temporaries)
+THETA_CHUNK = ROWS_PER_STEP  # particles per step of the orthogonaliser (bounds its float64 temporaries)
 
 
 def apply_orthogonaliser(orth, raw: np.ndarray, chunk: int = THETA_CHUNK) -> np.ndarray:
     """theta = orth(raw) as float32, computed in chunks (float64 arithmetic inside a chunk only)."""
-    out = np.empty((len(raw), orth.matrix.shape[0]), np.float32)
-    for lo in range(0, len(raw), chunk):
-        out[lo:lo + chunk] = orth.apply(raw[lo:lo + chunk])
+    return theta_of_raw(orth, {"raw": raw}, chunk, consume=False)
+
+
+def theta_of_raw(orth, holder: dict, chunk: int = THETA_CHUNK, consume: bool = True) -> np.ndarray:
+    """theta = orth(holder["raw"]) as float32, in chunks from the end; with ``consume`` the raw
+    array is taken out of ``holder`` and cut as theta fills (:func:`~lagbias_mpi.core.arrays.shrink_rows`),
+    so that raw (4 n_raw B per particle) and theta (4 n_in B) are not both whole at any time."""
+    hold = {"raw": holder.pop("raw") if consume else holder["raw"]}
+    n = len(hold["raw"])
+    out = np.empty((n, orth.matrix.shape[0]), np.float32)
+    for hi in range(n, 0, -chunk):
+        lo = max(hi - chunk, 0)
+        out[lo:hi] = orth.apply(hold["raw"][lo:hi])
+        if consume:
+            shrink_rows(hold, "raw", lo)
     return out
 
 
@@ -103,11 +117,15 @@ def _finish(comm, timer, cfg, sim, parts, spec, label, role, orth, exch, keep_ra
     owned cells."""
     with timer.stage("routing"):
         n_grid = int(round(sim.meta.box / cfg.grid.cell))
-        theta = apply_orthogonaliser(orth, parts.raw)
-        if not keep_raw:
+        if keep_raw:
+            parts.theta = apply_orthogonaliser(orth, parts.raw)
+        else:  # raw is cut as theta fills: 4 n_in B per particle instead of 4 (n_raw + n_in)
+            hold = {"raw": parts.raw}
             parts.raw = None
-        eparts = eulerian_route(comm, parts, n_grid, theta=theta, keep_raw=keep_raw)
-        del parts, theta
+            parts.theta = theta_of_raw(orth, hold)
+            del hold
+        eparts = eulerian_route(comm, parts, n_grid, keep_raw=keep_raw)
+        del parts
         tpos, tw, what = true_tracers(comm, sim, cfg.halos, particles=(eparts.pos, eparts.f_true))
         truth = slab_to_owners(comm, delta_slab(comm, tpos, tw, n_grid, sim.meta.box, "ngp"), n_grid,
                                eparts.ownership)

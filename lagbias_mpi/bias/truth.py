@@ -34,11 +34,11 @@ def true_tracers(comm, sim: LocalSimulation, halo_cfg, particles=None) -> tuple[
         pos, f_true = particles if particles is not None else (sim.pos, sim.f_true)
         if f_true is None:
             raise ValueError(f"{sim.meta.source}: planted simulation without f_true")
-        pos, w, what = pos, f_true.astype(np.float64), "planted f_true"
+        pos, w, what = pos, np.asarray(f_true), "planted f_true"  # float32 is painted as it is
     else:
         pos, w = select_halos(sim, halo_cfg)
         what = f"{int(global_sum(comm, np.int64(len(w))))} halos ({halo_cfg.weighting}-weighted)"
-    if float(global_sum(comm, w.sum())) <= 0:
+    if float(global_sum(comm, w.sum(dtype=np.float64))) <= 0:
         raise ValueError(f"{sim.meta.source}: the halo selection is empty (check halos.min_npart / "
                          f"min_mass; the particle mass is {sim.meta.particle_mass:.3g} Msun/h)")
     return pos, w, what

@@ -14,8 +14,9 @@ Memory model (``memory_per_rank``): every array ``lagbias_mpi.train`` holds at t
 with its dtype (``BYTES``), for the design of issue #11: one box in memory at a time (validation
 boxes are prepared and evaluated one by one after training); the particles routed to their IC
 plane before the features, each feature column computed and read out at them in turn (no feature
-slab), FFT work in ``features.fft_precision``; float32 features and inputs; an exchange holds its input and its preallocated output plus rounds of
-bounded size; float32 batch tensors of the selected particles plus the activations of one batch;
+slab), FFT work in ``features.fft_precision``; float32 features and inputs; an exchange consumes its input as its output fills (one copy of the
+records, int32 destinations, rounds of bounded size); batches that index the inputs (8 B per
+selected particle) plus the activations of one batch; chunked steps of ``ROWS_PER_STEP`` rows;
 float64 evaluation grids. On top: the measured resident memory of an idle training process
 (``BASELINE_MB``) and its size-independent growth during the run (``RUNTIME_MB``). Checked against
 real runs in docs/supercomputer.md and tests/test_plan.py.
@@ -33,6 +34,7 @@ import os
 from pathlib import Path
 
 from lagbias_mpi.bias.orthogonalise import COVARIANCE_CHUNK as COV_CHUNK_ROWS
+from lagbias_mpi.core.memory import ROWS_PER_STEP
 from lagbias_mpi.hpc.problem import ProblemSize
 from lagbias_mpi.mpi.exchange import EXCHANGE_CHUNK_BYTES as EXCHANGE_CHUNK
 
@@ -58,8 +60,9 @@ BYTES = {
     "ic_cell": 4,             # the IC slab, float32
     "act_copies": 6,          # per hidden layer and batch particle: linear, GELU, their grads, Adam
     "eval_cell": 56,          # model + true fields float64, their r2c slabs, paint ghost planes
-    "select_particle": 40,    # per-cell sub-sampling of all particles: hash priority, lexsort order, masks
-    "paint_particle": 40,     # CIC paint: float64 grid coordinates, weights, slab routing of the particles
+    "dest_particle": 4,       # int32 destination rank of every particle of an exchange
+    "chunk_row": 64,          # temporaries per row of one chunked step (ROWS_PER_STEP rows): hash
+                              # priorities, sort orders, float64 copies, the paint's bucket buffers
     "halo": 28,               # pos float32 x3 + npart int64 + mass float64
 }
 
@@ -147,15 +150,17 @@ def box_terms(size: ProblemSize, ranks: int, imbalance: float | None = None) -> 
     loaded = B["load_particle"] * n_p
     lag_set = (4 * F + 8 + 12) * n_p  # raw float32 + pid + pos after the Lagrangian readout
     ic = B["ic_cell"] * c_ic
-    # the Lagrangian exchange (input, output, rounds), then the columns one at a time: the routed
-    # particles with their raw rows and IC offsets (8 B) beside the FFT work of one column
-    lagrangian = 2 * loaded + 3 * min(EXCHANGE_CHUNK, B["load_particle"] * n_p)
-    columns = lag_set + 8 * n_p + fft_work_cell(size.fft_precision, P) * c_ic
+    steps = B["chunk_row"] * min(ROWS_PER_STEP, n_p)  # one chunked step's temporaries
+    # the Lagrangian exchange consumes its input as its output fills (one copy of the records plus
+    # destinations and one round), then the columns one at a time: the routed particles with their
+    # raw rows and int32 IC offsets beside the FFT work of one column
+    lagrangian = loaded + B["dest_particle"] * n_p + 3 * min(EXCHANGE_CHUNK, B["load_particle"] * n_p)
+    columns = lag_set + 4 * n_p + fft_work_cell(size.fft_precision, P) * c_ic + steps
     return {"P": P, "imbalance": imbalance, "n_p": n_p, "n_e": n_p * imbalance, "c_ic": c_ic,
             "c_ev": math.ceil(size.eval_nmesh / P) * size.eval_nmesh**2,
             "c_tr": math.ceil(size.train_nmesh / P) * size.train_nmesh**2,
             "base": BASELINE_MB * MB, "halos": B["halo"] * size.n_halos / P, "loaded": loaded,
-            "ic": ic, "lag_set": lag_set, "lagrangian": lagrangian, "columns": columns,
+            "ic": ic, "lag_set": lag_set, "lagrangian": lagrangian, "columns": columns, "steps": steps,
             "features": ic + max(lagrangian, columns)}
 
 
@@ -165,8 +170,8 @@ def memory_per_rank(size: ProblemSize, ranks: int, imbalance: float | None = Non
     Follows ``lagbias_mpi.train`` (issue #11 design): one box in memory at a time (the training box
     through training and its evaluation, then each validation box alone); float32 features and
     inputs theta; the Eulerian exchange carries theta + pid + position only; exchanges go in rounds
-    of ``EXCHANGE_CHUNK`` bytes into preallocated results, so an exchange holds its input and its
-    output (2 records per particle). Cells are owned in ranges balanced by particle count:
+    of ``EXCHANGE_CHUNK`` bytes into preallocated results and cut their inputs as they send, so an
+    exchange holds about one record per particle. Cells are owned in ranges balanced by particle count:
     ``imbalance`` (max/mean particles per rank after Eulerian routing) defaults to 1 on one rank,
     else 1.02 (measured: docs/supercomputer.md).
     """
@@ -176,27 +181,39 @@ def memory_per_rank(size: ProblemSize, ranks: int, imbalance: float | None = Non
     base, halos, loaded, ic = t["base"], t["halos"], t["loaded"], t["ic"]
     lag_set, features = t["lag_set"], t["features"]
     B, F, m = BYTES, size.n_raw, size.n_inputs
+    steps = t["steps"]
     n_cells = float(size.train_nmesh) ** 3
     eul_rec = 4 * m + 8 + 12  # theta float32 + pid + pos
-    prepared = (eul_rec + 8) * n_e  # + the cell id
+    prepared = (eul_rec + 4) * n_e  # + the int32 cell id
     chunk = 3 * min(EXCHANGE_CHUNK, eul_rec * n_p)  # packed send rows, receive buffer, row targets of one round
     keep = 0.0  # nothing of the FFTs outlives the feature stage (gc after it; measured, issue #11)
-    # Eulerian: theta computed while the raw features live, then input + int32 destination + output
-    eulerian = max(lag_set + 4 * m * n_p, eul_rec * n_p + 4 * n_p + eul_rec * n_e + chunk) + 12 * n_cells
+    # theta filled while the raw rows are cut (4 max(F, m) B), then the Eulerian exchange consuming
+    # its input (one copy + int32 destinations + a round), then the rows sorted by cell in place
+    # (int32 cell and destination, 1 B flag); the ownership from the sparse local cell counts
+    # (16 B per occupied cell: the rank's slab of cells and a margin of 8 planes) sent to the
+    # plane slabs (int64 counts and their cumulative sum per slab cell, int64 per owned cell)
+    occupied = min(n_p, n_cells / P + 8 * size.train_nmesh**2)
+    ownership = 16 * occupied + 2 * 8 * c_tr + 8 * n_cells / P * imbalance
+    eulerian = max((4 * max(F, m) + 20) * n_p, (eul_rec + B["dest_particle"]) * n_e + chunk,
+                   (eul_rec + 9) * n_e) + steps + ownership
     truth = 8 * n_cells / P * imbalance + 2 * 8 * c_tr  # owned values + the NGP slab and its copy
     sel = size.n_selected / P * imbalance
-    batches = (4 * m + 8 + 8) * sel + 16 * c_tr  # inputs, cell index, particle index; scale, target per cell
-    select = B["select_particle"] * n_e  # per-cell sub-sampling: hash priorities, sort orders
+    batches = 8 * sel + 16 * c_tr  # int32 particle and cell index per selected particle; scale, target per cell
+    select = 1 * n_e + steps  # the selection mask; sub-sampling and batch sort a chunk of cells at a time
     acts = size.batch_size / P * imbalance * size.depth * size.width * 4 * B["act_copies"]
-    # float32 f of every member and their average, the paint's particle terms, the float64 grids
-    evaluate = (size.ensemble + 1) * 4 * n_e + B["paint_particle"] * n_e + B["eval_cell"] * c_ev
+    acts += (4 * m + 8) * size.batch_size / P * imbalance  # the batch's gathered inputs and f
+    # the box used up: positions, the members' f (float32) consumed by one routing to the slabs
+    # (positions + every member's f arrive), their average, the float64 grids; the validation
+    # boxes' losses (batches of the prepared box) are computed in this stage before
+    evaluate = max((12 + B["dest_particle"] + 12 + 4 * size.ensemble + 4) * n_e + steps,
+                   prepared + batches + select) + B["eval_cell"] * c_ev
     stages = {
         "load": base + loaded + ic + halos,
         "features": base + halos + features,  # Lagrangian routing, then the columns read out
         "routing": base + keep + halos + eulerian + truth,
         "orthogonalise": base + keep + halos + lag_set + 8 * F * min(n_p, COV_CHUNK_ROWS),
         "train": base + keep + halos + prepared + truth + batches + max(select, acts),
-        "evaluate": base + keep + halos + prepared + truth + evaluate,
+        "evaluate": base + keep + halos + truth + evaluate,
     }
     stages = {k: v + RUNTIME_MB[k] * MB for k, v in stages.items()}
     return {"bytes": stages, "peak_bytes": max(stages.values()), "peak_stage": max(stages, key=stages.get),

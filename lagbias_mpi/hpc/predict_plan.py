@@ -12,13 +12,14 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from lagbias_mpi.core.memory import ROWS_PER_STEP
 from lagbias_mpi.hpc.planner import BYTES, MB, RUNTIME_MB, box_terms, time_per_stage
 from lagbias_mpi.hpc.problem import ProblemSize
 
 STAGES = ("load", "features", "routing", "predict", "field", "spectra")
 
 
-CHUNK = 1 << 20  # particles turned into network inputs at a time (lagbias_mpi.workflows.predict)
+CHUNK = ROWS_PER_STEP  # particles turned into network inputs at a time (lagbias_mpi.workflows.predict)
 
 
 def predict_memory_per_rank(size: ProblemSize, ranks: int, members: bool = False, particle_f: bool = False,
@@ -35,13 +36,14 @@ def predict_memory_per_rank(size: ProblemSize, ranks: int, members: bool = False
     # one chunk: theta float32 and its float64 temporaries, y and f of every member, activations
     chunk = CHUNK * (8 * F + 4 * size.n_inputs + 16 * M + 4 * size.width * 2)
     after = t["lag_set"] - 4 * F * n_p + f_bytes  # the feature rows are freed once f is known
-    paint = B["paint_particle"] * n_e + B["eval_cell"] * c_ev
+    # the paint's routing: positions and f arrive beside the int32 destinations, one chunk's buckets
+    paint = (12 + 4 + B["dest_particle"]) * n_e + t["steps"] + B["eval_cell"] * c_ev
     pf = (8 + 8 + 4 + (4 * M if members else 0)) * n_p if particle_f else 0.0  # sort order, pid, f copies
     stages = {
         "load": base + t["loaded"] + t["ic"] + halos,
-        # the loaded columns stay (the planted comparison paints them), beside the routed ones
-        "features": base + halos + t["loaded"] + t["features"],
-        "routing": base + halos + t["loaded"] + t["lag_set"],
+        # the loaded columns are dropped once routed (the planted comparison paints the routed ones)
+        "features": base + halos + t["features"],
+        "routing": base + halos + t["lag_set"],
         "predict": base + halos + t["lag_set"] + f_bytes + chunk,
         "field": base + halos + after + max(paint, pf),
         "spectra": base + halos + after + (paint if compare else 0.0),

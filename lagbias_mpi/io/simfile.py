@@ -154,25 +154,35 @@ def read_meta(path: str | os.PathLike) -> SimulationMeta:
         raise SimulationFileError(f"cannot read simulation file {path}: {exc}") from None
 
 
+VALUE_CHECK_ROWS = 1 << 18  # rows per step of the value checks (their masks stay a few MB)
+
+
 def _value_problems(meta: SimulationMeta, ic, lagr, pos, f_true, halo_pos) -> list[tuple[str, int, str]]:
-    """(what, count, an example) of the bad values in this rank's share (pure)."""
+    """(what, count, an example) of the bad values in this rank's share (pure; the masks are built
+    a chunk of rows at a time)."""
     half = 0.5 * meta.box * (1 + 1e-6)
     checks = [
-        ("non-finite values in /ic/delta", ~np.isfinite(ic), ic),
-        ("non-finite positions in /particles/pos", ~np.isfinite(pos).all(axis=1), pos),
+        ("non-finite values in /ic/delta", lambda x: ~np.isfinite(x), ic),
+        ("non-finite positions in /particles/pos", lambda x: ~np.isfinite(x).all(axis=1), pos),
         (f"positions outside the box [-{meta.box / 2:g}, {meta.box / 2:g}) Mpc/h in /particles/pos",
-         np.isfinite(pos).all(axis=1) & (np.abs(pos) > half).any(axis=1), pos),
+         lambda x: np.isfinite(x).all(axis=1) & (np.abs(x) > half).any(axis=1), pos),
         (f"lattice indices outside [0, ppd = {meta.ppd}) in /particles/lagr_index",
-         ((lagr < 0) | (lagr >= meta.ppd)).any(axis=1), lagr),
-        ("non-finite halo positions in /halos/pos", ~np.isfinite(halo_pos).all(axis=1), halo_pos),
+         lambda x: ((x < 0) | (x >= meta.ppd)).any(axis=1), lagr),
+        ("non-finite halo positions in /halos/pos", lambda x: ~np.isfinite(x).all(axis=1), halo_pos),
     ]
     if f_true is not None:
-        checks.append(("negative or non-finite weights in /planted/f_true", ~(np.isfinite(f_true) & (f_true >= 0)),
-                       f_true))
+        checks.append(("negative or non-finite weights in /planted/f_true",
+                       lambda x: ~(np.isfinite(x) & (x >= 0)), f_true))
     out = []
-    for what, bad, values in checks:
-        count = int(np.count_nonzero(bad))
-        example = str(values[np.unravel_index(np.argmax(bad), bad.shape)]) if count else ""  # a value or a row
+    for what, is_bad, values in checks:
+        count, example = 0, ""
+        for lo in range(0, len(values), VALUE_CHECK_ROWS):
+            chunk = values[lo:lo + VALUE_CHECK_ROWS]
+            bad = is_bad(chunk)
+            n_bad = int(np.count_nonzero(bad))
+            if n_bad and not count:  # a value or a row
+                example = str(chunk[np.unravel_index(np.argmax(bad), bad.shape)])
+            count += n_bad
         out.append((what, count, example))
     return out
 
@@ -198,11 +208,11 @@ def load_simulation(comm, path: str | os.PathLike, with_halos: bool = True) -> L
     meta = read_meta(path)  # refuses a file that does not fit the schema
     with open_h5(path, "r") as f:
         s0, s1 = slab_bounds(meta.n_ic, comm.size, comm.rank)
-        ic = f["ic/delta"][s0:s1].astype(np.float32)
+        ic = f["ic/delta"][s0:s1].astype(np.float32, copy=False)
         lo, hi = row_range(meta.n_particles, comm)
-        lagr = f["particles/lagr_index"][lo:hi].astype(np.int32)
-        pos = f["particles/pos"][lo:hi].astype(np.float32)
-        f_true = f["planted/f_true"][lo:hi].astype(np.float32) if "planted/f_true" in f else None
+        lagr = f["particles/lagr_index"][lo:hi].astype(np.int32, copy=False)
+        pos = f["particles/pos"][lo:hi].astype(np.float32, copy=False)
+        f_true = f["planted/f_true"][lo:hi].astype(np.float32, copy=False) if "planted/f_true" in f else None
         if with_halos and "halos/pos" in f:
             hlo, hhi = row_range(meta.n_halos, comm)
             hpos = f["halos/pos"][hlo:hhi].astype(np.float32)

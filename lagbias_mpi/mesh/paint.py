@@ -20,6 +20,7 @@ from __future__ import annotations
 import numpy as np
 from numba import literal_unroll, njit
 
+from lagbias_mpi.core.memory import ROWS_PER_STEP
 from lagbias_mpi.mesh.grid import cell_index, grid_coordinates
 from lagbias_mpi.mpi.comm import check_sum
 from lagbias_mpi.mpi.exchange import exchange
@@ -28,18 +29,29 @@ from lagbias_mpi.mpi.layout import plane_owner, slab_bounds
 METHODS = ("ngp", "cic")
 
 
+ROUTE_CHUNK = ROWS_PER_STEP  # particles per step of the destination computation
+
+
 def route_to_slabs(comm, pos: np.ndarray, columns: dict[str, np.ndarray], nmesh: int, box: float,
-                   what: str = "particles") -> dict[str, np.ndarray]:
+                   what: str = "particles", consume: bool = False) -> dict[str, np.ndarray]:
     """Send particles (``pos`` plus any columns) to the rank owning the slab of their NGP cell plane.
-    Returns the received columns including ``pos``."""
-    plane = cell_index(pos[:, :1], nmesh, box)[:, 0] if len(pos) else np.zeros(0, np.int64)
-    dest = plane_owner(plane, nmesh, comm.size) if len(pos) else np.zeros(0, np.int64)
-    cols = {"pos": np.asarray(pos)}
-    cols.update(columns)
-    return exchange(comm, cols, np.asarray(dest, dtype=np.int64), what=what)
+    Returns the received columns including ``pos``. ``consume``: the exchange takes the arrays out
+    of ``columns`` and cuts them as it sends (``pos`` is never cut). Beyond input and output the
+    routing holds 4 B of destination per particle and one exchange round."""
+    dest = np.empty(len(pos), np.int32 if comm.size < 2**31 else np.int64)
+    for lo in range(0, len(pos), ROUTE_CHUNK):
+        dest[lo:lo + ROUTE_CHUNK] = plane_owner(cell_index(pos[lo:lo + ROUTE_CHUNK, :1], nmesh, box)[:, 0],
+                                                nmesh, comm.size)
+    if "pos" in columns or "_dest" in columns:
+        raise ValueError("route_to_slabs: 'pos' and '_dest' are reserved column names")
+    cols = columns if consume else dict(columns)
+    cols["pos"] = np.asarray(pos)
+    cols["_dest"] = dest
+    del dest
+    return exchange(comm, cols, "_dest", what=what, consume=True)
 
 
-_CHUNK = 1 << 23  # particles bucketed and painted at a time (bounds the sort's extra memory)
+_CHUNK = ROWS_PER_STEP  # particles bucketed and painted at a time (bounds the sort's extra memory: 20 B each)
 
 
 _ROW_BLOCKS = 8  # buckets per plane along axis 1 (keeps the painted part of the grid in cache)
@@ -243,7 +255,9 @@ def paint(comm, pos: np.ndarray, weight: np.ndarray | float | None, nmesh: int, 
     pos = pos.reshape(n, 3)
     if pos.dtype not in (np.float32, np.float64):
         pos = pos.astype(np.float64)
-    weight = np.asarray(1.0 if weight is None else weight, dtype=np.float64)
+    weight = np.asarray(1.0 if weight is None else weight)
+    if weight.dtype not in (np.float32, np.float64) or not weight.ndim:
+        weight = weight.astype(np.float64)  # float32 weights are painted as they are (no copy)
     if weight.ndim and weight.shape != (n,):
         raise ValueError(f"paint: {weight.shape[0]} weights for {n} particles")
     if not routed:

@@ -31,11 +31,31 @@ def balanced_edges(counts: np.ndarray, size: int) -> np.ndarray:
     total = int(cum[-1])
     if total == 0:
         return slab_starts(n, size).astype(np.int64)
+    ks, cuts = cuts_in_piece(cum, 0, total, size)
+    return edges_from_cuts(cuts[np.argsort(ks)], n, size)
+
+
+def cuts_in_piece(cum_piece: np.ndarray, first_cell: int, total: int, size: int):
+    """The cuts of :func:`balanced_edges` that fall in one contiguous piece of the grid: ``cum_piece``
+    is the global cumulative count at the piece's cell boundaries ``first_cell .. first_cell + m``
+    (``m + 1`` values), ``total`` the global particle count. Returns ``(k, cut)``: for each target
+    ``k N / size`` (``k = 1 .. size-1``) with ``cum_piece[0] < target <= cum_piece[-1]``, the
+    boundary nearest to it (the upper one on a tie). Every target falls in exactly one piece of a
+    partition of the grid (pure)."""
+    cum_piece = np.asarray(cum_piece, np.int64)
     targets = total * np.arange(1, size, dtype=np.float64) / size
-    above = np.searchsorted(cum, targets, side="left")  # first boundary with cum >= target
-    below = np.maximum(above - 1, 0)
-    cuts = np.where(cum[above] - targets <= targets - cum[below], above, below)
-    edges = np.concatenate([[0], cuts, [n]]).astype(np.int64)
+    k = np.nonzero((targets > cum_piece[0]) & (targets <= cum_piece[-1]))[0]
+    t = targets[k]
+    above = np.searchsorted(cum_piece, t, side="left")  # first boundary with cum >= target (>= 1)
+    below = above - 1
+    cuts = np.where(cum_piece[above] - t <= t - cum_piece[below], above, below) + int(first_cell)
+    return k + 1, cuts.astype(np.int64)
+
+
+def edges_from_cuts(cuts: np.ndarray, n: int, size: int) -> np.ndarray:
+    """Edges from the ``size - 1`` cuts, moved the least needed so that every rank owns at least one
+    cell when there are at least as many cells as ranks (pure)."""
+    edges = np.concatenate([[0], np.asarray(cuts, np.int64), [n]]).astype(np.int64)
     if size <= n:  # every rank owns at least one cell: edges strictly increasing, edges[k] <= n - (size - k)
         k = np.arange(size + 1, dtype=np.int64)
         edges = np.maximum.accumulate(edges - k) + k

@@ -12,6 +12,7 @@ import numpy as np
 from mpi4py import MPI
 
 from lagbias_mpi.core.logs import get_logger
+from lagbias_mpi.core.memory import release_heap
 
 log = get_logger("parallel")
 
@@ -159,6 +160,7 @@ class StageTimer:
         self.comm.Barrier()
         if self.track_rss:
             self._overall_peak = max(self._overall_peak, peak_rss_mb())
+            release_heap()  # what earlier stages freed into the C heap is not this stage's
             reset_peak_rss()
         t0 = time.perf_counter()
         try:

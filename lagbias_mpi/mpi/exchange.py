@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 from mpi4py import MPI
 
+from lagbias_mpi.core.arrays import held_only_by, shrink_rows
 from lagbias_mpi.core.faults import fail_point
 from lagbias_mpi.mpi.cells import range_overlaps
 from lagbias_mpi.mpi.comm import check_count
@@ -47,58 +48,83 @@ def unpack_columns(packed: np.ndarray) -> dict[str, np.ndarray]:
     return {name: np.ascontiguousarray(packed[name]) for name in packed.dtype.names}
 
 
-EXCHANGE_CHUNK_BYTES = 1 << 27  # bytes of records each rank sends per round (128 MiB)
+EXCHANGE_CHUNK_BYTES = 1 << 22  # bytes of records each rank sends per round (4 MiB)
 
 
-def exchange(comm, columns: dict[str, np.ndarray], dest: np.ndarray, what: str = "particles",
-             return_stats: bool = False, chunk_bytes: int = EXCHANGE_CHUNK_BYTES):
+def exchange(comm, columns: dict[str, np.ndarray], dest, what: str = "particles",
+             return_stats: bool = False, chunk_bytes: int | None = None, consume: bool = False):
     """Send row ``i`` of every column to rank ``dest[i]``; return the received columns.
 
     Rows arrive grouped by source rank, in their original order within each source, so the result
     is deterministic (and independent of ``chunk_bytes``). Works with zero rows on any rank.
-    Collective over ``comm``. The rows go in rounds of at most ``chunk_bytes`` per rank into
-    preallocated result columns: beyond the input and the result, the exchange holds O(chunk) bytes.
+    Collective over ``comm``. The rows go in rounds of at most ``chunk_bytes`` per rank, from the
+    end of the input, into preallocated result columns (whose pages become resident as they fill).
+
+    ``consume``: the exchange takes the arrays out of ``columns`` (the dict is emptied; ``dest`` may
+    be the name of one of its columns, used as destinations and not sent) and cuts every input array
+    to the rows not yet sent after each round, so that input and result together hold about one
+    copy of the rows plus one round (:func:`shrink_rows`; an array the caller still references
+    elsewhere is not cut). Without it the exchange holds input + result + O(chunk) bytes.
     """
-    dest = np.asarray(dest)
-    if not columns:
+    chunk_bytes = EXCHANGE_CHUNK_BYTES if chunk_bytes is None else chunk_bytes
+    src = {name: columns.pop(name) for name in list(columns)} if consume else dict(columns)
+    if isinstance(dest, str):
+        if not consume or dest not in src:
+            raise ValueError("dest given by name needs consume=True and a column of that name")
+        dest = src.pop(dest)
+    hold = {"dest": np.asarray(dest)}
+    del dest
+    if not src:
         raise ValueError("exchange needs at least one column")
-    lengths = {name: len(col) for name, col in columns.items()}
+    lengths = {name: len(col) for name, col in src.items()}
     if len(set(lengths.values())) != 1:
         raise ValueError(f"columns have different lengths: {lengths}")
     n = next(iter(lengths.values()))
-    if len(dest) != n:
-        raise ValueError(f"dest has {len(dest)} entries for {n} rows")
-    if n and dest.dtype.kind not in "iu":
-        raise ValueError(f"destination ranks must be integers, got dtype {dest.dtype}")
-    if n and (dest.min() < 0 or dest.max() >= comm.size):
-        raise ValueError(f"destination ranks outside [0, {comm.size}): {dest.min()}..{dest.max()}")
-    dtype = np.dtype([(name, col.dtype, col.shape[1:]) for name, col in columns.items()])
+    d_all = hold["dest"]
+    if len(d_all) != n:
+        raise ValueError(f"dest has {len(d_all)} entries for {n} rows")
+    if n and d_all.dtype.kind not in "iu":
+        raise ValueError(f"destination ranks must be integers, got dtype {d_all.dtype}")
+    if n and (d_all.min() < 0 or d_all.max() >= comm.size):
+        raise ValueError(f"destination ranks outside [0, {comm.size}): {d_all.min()}..{d_all.max()}")
+    dtype = np.dtype([(name, col.dtype, col.shape[1:]) for name, col in src.items()])
     itemsize = dtype.itemsize
     fail_point(comm, "exchange")  # tests: one rank fails while the others wait in the Alltoall
-    if comm.size == 1:
-        out = {name: np.ascontiguousarray(col) for name, col in columns.items()}
+    if comm.size == 1:  # arrays held only by a consumed dict are handed over, others copied: the
+        # result never aliases an array the caller still holds (callers may change it in place)
+        out = {}
+        for name in list(src):
+            out[name] = src.pop(name) if consume and held_only_by(src, name) else np.array(src.pop(name), order="C")
+        del src, d_all, hold
         n_global = check_count(comm, n, n, what)
         stats = ExchangeStats(n, n, int(n * itemsize), int(n * itemsize), n_global)
         return (out, stats) if return_stats else out
-    send_total = np.bincount(dest, minlength=comm.size).astype(np.int64) if n else np.zeros(comm.size, np.int64)
+    send_total = np.bincount(d_all, minlength=comm.size).astype(np.int64) if n else np.zeros(comm.size, np.int64)
+    del d_all
     recv_total = np.empty(comm.size, dtype=np.int64)
     comm.Alltoall(send_total, recv_total)
     n_recv = int(recv_total.sum())
-    out = {name: np.empty((n_recv,) + col.shape[1:], col.dtype) for name, col in columns.items()}
-    filled = np.concatenate([[0], np.cumsum(recv_total)[:-1]])  # next free row of each source
+    out = {name: np.empty((n_recv,) + col.shape[1:], col.dtype) for name, col in src.items()}
+    end = np.cumsum(recv_total)  # one past the last unfilled row of each source (filled backwards)
     chunk_rows = max(1, int(chunk_bytes) // max(itemsize, 1))
     n_rounds = comm.allreduce(-(-n // chunk_rows), op=MPI.MAX)
     rowtype = MPI.BYTE.Create_contiguous(itemsize).Commit()
     try:
         for r in range(max(n_rounds, 1)):
-            lo, hi = min(r * chunk_rows, n), min((r + 1) * chunk_rows, n)
-            d = dest[lo:hi]
+            hi = max(n - r * chunk_rows, 0)
+            lo = max(hi - chunk_rows, 0)
+            d = hold["dest"][lo:hi]
             order = np.argsort(d, kind="stable")
             packed = np.empty(hi - lo, dtype=dtype)
-            for name, col in columns.items():
+            for name, col in src.items():
                 packed[name] = col[lo:hi][order]
-            del order
+            del order, col
             sc = np.bincount(d, minlength=comm.size).astype(np.int64)
+            del d
+            if consume:  # the rows of this round are packed: give their memory back
+                for name in list(src):
+                    shrink_rows(src, name, lo)
+                shrink_rows(hold, "dest", lo)
             rc = np.empty(comm.size, dtype=np.int64)
             comm.Alltoall(sc, rc)
             if max(int(sc.sum()), int(rc.sum())) >= 2**31:
@@ -109,14 +135,15 @@ def exchange(comm, columns: dict[str, np.ndarray], dest: np.ndarray, what: str =
             comm.Alltoallv([packed.view(np.uint8), (sc.astype(np.int32), sd.astype(np.int32)), rowtype],
                            [recvbuf.view(np.uint8), (rc.astype(np.int32), rd.astype(np.int32)), rowtype])
             del packed
-            # rows from source s go to out[filled[s] : filled[s] + rc[s]]
-            target = np.repeat(filled - rd, rc) + np.arange(len(recvbuf), dtype=np.int64)
+            # rows from source s go to out[end[s] - rc[s] : end[s]] (earlier rounds sent later rows)
+            target = np.repeat(end - rc - rd, rc) + np.arange(len(recvbuf), dtype=np.int64)
             for name in out:
                 out[name][target] = recvbuf[name]
-            filled += rc
+            end -= rc
             del recvbuf, target
     finally:
         rowtype.Free()
+    del src, hold
     n_global = check_count(comm, n, n_recv, what)
     if return_stats:
         return out, ExchangeStats(n, n_recv, int(n * itemsize), int(n_recv * itemsize), n_global)

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from lagbias_mpi.core.memory import ROWS_PER_STEP
 from lagbias_mpi.mpi.comm import global_sum
 from lagbias_mpi.training.sampling import (
     batch_of_cells,
@@ -28,15 +29,18 @@ from lagbias_mpi.training.sampling import (
     cell_weight,
     n_batches_for,
     select_in_cells,
+    sorted_by_cell_and_id,
 )
 
 
 @dataclass
 class Batch:
-    """This rank's part of one global batch, as contiguous tensors."""
+    """This rank's part of one global batch. The inputs are not copied: ``x`` gathers the rows
+    ``pidx`` of the simulation's theta when asked (once per step), so a batch costs 8 B per
+    selected particle (``pidx`` and ``idx``, int32) instead of 4 n_in + 16."""
 
-    x: torch.Tensor  # (n_b, n_in) inputs of the selected particles
-    idx: torch.Tensor  # (n_b,) cell of each particle, local to the batch
+    theta: np.ndarray  # (n_particles_local, n_in) float32: the rank's inputs of the simulation (shared)
+    idx: torch.Tensor  # (n_b,) int32 cell of each particle, local to the batch
     scale: torch.Tensor  # (n_cells_b,) N_cells/N_part * n/n_sel
     weight: torch.Tensor  # (n_cells_b,) n/n_sel: the particles each selected particle stands for
     target: torch.Tensor  # (n_cells_b,) delta_true
@@ -47,8 +51,19 @@ class Batch:
     box: int = 0  # which training simulation (for the Fourier-space loss's coefficients)
 
     @property
+    def x(self) -> torch.Tensor:
+        """(n_b, n_in) inputs of the selected particles, gathered from theta (a new tensor)."""
+        return torch.as_tensor(self.theta[self.pidx], device=self.scale.device).to(self.scale.dtype)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.scale.dtype
+
+    @property
     def nbytes(self) -> int:
-        return sum(t.element_size() * t.nelement() for t in (self.x, self.idx, self.scale, self.weight, self.target))
+        """Bytes this batch holds (theta is shared, not counted)."""
+        return self.pidx.nbytes + sum(t.element_size() * t.nelement()
+                                      for t in (self.idx, self.scale, self.weight, self.target))
 
 
 @dataclass
@@ -77,11 +92,16 @@ def build_batches(comm, theta: np.ndarray, cell: np.ndarray, pid: np.ndarray, ta
     scale = cell_scale(n, n_sel, n_cells_total, n_part)
     weight = cell_weight(n, n_sel)
     target = target_of_cells(cells) if len(cells) else np.zeros(0)
-    sel = np.nonzero(selected)[0]
-    pc = cell[sel]
-    pb = bcell[np.searchsorted(cells, pc)]
-    porder = sel[np.lexsort((pid[sel], pc, pb))]
-    p_edges = np.searchsorted(np.sort(pb), np.arange(nb + 1))
+    if sorted_by_cell_and_id(cell, pid):
+        porder, p_edges = _batch_rows_grouped(selected, cell, cells, bcell, nb)
+    else:  # one sort of the selected rows by (batch, cell, pid)
+        sel = np.nonzero(selected)[0]
+        pc = cell[sel]
+        pb = bcell[np.searchsorted(cells, pc)]
+        porder = sel[np.lexsort((pid[sel], pc, pb))]
+        p_edges = np.searchsorted(np.sort(pb), np.arange(nb + 1))
+        del sel, pc, pb
+    del selected
     corder = np.lexsort((cells, bcell))
     c_edges = np.searchsorted(bcell[corder], np.arange(nb + 1))
     counts = global_sum(comm, np.diff(p_edges).astype(np.int64))
@@ -90,18 +110,44 @@ def build_batches(comm, theta: np.ndarray, cell: np.ndarray, pid: np.ndarray, ta
     n_all = global_sum(comm, np.rint(c_n).astype(np.int64))
     true_sum = global_sum(comm, np.asarray(c_t, np.float64)) * (n_part / n_cells_total)
     batches = []
+    pidx_dtype = np.int32 if len(theta) < 2**31 else np.int64
+    porder = porder.astype(pidx_dtype, copy=False)
     for b in range(nb):
         pidx = porder[p_edges[b]:p_edges[b + 1]]
         cidx = corder[c_edges[b]:c_edges[b + 1]]
         local_cell = np.searchsorted(cells[cidx], cell[pidx])
         batches.append(Batch(
-            x=torch.as_tensor(np.ascontiguousarray(theta[pidx]), dtype=dtype, device=device),
-            idx=torch.as_tensor(local_cell, dtype=torch.long, device=device),
+            theta=theta,
+            idx=torch.as_tensor(local_cell.astype(np.int32), device=device),
             scale=torch.as_tensor(scale[cidx], dtype=dtype, device=device),
             weight=torch.as_tensor(weight[cidx], dtype=dtype, device=device),
             target=torch.as_tensor(target[cidx], dtype=dtype, device=device),
-            n_global=int(counts[b]), n_all=int(n_all[b]), true_sum=float(true_sum[b]), pidx=pidx, box=box))
+            n_global=int(counts[b]), n_all=int(n_all[b]), true_sum=float(true_sum[b]),
+            pidx=pidx, box=box))
     return BatchSet(batches, total, len(cells), int(np.sum(n_all)))
+
+
+def _batch_rows_grouped(selected, cell, cells, bcell, nb: int, chunk: int = ROWS_PER_STEP):
+    """The selected rows ordered by (batch, row) with each batch's edges, for rows ordered by
+    (cell, pid): then (batch, row) is (batch, cell, pid), the order of the general path. A counting
+    sort in two passes over chunks: 4 B per selected particle (int32 rows) and O(chunk) temporaries."""
+    counts = np.zeros(nb, np.int64)
+    for lo in range(0, len(cell), chunk):
+        rows = lo + np.flatnonzero(selected[lo:lo + chunk])
+        counts += np.bincount(bcell[np.searchsorted(cells, cell[rows])], minlength=nb)
+    p_edges = np.concatenate([[0], np.cumsum(counts)])
+    porder = np.empty(int(p_edges[-1]), np.int32 if len(cell) < 2**31 else np.int64)
+    nxt = p_edges[:-1].copy()
+    for lo in range(0, len(cell), chunk):
+        rows = lo + np.flatnonzero(selected[lo:lo + chunk])
+        pb = bcell[np.searchsorted(cells, cell[rows])]
+        order = np.argsort(pb, kind="stable")
+        bs = pb[order]
+        per = np.bincount(bs, minlength=nb)
+        first = np.cumsum(per) - per
+        porder[nxt[bs] + (np.arange(len(bs)) - first[bs])] = rows[order]
+        nxt += per
+    return porder, p_edges
 
 
 def interleave(sets: list[BatchSet]) -> BatchSet:

@@ -111,7 +111,7 @@ def _step(comm, dmodel, opt, batch: Batch, eps, guard_y: float, kspace_coef: np.
     afterwards, so that the scheduler and checkpoints see the epoch's lr). Returns (whole-batch
     loss, global sum of f, whether any rank wants to stop). A non-finite loss is not stepped on."""
     opt.zero_grad(set_to_none=False)
-    coef = None if kspace_coef is None else torch.as_tensor(kspace_coef, dtype=batch.x.dtype, device=batch.x.device)
+    coef = None if kspace_coef is None else torch.as_tensor(kspace_coef, dtype=batch.dtype, device=batch.scale.device)
     obj, loss, s_glob, stopping = local_objective(comm, dmodel, batch, eps, guard_y, coef, stop_wish, others,
                                                   constraint)
     fail_point(comm, "ddp_step")  # tests: one rank fails while the others enter DDP's all-reduce

@@ -111,7 +111,9 @@ def train_ensemble(comm, cfg, trs: list, vals: list, shape: dict, ckpt_dir: Path
         except TrainingDiverged as exc:
             log.error(f"member {member} left out of the ensemble: {exc}")
             failures[member] = f"diverged in training: {exc}"
+            del tset, fsets, vsets
             continue
+        del tset, fsets, vsets  # freed before the next member's batches are built
         state = res.state
         if tcfg.eps(tcfg.epochs) is not None:  # the constraint is on: make it exact over all particles
             state, factor = normalise_over_all_particles(comm, shape, state, trs, dtype, device)

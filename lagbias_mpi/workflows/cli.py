@@ -9,6 +9,7 @@ from mpi4py import MPI
 
 from lagbias_mpi.config.loader import ConfigError, to_dict
 from lagbias_mpi.core.atomic import write_json
+from lagbias_mpi.core.memory import tune_malloc
 from lagbias_mpi.io.simfile import SimulationFileError
 from lagbias_mpi.mpi.comm import abort_on_exception, peak_rss_mb
 from lagbias_mpi.mpi.environment import environment_info
@@ -21,6 +22,8 @@ def run_command(comm, body: Callable[[], object]) -> int:
     returns 2 (no traceback); on several ranks, and for any other exception, the whole job ends with
     MPI Abort and the message (never a hang).
     """
+
+    tune_malloc()  # large temporaries are unmapped when freed (lagbias_mpi.core.memory)
 
     @abort_on_exception(comm)
     def guarded() -> int:

@@ -77,7 +77,7 @@ def run(comm, config_path, overrides=None, nn_run=None, out=None, base_dir=None)
             with timer.stage("fit"):
                 binning = fit_binning(comm, parts.raw, (0, 1), lcfg)
                 n_grid = int(round(sim.meta.box / cfg.grid.cell))
-                eparts = eulerian_route(comm, parts, n_grid)
+                eparts = eulerian_route(comm, parts, n_grid, consume=False)
                 own = eparts.ownership
                 truth = slab_to_owners(comm, delta_slab(comm, tpos, tw, n_grid, sim.meta.box, "ngp"), n_grid, own)
                 ne = normal_equations(comm, eparts.cell, eparts.pid, binning.bins(eparts.raw), binning.n_bins,

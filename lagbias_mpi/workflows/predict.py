@@ -32,6 +32,7 @@ from lagbias_mpi.config.loader import ConfigError, to_dict
 from lagbias_mpi.config.predict import PredictConfig, load_predict_config
 from lagbias_mpi.config.train import config_run_hash, load_train_config
 from lagbias_mpi.core.logs import get_logger, setup_logging
+from lagbias_mpi.core.memory import ROWS_PER_STEP
 from lagbias_mpi.io import sources
 from lagbias_mpi.io.fieldfile import write_field, write_particles
 from lagbias_mpi.io.spectra import write_spectra
@@ -49,7 +50,7 @@ from lagbias_mpi.workflows.cli import write_summary
 log = get_logger("predict")
 
 
-CHUNK = 1 << 20  # particles turned into network inputs at a time
+CHUNK = ROWS_PER_STEP  # particles turned into network inputs at a time
 
 
 def training_run(run_dir: Path):
@@ -169,16 +170,15 @@ def _run(comm, cfg: PredictConfig, run_dir, out_dir, ens, spec, run_hash, resolv
         log.info(f"features: {meta.n_particles} particles to their Lagrangian slab, {len(names)} columns "
                  f"on the {meta.n_ic}^3 IC grid (training moments) read out one at a time")
         parts, _, own = featurised_particles(comm, sim, ens.radii, ens.kinds, ens.moments,
-                                             fft_dtype=ens.fft_dtype)
-        sim.ic_delta = None
+                                             release_loaded=True, fft_dtype=ens.fft_dtype)
         moments = moment_check(comm, own, ens.moments, names, cfg.checks.moment_tolerance)
     with timer.stage("routing"):
         n_glob = int(global_sum(comm, np.int64(parts.n_local)))
         if n_glob != meta.n_particles:
             raise ValueError(f"{label}: {n_glob} particles routed, metadata says {meta.n_particles}")
-    tracers = true_tracers(comm, sim, resolved["halos"]) if resolved["compare"] else None
-    if tracers is None or meta.kind != "planted":
-        sim.pos = sim.lagr_index = sim.f_true = None  # the routed copy is all that is needed now
+    # the loaded particle arrays were dropped once routed: planted tracers are the routed particles
+    tracers = (true_tracers(comm, sim, resolved["halos"], particles=(parts.pos, parts.f_true))
+               if resolved["compare"] else None)
     with timer.stage("predict"):
         log.info(f"predict: f of {n_glob} particles, {ens.n_members} members")
         n = parts.n_local

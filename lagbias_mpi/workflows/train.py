@@ -77,14 +77,37 @@ def figs_dir(run_dir: Path) -> Path:
     return run_dir / "figures"
 
 
-def _evaluate_box(comm, timer, cfg, ens, s, results: dict, meta: dict) -> None:
-    """Spectra of the ensemble on one prepared box into ``results[s.label]`` (collective)."""
+F_CHUNK = 1 << 16  # particles per forward pass of the evaluation (bounded activations)
+
+
+def member_f_columns(ens, theta: np.ndarray) -> dict[str, np.ndarray]:
+    """Every member's f (float32, 4 B per member per particle) at the inputs ``theta``, one 1-d array
+    per member (``f0``, ``f1``, ...: separate arrays, so that the evaluation's routing can consume them)."""
+    cols = {f"f{m}": np.empty(len(theta), np.float32) for m in range(ens.n_members)}
+    for lo in range(0, len(theta), F_CHUNK):
+        fm = ens.predict_f_members(theta[lo:lo + F_CHUNK], dtype=np.float32)
+        for m in range(ens.n_members):
+            cols[f"f{m}"][lo:lo + F_CHUNK] = fm[m]
+    return cols
+
+
+def healthy_rows(result: dict) -> list[int]:
+    """Members (rows of an evaluation) that pass :func:`member_health`; all when none does."""
+    rows = [i for i, (p, m) in enumerate(zip(result["pk_ratio_lowk_members"], result["mean_f_members"]))
+            if member_health(p, m)["ok"]]
+    return rows or list(range(len(result["pk_ratio_lowk_members"])))
+
+
+def _evaluate_box(comm, timer, cfg, ens, s, results: dict, meta: dict, average_rows=None) -> None:
+    """Spectra of the ensemble on one prepared box into ``results[s.label]`` (collective). The box is
+    used up: its inputs, ids and cells are dropped once f is computed, and the members' f are consumed
+    by the routing to the evaluation slabs (pos 12 + 4 M B per particle arrive)."""
     with timer.stage("evaluate"):
         nmesh = eval_nmesh(cfg.grid, s.sim.meta.box)
-        f_members = ens.predict_f_members(s.theta, dtype=np.float32)  # 4 B per member per particle
-        results[s.label] = evaluate_simulation(comm, f_members, s.parts.pos, *s.tracers, s.sim.meta.box,
-                                               nmesh, cfg.grid.kmax_lowk)
-        del f_members
+        f_cols = member_f_columns(ens, s.theta)
+        s.theta = s.parts.theta = s.parts.pid = s.parts.cell = None
+        results[s.label] = evaluate_simulation(comm, f_cols, s.parts.pos, *s.tracers, s.sim.meta.box,
+                                               nmesh, cfg.grid.kmax_lowk, average_rows=average_rows)
         meta[s.label] = {"role": s.role, "source": str(s.spec.get("path", "")), "nmesh": nmesh}
         log.info(f"evaluate {s.label}: P_model/P_h at k < {cfg.grid.kmax_lowk} = "
                  f"{results[s.label]['pk_ratio_lowk']:.4f} (mode-weighted "
@@ -152,8 +175,14 @@ def _run(comm, cfg, run_dir, train_specs, val_specs, resume, stop: StopControl):
                    to_dict(cfg))
     ens_all = ens  # every trained member, in the order of ``histories`` (validation losses below)
     results, meta = {}, {}
-    log.info("evaluate: ensemble-average and member f on all particles, CIC spectra")
-    _evaluate_box(comm, timer, cfg, ens, tr, results, meta)
+    balance = {"n_particles": sum(t.sim.meta.n_particles for t in trs),
+               "particles_local": sum(t.parts.n_local for t in trs),
+               "cells_local": sum(int(t.ownership.counts()[comm.rank]) for t in trs)}
+    n_show = min(tr.parts.n_local, 20000)
+    show = ((tr.theta[:n_show].copy(), None if tr.parts.f_true is None else tr.parts.f_true[:n_show].copy())
+            if comm.rank == 0 and n_show and cfg.run.figures else None)
+    log.info("evaluate: every member's f on all particles, CIC spectra, the average of the healthy members")
+    _evaluate_box(comm, timer, cfg, ens, tr, results, meta, average_rows=healthy_rows)
     members_ok, trained_ids = _members_ok(tcfg.ensemble, failures, results[tr.label])
     keep = [i for i in trained_ids if members_ok[i]["ok"]]
     if keep and len(keep) < len(states):
@@ -161,21 +190,15 @@ def _run(comm, cfg, run_dir, train_specs, val_specs, resume, stop: StopControl):
                     f"{[(j, m['reason']) for j, m in enumerate(members_ok) if not m['ok']]})")
         ens = Ensemble(shape, [states[trained_ids.index(i)] for i in keep], orth, moments, names,
                        cfg.features.radii, cfg.features.kinds, tcfg.dtype, to_dict(cfg))
-        _evaluate_box(comm, timer, cfg, ens, tr, results, meta)
     elif not keep:
         log.error("no member passed the flat/diverged check; the ensemble keeps all trained members")
     if comm.rank == 0:
         ens.save(run_dir / "model.pt")
-    balance = {"n_particles": sum(t.sim.meta.n_particles for t in trs),
-               "particles_local": sum(t.parts.n_local for t in trs),
-               "cells_local": sum(int(t.ownership.counts()[comm.rank]) for t in trs)}
     for box in trs[1:]:
         _evaluate_box(comm, timer, cfg, ens, box, results, meta)
-    n_show = min(tr.parts.n_local, 20000)
-    if comm.rank == 0 and n_show and cfg.run.figures:
-        f_show = ens.predict_f_members(tr.theta[:n_show]).mean(axis=0)
-        ft = tr.parts.f_true[:n_show] if tr.parts.f_true is not None else None
-        plots.plot_f(tr.theta[:n_show, 0], f_show, figs_dir(run_dir) / "f_vs_theta0.png", ft)
+    if show is not None:
+        f_show = ens.predict_f_members(show[0]).mean(axis=0)
+        plots.plot_f(show[0][:, 0], f_show, figs_dir(run_dir) / "f_vs_theta0.png", show[1])
     del trs, tr  # the training boxes are freed before any validation box is prepared
     val_losses, val_labels = [], sim_labels(len(train_specs), len(val_specs))[len(train_specs):]
     for spec, label in zip(val_specs, val_labels):

@@ -1,0 +1,57 @@
+"""Evaluation of member fields: one routing with every member's f, consumed columns, the average of
+chosen members, and the same spectra on any number of ranks."""
+import numpy as np
+import pytest
+from mpi4py import MPI
+
+from lagbias_mpi.bias.evaluate import evaluate_simulation
+
+BOX, NMESH = 100.0, 16
+
+
+def _particles(comm, n_total=6000, seed=5):
+    rng = np.random.default_rng(seed)
+    pos = ((rng.random((n_total, 3)) - 0.5) * BOX).astype(np.float32)
+    f = np.stack([1 + 0.5 * np.sin(pos[:, 0] / 7), 1 + 0.3 * np.cos(pos[:, 1] / 5), np.full(n_total, 1.0)])
+    f = f.astype(np.float32)
+    halo = ((rng.random((300, 3)) - 0.5) * BOX).astype(np.float32)
+    parts = np.array_split(np.arange(n_total), comm.size)[comm.rank]
+    hparts = np.array_split(np.arange(300), comm.size)[comm.rank]
+    return pos[parts], f[:, parts], halo[hparts], np.ones(len(hparts))
+
+
+@pytest.mark.mpi
+def test_consumed_columns_and_average_rows(comm):
+    pos, f, hpos, hw = _particles(comm)
+    ref = evaluate_simulation(comm, f, pos, hpos, hw, BOX, NMESH, kmax=0.5)
+    cols = {f"f{m}": f[m].copy() for m in range(len(f))}
+    got = evaluate_simulation(comm, cols, pos, hpos, hw, BOX, NMESH, kmax=0.5)
+    assert cols == {}
+    for key in ("P_model_avg", "ratio_members", "P_h"):
+        np.testing.assert_allclose(got[key], ref[key], rtol=1e-12)
+    assert got["average_rows"] == [0, 1, 2] and abs(got["mean_f"] - np.mean(got["mean_f_members"])) < 1e-15
+    n = comm.allreduce(len(pos))
+    direct = comm.allreduce(float(f.astype(np.float64).sum(axis=1)[0])) / n
+    assert abs(got["mean_f_members"][0] - direct) < 1e-12
+    one = evaluate_simulation(comm, f, pos, hpos, hw, BOX, NMESH, kmax=0.5, average_rows=lambda r: [1])
+    np.testing.assert_allclose(one["P_model_avg"], ref["P_model_members"][1], rtol=1e-6)
+    assert one["average_rows"] == [1] and one["mean_f"] == one["mean_f_members"][1]
+
+
+@pytest.mark.mpi
+def test_same_spectra_as_one_rank(comm):
+    pos, f, hpos, hw = _particles(comm)
+    got = evaluate_simulation(comm, f, pos, hpos, hw, BOX, NMESH, kmax=0.5)
+    all_pos = np.concatenate(comm.allgather(pos))
+    all_f = np.concatenate(comm.allgather(f), axis=1)
+    all_h = np.concatenate(comm.allgather(hpos))
+    ref = evaluate_simulation(MPI.COMM_SELF, all_f, all_pos, all_h, np.ones(len(all_h)), BOX, NMESH, kmax=0.5)
+    for key in ("P_model_avg", "P_model_members", "P_hm_avg", "P_h"):
+        np.testing.assert_allclose(got[key], ref[key], rtol=1e-10)
+    assert abs(got["mean_f"] - ref["mean_f"]) < 1e-12
+
+
+def test_average_of_no_member_refused():
+    pos, f, hpos, hw = _particles(MPI.COMM_SELF, n_total=500)
+    with pytest.raises(ValueError, match="no member"):
+        evaluate_simulation(MPI.COMM_SELF, f, pos, hpos, hw, BOX, NMESH, average_rows=lambda r: [])
