@@ -44,11 +44,12 @@ def route_to_slabs(comm, pos: np.ndarray, columns: dict[str, np.ndarray], nmesh:
                                                 nmesh, comm.size)
     if "pos" in columns or "_dest" in columns:
         raise ValueError("route_to_slabs: 'pos' and '_dest' are reserved column names")
-    cols = columns if consume else dict(columns)
-    cols["pos"] = np.asarray(pos)
-    cols["_dest"] = dest
+    if not consume:
+        return exchange(comm, {"pos": np.asarray(pos), **columns}, dest, what=what)
+    columns["pos"] = np.asarray(pos)
+    columns["_dest"] = dest
     del dest
-    return exchange(comm, cols, "_dest", what=what, consume=True)
+    return exchange(comm, columns, "_dest", what=what, consume=True)
 
 
 _CHUNK = ROWS_PER_STEP  # particles bucketed and painted at a time (bounds the sort's extra memory: 20 B each)

@@ -90,11 +90,15 @@ def exchange(comm, columns: dict[str, np.ndarray], dest, what: str = "particles"
     dtype = np.dtype([(name, col.dtype, col.shape[1:]) for name, col in src.items()])
     itemsize = dtype.itemsize
     fail_point(comm, "exchange")  # tests: one rank fails while the others wait in the Alltoall
-    if comm.size == 1:  # arrays held only by a consumed dict are handed over, others copied: the
-        # result never aliases an array the caller still holds (callers may change it in place)
+    if comm.size == 1:  # consumed: arrays held only by the dict are handed over, others copied (a
+        # consumed result never aliases an array the caller still holds: callers change it in place);
+        # not consumed: the inputs themselves when contiguous (no copy, as a read-only result)
         out = {}
         for name in list(src):
-            out[name] = src.pop(name) if consume and held_only_by(src, name) else np.array(src.pop(name), order="C")
+            if not consume:
+                out[name] = np.ascontiguousarray(src.pop(name))
+            else:
+                out[name] = src.pop(name) if held_only_by(src, name) else np.array(src.pop(name), order="C")
         del src, d_all, hold
         n_global = check_count(comm, n, n, what)
         stats = ExchangeStats(n, n, int(n * itemsize), int(n * itemsize), n_global)
