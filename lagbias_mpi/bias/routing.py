@@ -87,11 +87,6 @@ def slab_cell_counts(comm, pos: np.ndarray, n_grid: int, box: float) -> np.ndarr
     return np.bincount(got["cell"] - lo, weights=got["count"], minlength=hi - lo).astype(np.int64)
 
 
-def balanced_ownership(comm, pos: np.ndarray, n_grid: int, box: float) -> CellOwnership:
-    """Cell ownership balanced by the global particle count of the cells of ``pos`` (collective)."""
-    return _ownership_and_counts(comm, pos, n_grid, box)[0]
-
-
 def _ownership_and_counts(comm, pos, n_grid: int, box: float):
     """(ownership balanced by particle count, global particle count (int64) of each cell this rank
     owns), from the slab counts: one sparse exchange of the local counts, an Allgather of the slab

@@ -12,6 +12,7 @@ import yaml
 from mpi4py import MPI
 
 from lagbias_mpi.analysis import plots
+from lagbias_mpi.bias.ensemble import CHUNK as FORWARD_CHUNK
 from lagbias_mpi.bias.ensemble import Ensemble
 from lagbias_mpi.bias.evaluate import evaluate_simulation, member_health
 from lagbias_mpi.bias.prepare import (
@@ -77,17 +78,14 @@ def figs_dir(run_dir: Path) -> Path:
     return run_dir / "figures"
 
 
-F_CHUNK = 1 << 16  # particles per forward pass of the evaluation (bounded activations)
-
-
 def member_f_columns(ens, theta: np.ndarray) -> dict[str, np.ndarray]:
     """Every member's f (float32, 4 B per member per particle) at the inputs ``theta``, one 1-d array
     per member (``f0``, ``f1``, ...: separate arrays, so that the evaluation's routing can consume them)."""
     cols = {f"f{m}": np.empty(len(theta), np.float32) for m in range(ens.n_members)}
-    for lo in range(0, len(theta), F_CHUNK):
-        fm = ens.predict_f_members(theta[lo:lo + F_CHUNK], dtype=np.float32)
+    for lo in range(0, len(theta), FORWARD_CHUNK):
+        fm = ens.predict_f_members(theta[lo:lo + FORWARD_CHUNK], dtype=np.float32)
         for m in range(ens.n_members):
-            cols[f"f{m}"][lo:lo + F_CHUNK] = fm[m]
+            cols[f"f{m}"][lo:lo + FORWARD_CHUNK] = fm[m]
     return cols
 
 
