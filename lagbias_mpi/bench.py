@@ -17,7 +17,7 @@ Writes ``DIR/summary.json`` (atomically) with
   ``FFT_WORK_CELL``);
 - ``n_ranks``, versions, the arguments and the wall time of each stage.
 ``--recovery``: instead, the recovery benchmark of planted truths (:mod:`lagbias_mpi.workflows.recovery`;
-``--truths corners|full|centre``, ``--settings shipped|all|both``, ``--config``, ``--set``), written to
+``--truths corners|full|centre``, ``--settings shipped|all|inputs|both|every``, ``--config``, ``--set``), written to
 ``DIR/recovery.json`` and ``DIR/recovery.md``.
 ``--save-costs [PATH]`` also writes the per-unit costs (default: ``$LAGBIAS_COSTS`` or ``~/.cache/lagbias_mpi/costs.json``, where the planner looks first)
 that the resource planner (:mod:`lagbias_mpi.plan`) loads; see docs/benchmarks.md.
@@ -53,7 +53,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--recovery", action="store_true", help="run the planted-truth recovery benchmark")
     parser.add_argument("--truths", default="corners", choices=["centre", "corners", "full"],
                         help="recovery: which planted truths")
-    parser.add_argument("--settings", default="both", choices=["shipped", "all", "both"],
+    parser.add_argument("--settings", default="both", choices=["shipped", "all", "inputs", "both", "every"],
                         help="recovery: shipped sampling, every particle selected, or both")
     parser.add_argument("--config", type=Path, default=Path("configs/planted.yaml"), help="recovery: training config")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

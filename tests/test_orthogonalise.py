@@ -47,3 +47,25 @@ def test_roundtrip_and_degenerate():
     bad[:, 8] = bad[:, 2]  # two identical g2 columns
     with pytest.raises(ValueError, match="degenerate"):
         orth.fit(MPI.COMM_SELF, bad, names, 3)
+
+
+def test_every_density_eigenvector_kept():
+    """``features.density_components: all``: the 6 density columns give 6 whitened inputs (a full
+    basis of them: raw recovered exactly), a number keeps that many; the config names bad values."""
+    from lagbias_mpi.config.train import FeatureConfig
+
+    raw = _raw(3000)
+    names = feature_names((1.0, 2.83, 8.0), ("delta", "lap", "g2"))
+    cfg = FeatureConfig(density_components="all")
+    o = orth.fit(MPI.COMM_SELF, raw, names, 3, cfg.n_density_components(6))
+    assert o.matrix.shape == (9, 9)
+    theta = o.apply(raw)
+    assert np.allclose(np.cov(theta[:, :6].T, bias=True), np.eye(6), atol=1e-8)
+    back = np.linalg.solve(o.matrix, theta.T).T + o.mean  # invertible: nothing of raw is dropped
+    assert np.allclose(back, raw, atol=1e-8)
+    assert FeatureConfig().n_density_components(6) == 4  # the paper's n_scales + 1
+    assert FeatureConfig(density_components=5).n_density_components(6) == 5
+    assert FeatureConfig(density_components=9).n_density_components(6) == 6
+    for bad in (0, "some", True):
+        with pytest.raises(ValueError, match="density_components"):
+            FeatureConfig(density_components=bad)

@@ -30,8 +30,13 @@ def _target(cells):
     return np.sin(cells * 0.37) * 2.0
 
 
-def _batches(comm, theta, cell, pid):
-    return build_batches(comm, theta, cell, pid, _target, NG**3, NPART, frac=0.5, batch_size=400, seed=3,
+def _target_halos(cells):
+    """delta_true >= -1 (empty cells included), as a halo field's."""
+    return np.maximum(np.sin(cells * 0.37) * 2.0, -1.0)
+
+
+def _batches(comm, theta, cell, pid, target=_target):
+    return build_batches(comm, theta, cell, pid, target, NG**3, NPART, frac=0.5, batch_size=400, seed=3,
                          member=0, dtype=torch.float64)
 
 
@@ -42,7 +47,7 @@ def _model():
     return model
 
 
-def _direct_constraint(batch, cell, f):
+def _direct_constraint(batch, cell, f, target=_target):
     """(S, N, T) of ``batch`` from the whole particle set in numpy: n_j counted from ``cell``, n_sel_j
     from the batch's selected particles, T = N_part/N_cells sum_j (1 + target_j)."""
     sel_cells = cell[batch.pidx]
@@ -50,7 +55,7 @@ def _direct_constraint(batch, cell, f):
     all_cells, n_all = np.unique(cell, return_counts=True)
     n = n_all[np.searchsorted(all_cells, cells)]
     w = (n / n_sel)[np.searchsorted(cells, sel_cells)]
-    return float(np.sum(w * f)), int(n.sum()), float(NPART / NG**3 * np.sum(1 + _target(cells)))
+    return float(np.sum(w * f)), int(n.sum()), float(NPART / NG**3 * np.sum(1 + target(cells)))
 
 
 def _numpy_weights(batch, cell):
@@ -130,27 +135,30 @@ def test_true_field_meets_the_constraint():
 
 
 @pytest.mark.mpi
-def test_projected_gradient_equals_one_rank_whole_batch(comm):
+@pytest.mark.parametrize("grid_loss", ["mse", "poisson"])
+def test_projected_gradient_equals_one_rank_whole_batch(comm, grid_loss):
     """``constraint: projection``: the DDP gradient of the grid term of f scaled to the batch's true
     sum equals plain autograd through the scale on one rank (empty ranks included), and the term is
-    blind to the normalisation of f (the output bias gets no gradient from it)."""
+    blind to the normalisation of f (the output bias gets no gradient from it); for both grid terms."""
     theta, cell, pid = _all_particles()
     mine = plane_owner(cell // NG**2, NG, comm.size) == comm.rank
-    dist = _batches(comm, theta[mine], cell[mine], pid[mine])
-    ref_set = _batches(MPI.COMM_SELF, theta, cell, pid)
+    target = _target if grid_loss == "mse" else _target_halos
+    dist = _batches(comm, theta[mine], cell[mine], pid[mine], target)
+    ref_set = _batches(MPI.COMM_SELF, theta, cell, pid, target)
     with ddp.process_group(comm):
         for b in range(len(dist)):
             model = _model()
             with torch.no_grad():
                 model.net[-1].bias.fill_(0.3)  # no guard term: the bias direction is the normalisation alone
             dmodel = ddp.wrap(model, comm)
-            obj, loss, _, _ = local_objective(comm, dmodel, dist.batches[b], None, -5.0, constraint="projection")
+            obj, loss, _, _ = local_objective(comm, dmodel, dist.batches[b], None, -5.0, constraint="projection",
+                                              grid_loss=grid_loss)
             obj.backward()
             grads = [p.grad for p in model.parameters()]
             ref = _model()
             with torch.no_grad():
                 ref.net[-1].bias.fill_(0.3)
-            ref_loss, ref_grads = _reference_projected_with(ref, ref_set.batches[b], cell)
+            ref_loss, ref_grads = _reference_projected_with(ref, ref_set.batches[b], cell, grid_loss=grid_loss)
             assert np.isclose(loss, ref_loss, rtol=1e-10)
             scale = max(float(r.abs().max()) for r in ref_grads)
             for g, r in zip(grads, ref_grads):
@@ -161,15 +169,23 @@ def test_projected_gradient_equals_one_rank_whole_batch(comm):
         gc.collect()
 
 
-def _reference_projected_with(model, batch, cell, guard_y=-5.0):
+def _reference_projected_with(model, batch, cell, guard_y=-5.0, grid_loss="mse"):
     """Plain autograd on one rank of the projected grid term of ``model``: f scaled by c = T / S (S from
-    numpy weights, T the true field's batch sum), the gradient through c included."""
+    numpy weights, T the true field's batch sum), the gradient through c included; ``poisson``: the
+    deviance 2 sum_j (t ln(t/m) - t + m), t ln t = 0 at t = 0."""
     y = model(batch.x)
     f = f_of_y(y)
     cellsum = torch.zeros_like(batch.scale).index_add_(0, batch.idx, f)
     w = _numpy_weights(batch, cell)
-    _, _, t = _direct_constraint(batch, cell, f.detach().numpy())
+    _, _, t = _direct_constraint(batch, cell, f.detach().numpy(), _target if grid_loss == "mse" else _target_halos)
     c = t / (w * f).sum()
-    loss = ((batch.scale * cellsum * c - 1 - batch.target) ** 2).sum() + (torch.clamp(y - guard_y, max=0) ** 4).sum()
+    m, tt = batch.scale * cellsum * c, 1 + batch.target
+    if grid_loss == "mse":
+        grid = ((m - tt) ** 2).sum()
+    else:
+        assert float(tt.min()) == 0.0 and float(tt.min()) >= 0  # empty cells are in the test
+        tlog = torch.where(tt > 0, tt * torch.log(torch.where(tt > 0, tt, 1.0) / m), torch.zeros_like(tt))
+        grid = 2 * (tlog - tt + m).sum()
+    loss = grid + (torch.clamp(y - guard_y, max=0) ** 4).sum()
     loss.backward()
     return float(loss.detach()), [p.grad.clone() for p in model.parameters()]

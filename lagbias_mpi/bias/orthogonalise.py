@@ -82,18 +82,20 @@ def _block(cov: np.ndarray, cols: list[int], keep: int) -> tuple[np.ndarray, np.
     return (vecs / np.sqrt(vals)).T, vals
 
 
-def fit(comm, raw: np.ndarray, names: list[str], n_scales: int) -> Orthogonaliser:
+def fit(comm, raw: np.ndarray, names: list[str], n_scales: int, keep_density: int | None = None) -> Orthogonaliser:
     """Build the orthogonaliser from this rank's raw feature rows (collective).
 
     ``names`` are the raw column names (``kind_R...``); the density block keeps
-    min(n_scales + 1, its size) eigenvectors, any other block keeps all of its columns.
+    min(``keep_density``, its size) eigenvectors (default n_scales + 1, the paper's), any other block
+    keeps all of its columns.
     """
     mean, cov, _ = global_covariance(comm, raw)
     kinds = [name.split("_R")[0] for name in names]
     dens = [i for i, k in enumerate(kinds) if k in DENSITY_KINDS]
     other = [i for i, k in enumerate(kinds) if k not in DENSITY_KINDS]
     rows, vals = [], []
-    for cols, keep in ((dens, min(n_scales + 1, len(dens))), (other, len(other))):
+    keep_d = n_scales + 1 if keep_density is None else keep_density
+    for cols, keep in ((dens, min(keep_d, len(dens))), (other, len(other))):
         if not cols:
             continue
         block, v = _block(cov, cols, keep)

@@ -9,7 +9,7 @@ import numpy as np
 from mpi4py import MPI
 
 from lagbias_mpi.bias.features import feature_names
-from lagbias_mpi.bias.orthogonalise import fit as fit_orthogonaliser
+from lagbias_mpi.bias.orthogonalise import DENSITY_KINDS, fit as fit_orthogonaliser
 from lagbias_mpi.bias.particles import eulerian_route, featurised_particles
 from lagbias_mpi.bias.routing import slab_to_owners
 from lagbias_mpi.bias.truth import delta_slab, true_tracers
@@ -155,7 +155,9 @@ def prepare_training(comm, timer, cfg, train_specs, exch, keep_raw: bool = False
     log.info(f"features: raw columns {names}")
     with timer.stage("orthogonalise"):
         raw = loaded[0][1].raw if len(loaded) == 1 else np.concatenate([p.raw for _, p in loaded])
-        orth = fit_orthogonaliser(comm, raw, names, len(cfg.features.radii))
+        n_dens = sum(1 for n in names if n.split("_R")[0] in DENSITY_KINDS)
+        orth = fit_orthogonaliser(comm, raw, names, len(cfg.features.radii),
+                                  cfg.features.n_density_components(n_dens))
         del raw
         log.info(f"orthogonalise: {orth.matrix.shape[1]} raw -> {orth.matrix.shape[0]} inputs, "
                  f"eigenvalues {np.array2string(orth.eigenvalues, precision=3)}")

@@ -22,7 +22,6 @@ from lagbias_mpi.mpi.exchange import exchange, redistribute_ranges
 from lagbias_mpi.mpi.layout import plane_owner
 
 
-HISTOGRAM_CHUNK = ROWS_PER_STEP  # particles per step of the cell histogram and the destinations
 
 
 def route_lagrangian(comm, columns: dict[str, np.ndarray], ppd: int, n_ic: int, what="particles",
@@ -33,8 +32,8 @@ def route_lagrangian(comm, columns: dict[str, np.ndarray], ppd: int, n_ic: int, 
     they are sent)."""
     lagr = columns["lagr_index"]
     dest = np.empty(len(lagr), np.int32 if comm.size < 2**31 else np.int64)
-    for lo in range(0, len(lagr), HISTOGRAM_CHUNK):  # the (n, 3) IC index of one chunk at a time
-        dest[lo:lo + HISTOGRAM_CHUNK] = plane_owner(ic_index(lagr[lo:lo + HISTOGRAM_CHUNK, :1], ppd, n_ic)[:, 0],
+    for lo in range(0, len(lagr), ROWS_PER_STEP):  # the (n, 3) IC index of one chunk at a time
+        dest[lo:lo + ROWS_PER_STEP] = plane_owner(ic_index(lagr[lo:lo + ROWS_PER_STEP, :1], ppd, n_ic)[:, 0],
                                                     n_ic, comm.size)
     del lagr
     if "_dest" in columns:
@@ -55,7 +54,7 @@ def cell_dtype(n_cells: int) -> np.dtype:
     return np.dtype(np.int32 if n_cells < 2**31 else np.int64)
 
 
-def flat_cells(pos: np.ndarray, n_grid: int, box: float, chunk: int = HISTOGRAM_CHUNK) -> np.ndarray:
+def flat_cells(pos: np.ndarray, n_grid: int, box: float, chunk: int = ROWS_PER_STEP) -> np.ndarray:
     """Global flat training-cell id of each position (NGP), as :func:`cell_dtype`; computed in chunks
     (the (n, 3) int64 index and float64 coordinates of one chunk at a time)."""
     out = np.empty(len(pos), cell_dtype(n_grid**3))
@@ -69,8 +68,8 @@ def local_cell_counts(pos: np.ndarray, n_grid: int, box: float) -> tuple[np.ndar
     """(occupied flat cells, their particle counts), both int64, of this rank's positions: sparse
     (16 B per occupied cell), a chunk of particles at a time, merged as they come (pure)."""
     cells, counts = np.zeros(0, np.int64), np.zeros(0, np.int64)
-    for lo in range(0, len(pos), HISTOGRAM_CHUNK):
-        u, c = np.unique(flat_cells(pos[lo:lo + HISTOGRAM_CHUNK], n_grid, box), return_counts=True)
+    for lo in range(0, len(pos), ROWS_PER_STEP):
+        u, c = np.unique(flat_cells(pos[lo:lo + ROWS_PER_STEP], n_grid, box), return_counts=True)
         cells, inv = np.unique(np.concatenate([cells, u.astype(np.int64)]), return_inverse=True)
         counts = np.bincount(inv, weights=np.concatenate([counts, c]), minlength=len(cells)).astype(np.int64)
     return cells, counts
@@ -117,7 +116,7 @@ def _ownership_and_counts(comm, pos, n_grid: int, box: float):
     return own, counts
 
 
-def cell_order_destinations(cell: np.ndarray, lo: int, counts: np.ndarray, chunk: int = HISTOGRAM_CHUNK) -> np.ndarray:
+def cell_order_destinations(cell: np.ndarray, lo: int, counts: np.ndarray, chunk: int = ROWS_PER_STEP) -> np.ndarray:
     """Row of each particle once the rows are grouped by cell in increasing id, in their present
     order inside a cell (a stable counting sort, a chunk at a time): ``cell`` the flat ids, all in
     the owned range starting at ``lo``, ``counts`` the particles of each owned cell (which must be
@@ -141,7 +140,7 @@ def cell_order_destinations(cell: np.ndarray, lo: int, counts: np.ndarray, chunk
 
 
 def sort_cells_by_id(columns: dict[str, np.ndarray], counts: np.ndarray, key: str = "pid",
-                     chunk: int = HISTOGRAM_CHUNK) -> None:
+                     chunk: int = ROWS_PER_STEP) -> None:
     """Order the rows of each cell by ``columns[key]`` in place (rows already grouped by cell with
     ``counts`` rows per cell), a chunk of whole cells at a time: O(chunk) temporaries."""
     ends = np.cumsum(counts)
@@ -173,8 +172,8 @@ def route_eulerian(comm, columns: dict[str, np.ndarray], n_grid: int, box: float
     pos = columns["pos"]
     own, counts = _ownership_and_counts(comm, pos, n_grid, box)
     dest = np.empty(len(pos), np.int32 if comm.size < 2**31 else np.int64)
-    for lo in range(0, len(pos), HISTOGRAM_CHUNK):
-        dest[lo:lo + HISTOGRAM_CHUNK] = own.owner(flat_cells(pos[lo:lo + HISTOGRAM_CHUNK], n_grid, box))
+    for lo in range(0, len(pos), ROWS_PER_STEP):
+        dest[lo:lo + ROWS_PER_STEP] = own.owner(flat_cells(pos[lo:lo + ROWS_PER_STEP], n_grid, box))
     del pos
     if "_dest" in columns:
         raise ValueError("'_dest' is reserved")

@@ -74,11 +74,15 @@ def fft_dtype(precision: str):
 class FeatureConfig:
     """Smoothing scales (a Table-1 name or radii in Mpc/h), feature kinds, and the precision of the
     feature FFTs (``float64``, or ``float32``: about half the FFT memory per IC cell, features
-    equal to ~1e-6 of their std; the features are stored as float32 either way)."""
+    equal to ~1e-6 of their std; the features are stored as float32 either way).
+
+    ``density_components``: eigenvectors of the density block (delta, lap at every scale) kept by the
+    orthogonalisation: ``paper`` (n_scales + 1, eq. 2.4), ``all``, or a number."""
 
     scales: Union[str, tuple[float, ...]] = "3Rf coarse"
     kinds: tuple[str, ...] = ("delta", "lap", "g2")
     fft_precision: str = "float64"
+    density_components: Union[str, int] = "paper"
 
     def __post_init__(self):
         resolve_scales(self.scales)
@@ -89,6 +93,15 @@ class FeatureConfig:
             raise ValueError("features.kinds has duplicates")
         if self.fft_precision not in FFT_PRECISIONS:
             raise ValueError(f"features.fft_precision: {self.fft_precision!r}; choose from {FFT_PRECISIONS}")
+        dc = self.density_components
+        if not (dc in ("paper", "all") or (isinstance(dc, int) and not isinstance(dc, bool) and dc >= 1)):
+            raise ValueError(f"features.density_components: {dc!r}; choose paper, all or a number >= 1")
+
+    def n_density_components(self, n_density_columns: int) -> int:
+        """Density eigenvectors kept, out of ``n_density_columns`` (delta and lap columns)."""
+        dc = self.density_components
+        keep = len(self.radii) + 1 if dc == "paper" else n_density_columns if dc == "all" else dc
+        return min(keep, n_density_columns)
 
     @property
     def fft_dtype(self):
@@ -218,7 +231,9 @@ class TrainConfig:
     constraint holds by construction from the first step (eps then enters only the validation loss).
     ``normalise_steps``: while the constraint is on, the output bias is reset after every optimiser
     step so that the running weighted sum of f equals the true field's (the penalty is then reported,
-    not back-propagated)."""
+    not back-propagated). ``grid_loss``: the grid term per cell, ``mse`` (the paper's
+    (delta_model - delta_true)^2) or ``poisson`` (the Poisson deviance of 1 + delta_model given
+    1 + delta_true, :mod:`lagbias_mpi.training.loss`)."""
 
     epochs: int = 50
     ensemble: int = 5
@@ -233,6 +248,7 @@ class TrainConfig:
     warmup_steps: int = 0
     normalise_steps: bool = False
     constraint: Literal["projection", "penalty"] = "penalty"
+    grid_loss: Literal["mse", "poisson"] = "mse"
     guard_y: float = -5.0
     threads: Optional[int] = None  # torch threads per rank (default 1 under MPI)
     bare_steps: int = 5

@@ -36,6 +36,7 @@ class ProblemSize:
     n_halos: int
     source: str  # builtin | file | abacus
     fft_precision: str = "float64"  # features.fft_precision
+    density_components: object = "paper"  # features.density_components (paper, all or a number)
 
     @property
     def n_raw(self) -> int:
@@ -43,7 +44,10 @@ class ProblemSize:
 
     @property
     def n_inputs(self) -> int:
-        return 2 * self.n_scales + 1 if self.n_kinds == 3 else self.n_raw
+        if self.n_kinds != 3 or self.density_components == "all":
+            return self.n_raw
+        dens = self.n_scales + 1 if self.density_components == "paper" else int(self.density_components)
+        return min(dens, 2 * self.n_scales) + self.n_scales
 
     @property
     def n_selected(self) -> int:
@@ -135,7 +139,8 @@ def sizes_from_dict(data: dict, base_dir: Path | None = None) -> ProblemSize:
                          max(int(round(box / cfg.grid.cell)), 1) ** 3), batch_size=int(cfg.sampling.batch_size),
         epochs=int(cfg.train.epochs), ensemble=int(cfg.train.ensemble),
         width=int(cfg.model.width), depth=int(cfg.model.depth), n_val=int(n_val),
-        n_halos=_halo_estimate(float(box)), source=source, fft_precision=cfg.features.fft_precision)
+        n_halos=_halo_estimate(float(box)), source=source, fft_precision=cfg.features.fft_precision,
+        density_components=cfg.features.density_components)
 
 
 def builtin_sizes(simulate_config, simulate_set=()) -> tuple[float, int, int]:

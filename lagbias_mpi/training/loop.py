@@ -106,14 +106,14 @@ def train_member(comm, member: int, shape: dict, train_set: BatchSet, val_sets: 
 
 
 def _step(comm, dmodel, opt, batch: Batch, eps, guard_y: float, kspace_coef: np.ndarray | None, lr_step: float,
-          stop_wish: bool, others=None, constraint: str = "penalty") -> tuple[float, float, bool]:
+          stop_wish: bool, others=None, constraint: str = "penalty", grid_loss: str = "mse") -> tuple[float, float, bool]:
     """One optimiser step on ``batch`` at learning rate ``lr_step`` (the group's lr is restored
     afterwards, so that the scheduler and checkpoints see the epoch's lr). Returns (whole-batch
     loss, global sum of f, whether any rank wants to stop). A non-finite loss is not stepped on."""
     opt.zero_grad(set_to_none=False)
     coef = None if kspace_coef is None else torch.as_tensor(kspace_coef, dtype=batch.dtype, device=batch.scale.device)
     obj, loss, s_glob, stopping = local_objective(comm, dmodel, batch, eps, guard_y, coef, stop_wish, others,
-                                                  constraint)
+                                                  constraint, grid_loss)
     fail_point(comm, "ddp_step")  # tests: one rank fails while the others enter DDP's all-reduce
     if not np.isfinite(loss) or not s_glob / max(batch.n_all, 1) < MAX_BATCH_MEAN_F:
         return loss, s_glob, stopping
@@ -174,7 +174,7 @@ def _epochs(comm, member, dmodel, model, opt, sched, history, start, path, train
             coef = None if coefs is None else coefs[batch.box][batch.pidx]
             lr_step = lr * warmup_factor((epoch - 1) * len(train_set) + i, tcfg.warmup_steps)
             loss, s_glob, stopping = _step(comm, dmodel, opt, batch, eps, tcfg.guard_y, coef, lr_step,
-                                           stop.after_this_step(), running.others(b), mode)
+                                           stop.after_this_step(), running.others(b), mode, tcfg.grid_loss)
             batch_mean_f = s_glob / max(batch.n_all, 1)
             if not np.isfinite(loss) or not batch_mean_f < MAX_BATCH_MEAN_F:
                 good = f"{path} (epoch {epoch - 1})" if epoch > 1 else "none (first epoch)"
@@ -203,7 +203,7 @@ def _epochs(comm, member, dmodel, model, opt, sched, history, start, path, train
         if eps is not None or project:  # mean f = T / N after every epoch
             history.setdefault("renorm", []).append(renormalise(comm, model, train_set, tcfg.guard_y, running))
         t_train = time.perf_counter() - t0
-        val = [evaluate_loss(comm, model, vs, eps, tcfg.guard_y) for vs in val_sets]
+        val = [evaluate_loss(comm, model, vs, eps, tcfg.guard_y, tcfg.grid_loss) for vs in val_sets]
         history["epoch"].append(epoch)
         history["train_loss"].append(float(np.mean(losses)))
         history["val_loss"].append(float(np.mean([v[0] for v in val])) if val else float("nan"))

@@ -12,6 +12,19 @@ true field meets it exactly; it does not ask every batch of a few thousand cells
 spiky sum to eps (which no model short of the truth can, and which flattened f at eps = 1e-4).
 Only S_batch carries a gradient. ``others=None`` constrains the batch alone (S_others = 0, T and N
 of the batch).
+
+The grid term per cell (``train.grid_loss``), with m = 1 + delta_model and t = 1 + delta_true:
+
+- ``mse``: (m - t)^2, the paper's eq. 2.5. Its gradient on a particle's y = log10 f is
+  2 (m - t) scale ln(10) f_i: dominated by the densest cells, and vanishing for particles whose f
+  has fallen far below the truth (measured on planted truths: the lower three quartiles of f_true
+  ended 4-100x too low while the cell sums fitted to 1%, docs/results.md).
+- ``poisson``: the Poisson deviance 2 (t ln(t/m) - (t - m)) (0 at m = t). Its gradient 2 (1 - t/m)
+  scale ln(10) f_i is relative: a cell whose model sum is too low by a factor pulls its particles up
+  with a force of order t / n_cell, whatever f_i is. As a quasi-likelihood its estimating equation
+  sum_j (1 - t_j / m_j) dm_j = 0 is unbiased for any noise of the true field (halos are not
+  Poisson), and with the output bias as the log-link's intercept it holds sum_j m_j = sum_j t_j at
+  its minimum: the integral constraint is its own stationarity condition.
 """
 from __future__ import annotations
 
@@ -25,14 +38,36 @@ from lagbias_mpi.bias.model import f_of_y
 from lagbias_mpi.training.batches import Batch, BatchSet
 
 
-def batch_terms(model, batch: Batch, guard_y: float):
+GRID_LOSSES = ("mse", "poisson")
+
+
+def grid_per_cell(m: torch.Tensor, t: torch.Tensor, kind: str = "mse") -> torch.Tensor:
+    """The grid term of each cell for model m = 1 + delta_model > 0 and truth t = 1 + delta_true >= 0
+    (module docstring): ``mse`` (m - t)^2, ``poisson`` 2 (t ln(t/m) - (t - m))."""
+    if kind == "mse":
+        return (m - t) ** 2
+    if kind == "poisson":
+        return 2.0 * (torch.xlogy(t, t) - torch.xlogy(t, m) - t + m)
+    raise ValueError(f"grid_loss must be one of {GRID_LOSSES}, got {kind!r}")
+
+
+def grid_slope(m: torch.Tensor, t: torch.Tensor, kind: str = "mse") -> torch.Tensor:
+    """d(:func:`grid_per_cell`)/dm of each cell."""
+    if kind == "mse":
+        return 2.0 * (m - t)
+    if kind == "poisson":
+        return 2.0 * (1.0 - t / m)
+    raise ValueError(f"grid_loss must be one of {GRID_LOSSES}, got {kind!r}")
+
+
+def batch_terms(model, batch: Batch, guard_y: float, grid_loss: str = "mse"):
     """Local (grid term, guard term, S_local = sum_i w_i f_i) tensors of one batch (w_i = n_j /
     n_sel_j of the particle's cell)."""
-    grid, guard, s_local, _ = _terms_and_f(model, batch, guard_y)
+    grid, guard, s_local, _ = _terms_and_f(model, batch, guard_y, grid_loss=grid_loss)
     return grid, guard, s_local
 
 
-def _terms_and_f(model, batch: Batch, guard_y: float, comm=None):
+def _terms_and_f(model, batch: Batch, guard_y: float, comm=None, grid_loss: str = "mse"):
     """:func:`batch_terms` plus the tensor of f (for the Fourier-space loss's surrogate). With
     ``comm`` the grid term is the projected one (:func:`projected_grid`, collective): its value that
     of f scaled to the batch's true sum, its gradient including the part through the scale."""
@@ -41,27 +76,28 @@ def _terms_and_f(model, batch: Batch, guard_y: float, comm=None):
     cellsum = torch.zeros(batch.scale.shape, dtype=f.dtype, device=f.device).index_add_(0, batch.idx, f)
     s_local = (batch.weight * cellsum).sum()
     if comm is None:
-        grid = ((batch.scale * cellsum - 1.0 - batch.target) ** 2).sum()
+        grid = grid_per_cell(batch.scale * cellsum, 1.0 + batch.target, grid_loss).sum()
     else:
-        grid, through_c = projected_grid(comm, batch, cellsum, s_local)
+        grid, through_c = projected_grid(comm, batch, cellsum, s_local, grid_loss)
         grid = grid + (through_c - through_c.detach())  # the value of the grid term, the gradient of both
     guard = (torch.clamp(y - guard_y, max=0.0) ** 4).sum()
     return grid, guard, s_local, f
 
 
-def projected_grid(comm, batch: Batch, cellsum: torch.Tensor, s_local: torch.Tensor):
+def projected_grid(comm, batch: Batch, cellsum: torch.Tensor, s_local: torch.Tensor, grid_loss: str = "mse"):
     """The grid term of the batch's f scaled by c = T / S (S = sum_i w_i f_i over the whole batch,
     all ranks; T the true field's sum): the term sees the shape of f, never its normalisation, and
     the batch's sum is the true field's by construction. Returns (grid value with c held fixed,
     surrogate K S_local whose gradient is the part through c): with dc/dS = -c/S and
-    K = -(c/S) sum_j 2 r_j scale_j cellsum_j over all ranks, the gradients summed over ranks equal
-    the one-rank gradient of the whole batch (two scalar Allreduces)."""
+    K = -(c/S) sum_j g'(m_j) scale_j cellsum_j over all ranks (g' = :func:`grid_slope`), the
+    gradients summed over ranks equal the one-rank gradient of the whole batch (two scalar Allreduces)."""
     s_glob = comm.allreduce(float(s_local.detach()), op=MPI.SUM)
     c = batch.true_sum / s_glob if s_glob > 0 and np.isfinite(s_glob) else 1.0
-    resid = batch.scale * cellsum * c - 1.0 - batch.target
-    dgdc = comm.allreduce(float((2.0 * resid * batch.scale * cellsum).sum().detach()), op=MPI.SUM)
+    m, t = batch.scale * cellsum * c, 1.0 + batch.target
+    slope = grid_slope(m.detach(), t, grid_loss)
+    dgdc = comm.allreduce(float((slope * batch.scale * cellsum.detach()).sum()), op=MPI.SUM)
     k = -dgdc * c / s_glob if s_glob > 0 and np.isfinite(s_glob) else 0.0
-    return (resid ** 2).sum(), k * s_local
+    return grid_per_cell(m, t, grid_loss).sum(), k * s_local
 
 
 def reduce_terms(comm, grid, guard, s_local, stop: bool = False) -> np.ndarray:
@@ -154,7 +190,7 @@ CONSTRAINT_MODES = ("penalty", "held", "projection")
 
 def local_objective(comm, model, batch: Batch, eps: float | None, guard_y: float,
                     kspace_coef: torch.Tensor | None = None, stop: bool = False, others=None,
-                    constraint: str = "penalty"):
+                    constraint: str = "penalty", grid_loss: str = "mse"):
     """(tensor to back-propagate on this rank, whole-batch loss value, global S = sum_i w_i f_i,
     whether any rank wants to stop after this step).
 
@@ -164,7 +200,7 @@ def local_objective(comm, model, batch: Batch, eps: float | None, guard_y: float
     N) of the constraint (:meth:`RunningSum.others`), None for the batch alone. ``constraint``:
     ``penalty`` (back-propagated as below), ``held`` (the penalty enters the loss value only: the
     constraint is held by :func:`normalise_step`) or ``projection`` (the grid term of f scaled to
-    the batch's true sum, :func:`projected_grid`; no penalty).
+    the batch's true sum, :func:`projected_grid`; no penalty). ``grid_loss``: :func:`grid_per_cell`.
 
     The constraint's gradient reaches only the output bias (f -> f 10^db, the one direction that
     changes the normalisation and not the shape of f): measured, letting it reach every weight at
@@ -172,7 +208,7 @@ def local_objective(comm, model, batch: Batch, eps: float | None, guard_y: float
     if constraint not in CONSTRAINT_MODES:
         raise ValueError(f"constraint must be one of {CONSTRAINT_MODES}, got {constraint!r}")
     project = constraint == "projection"
-    grid, guard, s_local, f = _terms_and_f(model, batch, guard_y, comm if project else None)
+    grid, guard, s_local, f = _terms_and_f(model, batch, guard_y, comm if project else None, grid_loss)
     totals = reduce_terms(comm, grid.detach(), guard.detach(), s_local.detach(), stop)
     obj = grid + guard
     if kspace_coef is not None:
@@ -186,13 +222,14 @@ def local_objective(comm, model, batch: Batch, eps: float | None, guard_y: float
     return obj * comm.size, whole_loss(totals, batch, reported_eps, others), float(totals[2]), bool(totals[3] > 0)
 
 
-def evaluate_loss(comm, model, batches: BatchSet, eps: float | None, guard_y: float) -> tuple[float, float]:
+def evaluate_loss(comm, model, batches: BatchSet, eps: float | None, guard_y: float,
+                  grid_loss: str = "mse") -> tuple[float, float]:
     """Mean over ``batches`` of the grid and guard terms plus the integral constraint of the whole
     set, and the weighted mean f of all their cells' particles, sum_i w_i f_i / sum_j n_j (no gradient)."""
     losses, s_tot = [], 0.0
     with torch.no_grad():
         for batch in batches.batches:
-            grid, guard, s_local = batch_terms(model, batch, guard_y)
+            grid, guard, s_local = batch_terms(model, batch, guard_y, grid_loss)
             totals = reduce_terms(comm, grid, guard, s_local)
             losses.append(totals[0] + totals[1])
             s_tot += totals[2]

@@ -37,7 +37,8 @@ def validation_losses(comm, cfg, s, models: list, dtype, device) -> list[tuple[f
     """(loss, mean f) of every trained member on its batches of the prepared simulation ``s``, with
     the last epoch's integral-constraint epsilon (collective)."""
     eps = cfg.train.eps(cfg.train.epochs)
-    return [evaluate_loss(comm, model, member_batches(comm, cfg, s, m, dtype, device), eps, cfg.train.guard_y)
+    return [evaluate_loss(comm, model, member_batches(comm, cfg, s, m, dtype, device), eps, cfg.train.guard_y,
+                          cfg.train.grid_loss)
             for m, model in enumerate(models)]
 
 

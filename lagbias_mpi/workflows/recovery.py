@@ -1,13 +1,16 @@
 """Recovery benchmark (issue #15): train on planted truths of known f and measure how well f comes back.
 
     mpirun -n P python -m lagbias_mpi.bench --recovery --out DIR [--truths corners|full|centre]
-        [--settings shipped|all|both] [--config configs/planted.yaml] [--set key=value ...]
+        [--settings shipped|all|inputs|both|every] [--config configs/planted.yaml] [--set key=value ...]
 
 One PM run gives the particles (the built-in planted box of ``configs/planted.yaml``'s simulate config,
 generated into the cache when missing); each truth f_true = exp(b1 nu + b2 nu^2 + c_lap lambda) / mean
 is planted on its two realisations by :func:`lagbias_mpi.nbody.planted.planted_weights` (the same
 code as ``simulate``) without re-running the N-body part. Every truth is trained with the shipped
-settings (``shipped``) and with every particle selected (``all``: ``sampling.frac=1``). The validation
+settings (``shipped``), with every particle selected (``all``: ``sampling.frac=1``) and, to measure
+training apart from the floor the paper's orthogonalisation sets, with every density eigenvector
+kept (``inputs``: ``features.density_components=all``); ``both`` = shipped and all, ``every`` =
+the three. The validation
 box's truth is the same function of the density as the training box's (the training box's moments
 of nu and lambda and its normalisation; ``simulate`` standardises each box on its own, which makes
 the truths of two boxes differ by their moments). Criteria on the validation box: P_model/P_h at
@@ -43,7 +46,9 @@ log = get_logger("recovery")
 
 GRID = {"b1": (0.5, 1.0, 1.5, 2.0), "b2": (0.0, 0.1, 0.2), "c_lap": (0.0, -0.5, -1.0)}
 CENTRE = (1.0, 0.1, -0.5)
-SETTINGS = {"shipped": [], "all": ["sampling.frac=1.0"]}
+SETTINGS = {"shipped": [], "all": ["sampling.frac=1.0"], "inputs": ["features.density_components=all"]}
+SETTING_GROUPS = {"shipped": ["shipped"], "all": ["all"], "inputs": ["inputs"], "both": ["shipped", "all"],
+                  "every": ["shipped", "all", "inputs"]}
 CRITERIA = {"pk_ratio": 0.02, "median_rel_err": 0.05, "mean_f": 1e-3}
 
 
@@ -158,7 +163,9 @@ def run(comm, out: Path, config: Path, which: str = "corners", settings: str = "
         raise ValueError(f"{cfg.simulation.simulate}: halos.kind must be planted for the recovery benchmark")
     train_specs, val_specs = sources.resolve_training(comm, cfg.simulation, base_dir)
     src_train, src_val = Path(train_specs[0]["path"]), Path(val_specs[0]["path"])
-    names = {"both": list(SETTINGS), "shipped": ["shipped"], "all": ["all"]}[settings]
+    if settings not in SETTING_GROUPS:
+        raise ValueError(f"--settings must be one of {sorted(SETTING_GROUPS)}, got {settings!r}")
+    names = SETTING_GROUPS[settings]
     rows = []
     for truth in truths(which):
         tag = "b1_{}_b2_{}_clap_{}".format(*truth)
