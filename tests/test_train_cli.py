@@ -61,8 +61,8 @@ def _spoil_after_first_checkpoint(small, monkeypatch, name, spoil):
     ckpt = out / "checkpoints" / "member_0.pt"
     real = trainer._terms_and_f  # the terms the training objective and the validation loss are made of
 
-    def spoiled(model, batch, guard_y, comm=None):
-        grid, guard, s, f = real(model, batch, guard_y, comm)
+    def spoiled(*args, **kwargs):
+        grid, guard, s, f = real(*args, **kwargs)
         return (*spoil(grid, guard, s), f) if ckpt.exists() else (grid, guard, s, f)
 
     monkeypatch.setattr(trainer, "_terms_and_f", spoiled)
