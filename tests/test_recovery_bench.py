@@ -46,6 +46,31 @@ def test_median_relative_error_over_all_ranks():
 
 
 @pytest.mark.mpi
+def test_recovery_errors_over_all_ranks_equal_a_direct_computation():
+    """The f_true-weighted median and the quartile medians from uneven shares (rank 0 empty at 3
+    ranks) equal the direct numpy computation on all particles."""
+    rng = np.random.default_rng(5)
+    f_true = np.exp(rng.normal(0, 1.5, 2001))
+    f = f_true * np.where(f_true < 1.5, 2.0, 1.0) * (1 + rng.normal(0, 0.02, 2001))  # 60% of the particles, the light ones, 2x off
+    cuts = np.linspace(0, 2001, WORLD.size + 1).astype(int)
+    if WORLD.size == 3:
+        cuts = np.array([0, 0, 700, 2001])
+    mine = slice(cuts[WORLD.rank], cuts[WORLD.rank + 1])
+    got = recovery.recovery_errors(WORLD, f[mine], f_true[mine])
+    err, ratio = np.abs(f / f_true - 1), f / f_true
+    order = np.argsort(err)
+    cum = np.cumsum(f_true[order])
+    assert got["median"] == pytest.approx(np.median(err), rel=1e-12)
+    assert got["weighted_median"] == pytest.approx(err[order][np.searchsorted(cum, cum[-1] / 2)], rel=1e-12)
+    assert got["weighted_median"] < 0.05 < got["median"]  # the heavy particles are right, half the light ones not
+    q = np.quantile(f_true, [0.25, 0.5, 0.75])
+    for k, lo, hi in zip(range(4), [-np.inf, *q], [*q, np.inf]):
+        sel = (f_true > lo) & (f_true <= hi)
+        assert got["quartile_ratio"][k] == pytest.approx(np.median(ratio[sel]), rel=1e-12)
+    assert got["quartile_ratio"][0] > 1.5 and abs(got["quartile_ratio"][3] - 1) < 0.02
+
+
+@pytest.mark.mpi
 def test_best_quadratic_is_exact_on_a_quadratic_truth_at_any_rank_count():
     """The floor column's fit: ln f_true = a quadratic of the inputs is recovered to rounding from
     any split of the particles over the ranks (empty ranks included), as from all on one rank; a

@@ -80,10 +80,11 @@ def test_nan_loss_stops_and_keeps_checkpoint(small, monkeypatch):
 
 
 def test_exploding_mean_f_stops(small, monkeypatch):
-    """A finite loss with an exploding mean f (a diverged member) also stops training."""
+    """A finite loss with an exploding sum of f (a diverged member: beyond loop.MAX_SUM_OVER_TRUTH
+    times the truth's) also stops training."""
     cfg, out, ckpt = _spoil_after_first_checkpoint(small, monkeypatch, "explode",
-                                                   lambda grid, guard, s: (grid, guard, s * 1e6))
-    with pytest.raises(TrainingDiverged, match="batch mean f .* diverged"):
+                                                   lambda grid, guard, s: (grid, guard, s * 1e12))
+    with pytest.raises(TrainingDiverged, match="batch sum of f .* diverged"):
         run(MPI.COMM_SELF, cfg, out=out)
     assert torch.load(ckpt, weights_only=False)["epoch"] == 1
 

@@ -37,7 +37,25 @@ from lagbias_mpi.training.stopping import StopControl, StopRequested
 log = get_logger("trainer")
 
 
-MAX_BATCH_MEAN_F = 1e3  # a batch whose mean f exceeds this (mass conservation asks 1) has diverged
+# A batch whose weighted sum of f exceeds the true field's sum over its cells by this factor has
+# diverged. Transients far above 1 are part of training a spiky truth and recover: measured on planted
+# truths (docs/results.md), a batch's sum reached ~1e3 x its truth's (shipped settings, spiky corner
+# b = (2, 0.2, -1)) and ~4e5 x (the paper's lr 0.02 without warm-up) in the first steps, and both
+# members then trained to the end. 1e9 leaves f = 10^y some 29 decades below float32's overflow.
+MAX_SUM_OVER_TRUTH = 1e9
+
+
+def sum_over_truth(s_glob: float, batch: Batch) -> float:
+    """A batch's weighted sum of f, S = sum_i w_i f_i, over the true field's sum T of its cells (over
+    its particle count N when T = 0): 1 for a perfect model."""
+    return s_glob / batch.true_sum if batch.true_sum > 0 else s_glob / max(batch.n_all, 1)
+
+
+def diverged(loss: float, s_glob: float, batch: Batch) -> bool:
+    """Whether a step's whole-batch loss is non-finite or its :func:`sum_over_truth` is non-finite
+    or above :data:`MAX_SUM_OVER_TRUTH`."""
+    ratio = sum_over_truth(s_glob, batch)
+    return not (np.isfinite(loss) and np.isfinite(ratio) and ratio < MAX_SUM_OVER_TRUTH)
 
 
 class TrainingDiverged(FloatingPointError):
@@ -115,7 +133,7 @@ def _step(comm, dmodel, opt, batch: Batch, eps, guard_y: float, kspace_coef: np.
     obj, loss, s_glob, stopping = local_objective(comm, dmodel, batch, eps, guard_y, coef, stop_wish, others,
                                                   constraint, grid_loss)
     fail_point(comm, "ddp_step")  # tests: one rank fails while the others enter DDP's all-reduce
-    if not np.isfinite(loss) or not s_glob / max(batch.n_all, 1) < MAX_BATCH_MEAN_F:
+    if diverged(loss, s_glob, batch):
         return loss, s_glob, stopping
     obj.backward()
     if constraint == "projection":  # the projected loss is blind to the output bias: its gradient is
@@ -175,10 +193,10 @@ def _epochs(comm, member, dmodel, model, opt, sched, history, start, path, train
             lr_step = lr * warmup_factor((epoch - 1) * len(train_set) + i, tcfg.warmup_steps)
             loss, s_glob, stopping = _step(comm, dmodel, opt, batch, eps, tcfg.guard_y, coef, lr_step,
                                            stop.after_this_step(), running.others(b), mode, tcfg.grid_loss)
-            batch_mean_f = s_glob / max(batch.n_all, 1)
-            if not np.isfinite(loss) or not batch_mean_f < MAX_BATCH_MEAN_F:
+            if diverged(loss, s_glob, batch):
                 good = f"{path} (epoch {epoch - 1})" if epoch > 1 else "none (first epoch)"
-                raise TrainingDiverged(f"loss {loss:.4g}, batch mean f {batch_mean_f:.4g} at member {member}, "
+                raise TrainingDiverged(f"loss {loss:.4g}, batch sum of f {sum_over_truth(s_glob, batch):.4g} x the true "
+                                       f"field's at member {member}, "
                                        f"epoch {epoch}, step {i}: training diverged and stopped; "
                                        f"last good checkpoint: {good}")
             losses.append(loss)
