@@ -53,8 +53,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--recovery", action="store_true", help="run the planted-truth recovery benchmark")
     parser.add_argument("--truths", default="corners", choices=["centre", "corners", "full"],
                         help="recovery: which planted truths")
-    parser.add_argument("--settings", default="both", choices=["shipped", "all", "inputs", "both", "every"],
-                        help="recovery: shipped sampling, every particle selected, or both")
+    parser.add_argument("--settings", default="every", choices=["shipped", "all", "inputs", "both", "every"],
+                        help="recovery: the shipped config, every particle selected (all), every density "
+                             "eigenvector kept (inputs), shipped + all (both) or all three (every)")
     parser.add_argument("--config", type=Path, default=Path("configs/planted.yaml"), help="recovery: training config")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="recovery: training config override (repeatable)")

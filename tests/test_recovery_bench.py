@@ -91,6 +91,20 @@ def test_best_quadratic_is_exact_on_a_quadratic_truth_at_any_rank_count():
     assert np.median(np.abs(best / (f_true * hidden) - 1)) > 0.2
 
 
+def test_settings_that_train_alike_are_recognised():
+    """On the built-in planted box (~33 particles per 5 Mpc/h cell) the shipped per_cell 50 selects
+    every particle, so ``all`` trains as ``shipped``; with AbacusSummit's ~500 per cell it selects the
+    paper's 10% and the two differ; ``inputs`` always differs."""
+    cfg = ROOT / "configs" / "planted.yaml"
+    def eff(extra, n_part):
+        return recovery.effective_settings(cfg, recovery.SETTINGS[extra], n_part, 40**3)
+    assert eff("shipped", 128**3) == eff("all", 128**3)
+    assert eff("shipped", 128**3)["sampling"]["frac"] == 1.0
+    assert eff("shipped", 500 * 40**3)["sampling"]["frac"] == pytest.approx(0.1)
+    assert eff("shipped", 500 * 40**3) != eff("all", 500 * 40**3)
+    assert eff("inputs", 128**3) != eff("shipped", 128**3)
+
+
 def test_truth_grids():
     assert len(recovery.truths("full")) == 36 and len(recovery.truths("corners")) == 9
     assert (2.0, 0.2, -1.0) in recovery.truths("corners") and recovery.truths("centre") == [recovery.CENTRE]

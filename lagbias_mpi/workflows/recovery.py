@@ -10,7 +10,9 @@ code as ``simulate``) without re-running the N-body part. Every truth is trained
 settings (``shipped``), with every particle selected (``all``: ``sampling.frac=1``) and, to measure
 training apart from the floor the paper's orthogonalisation sets, with every density eigenvector
 kept (``inputs``: ``features.density_components=all``); ``both`` = shipped and all, ``every`` =
-the three. The validation
+the three. A setting that trains as an earlier one on this box (``all`` when the shipped
+``sampling.frac: auto`` already selects every particle, :func:`effective_settings`) is not trained
+again: its rows repeat the earlier setting's. The validation
 box's truth is the same function of the density as the training box's (the training box's moments
 of nu and lambda and its normalisation; ``simulate`` standardises each box on its own, which makes
 the truths of two boxes differ by their moments). Criteria on the validation box: P_model/P_h at
@@ -32,6 +34,7 @@ from lagbias_mpi.analysis.quadratic_fit import best_quadratic_f, fit_quadratic_l
 from lagbias_mpi.bias.ensemble import load_ensemble, simulation_particles
 from lagbias_mpi.bias.routing import route_lagrangian
 from lagbias_mpi.config.simulate import PlantedConfig, load_simulate_config
+from lagbias_mpi.config.loader import to_dict
 from lagbias_mpi.config.train import load_train_config
 from lagbias_mpi.core.atomic import write_json
 from lagbias_mpi.core.logs import get_logger
@@ -40,6 +43,7 @@ from lagbias_mpi.io.simfile import load_simulation, write_simulation
 from lagbias_mpi.mpi.comm import global_sum
 from lagbias_mpi.mpi.fft import SlabFFT
 from lagbias_mpi.nbody.planted import planted_weights
+from lagbias_mpi.training.sampling import resolve_frac
 from lagbias_mpi.workflows.train import run as train_run
 
 log = get_logger("recovery")
@@ -180,6 +184,16 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def effective_settings(config: Path, overrides: list[str], n_particles: int, n_cells: int) -> dict:
+    """The resolved training config of a case with ``sampling.frac`` as the fraction it selects on a
+    box of ``n_particles`` particles and ``n_cells`` training cells (``auto`` resolved, ``per_cell``
+    dropped): two settings with equal dicts train the same (pure but for reading ``config``)."""
+    d = to_dict(load_train_config(config, overrides))
+    samp = d["sampling"]
+    samp["frac"] = resolve_frac(samp["frac"], samp.pop("per_cell"), n_particles, n_cells)
+    return d
+
+
 def run(comm, out: Path, config: Path, which: str = "corners", settings: str = "both",
         overrides: list[str] | None = None, base_dir: Path | None = None) -> dict:
     """The benchmark over ``truths(which)`` x ``settings``; writes recovery.json/.md into ``out``."""
@@ -196,6 +210,14 @@ def run(comm, out: Path, config: Path, which: str = "corners", settings: str = "
     if settings not in SETTING_GROUPS:
         raise ValueError(f"--settings must be one of {sorted(SETTING_GROUPS)}, got {settings!r}")
     names = SETTING_GROUPS[settings]
+    n_cells = int(round(sim_cfg.box / cfg.grid.cell)) ** 3
+    effective = {n: effective_settings(config, list(overrides or []) + SETTINGS[n], sim_cfg.ppd**3, n_cells)
+                 for n in names}
+    same_as = {n: next((m for m in names[:i] if effective[m] == effective[n]), None) for i, n in enumerate(names)}
+    for n, m in same_as.items():
+        if m is not None:
+            log.info(f"recovery: settings {n} train as {m} on this box (sampling.frac resolves to "
+                     f"{effective[n]['sampling']['frac']:.3g}); its rows repeat {m}'s")
     rows = []
     for truth in truths(which):
         tag = "b1_{}_b2_{}_clap_{}".format(*truth)
@@ -206,7 +228,12 @@ def run(comm, out: Path, config: Path, which: str = "corners", settings: str = "
         tr, va = tdir / "train.h5", tdir / "val.h5"
         planted = replant(comm, src_train, tr, truth, sim_cfg.planted.radius)
         val_mean = replant(comm, src_val, va, truth, sim_cfg.planted.radius, like=planted)["mean"]
+        done = {}
         for name in names:
+            if same_as[name] is not None:
+                row = {**done[same_as[name]], "settings": f"{name} (= {same_as[name]})"}
+                rows.append(row)
+                continue
             cdir = tdir / name
             if comm.rank == 0:
                 cdir.mkdir(parents=True, exist_ok=True)
@@ -217,6 +244,7 @@ def run(comm, out: Path, config: Path, which: str = "corners", settings: str = "
             row.update({"b1": truth[0], "b2": truth[1], "c_lap": truth[2], "settings": name,
                         "mean_f_true_val": val_mean})
             rows.append(row)
+            done[name] = row
             log.info(f"recovery: P_model/P_h val {row['pk_ratio_lowk_val']:.4f}, median |f/f_true-1| "
                      f"{row['median_rel_err_val']:.4f}, mean f val {row['mean_f_val']:.5f}, passes {row['passes']}")
             if comm.rank == 0:  # the table so far (a long benchmark shows its progress)
