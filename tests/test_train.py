@@ -85,8 +85,10 @@ def test_rank_count_invariance_and_outputs(comm, sims):
     ({"constraint": "projection"}, {"stop_after_epochs": 3}, (1, 1, None)),
     ({"constraint": "projection"}, {"stop_after_steps": 6}, (0, 1, 2)),
     ({"normalise_steps": True}, {"stop_after_steps": 6}, (0, 1, 2)),
+    # clipping from the 6th step on against the last 3 norms: the restart needs the checkpointed norms
+    ({"clip_grad": 1.0, "clip_window": 3, "constraint": "projection"}, {"stop_after_steps": 6}, (0, 1, 2)),
 ], ids=["epochs", "warmup_epochs", "warmup_mid_epoch", "epoch_end", "projection_epochs", "projection_mid_epoch",
-        "normalise_steps_mid_epoch"])
+        "normalise_steps_mid_epoch", "clip_mid_epoch"])
 def test_resume_gives_same_model(comm, sims, extra, stop, where):
     """Resume after a "kill" (after whole epochs, or as on SIGTERM after a step inside an epoch, with
     a mid-epoch checkpoint) reproduces the uninterrupted run, also with a learning-rate warm-up

@@ -2,7 +2,7 @@
 
 Planted: f_true = exp(b1 nu + b2 nu^2 + c_lap lam), the mild truth (0.5, 0.05, -0.2) with the paper's
 squared-error grid term and the spiky truth of the benchmark's centre (1, 0.1, -0.5) with the
-shipped configs' Poisson deviance (with the squared error it misses: P_model/P_h 0.951 measured at
+shipped configs' Poisson deviance and gradient clipping (with the squared error it misses: P_model/P_h 0.951 measured at
 2 ranks), of the density and its Laplacian smoothed at
 R = 8 Mpc/h (standardised), 40^3 particles in 160 Mpc/h. Trained on delta, lap, g2 at that scale with
 every particle selected (frac 1); an ensemble of 3 small networks (16 x 2), 40 epochs, slower lr decay (0.95)
@@ -28,15 +28,15 @@ WORLD = MPI.COMM_WORLD
 MILD, SPIKY = (0.5, 0.05, -0.2), (1.0, 0.1, -0.5)
 
 
-@pytest.mark.parametrize("constraint, grid_loss, truth", [
-    ("projection", "mse", MILD),
-    pytest.param("penalty", "mse", MILD, marks=pytest.mark.xfail(
+@pytest.mark.parametrize("constraint, grid_loss, truth, clip", [
+    ("projection", "mse", MILD, 0.0),
+    pytest.param("penalty", "mse", MILD, 0.0, marks=pytest.mark.xfail(
         reason="issue #15 not met with the penalty: measured P_model/P_h 1.024 (train, 2 ranks) against the "
                "2% target with eps_min 1e-4 (mean f and members_ok pass); see docs/results.md", strict=False)),
-    ("projection", "poisson", SPIKY),  # the shipped configs' training on the benchmark's centre truth
+    ("projection", "poisson", SPIKY, 2.0),  # the shipped configs' training on the benchmark's centre truth
 ])
 @pytest.mark.mpi(min_size=2)
-def test_recovery_planted(comm, tmp_path_factory, constraint, grid_loss, truth):
+def test_recovery_planted(comm, tmp_path_factory, constraint, grid_loss, truth, clip):
     d = Path(comm.bcast(str(tmp_path_factory.mktemp(f"recovery_{constraint}_{grid_loss}")) if comm.rank == 0 else None))
     b1, b2, c_lap = truth
     sim_file = make_simulation(d / "planted.h5", ppd=40, box=160.0, seed=11, b1=b1, b2=b2, c_lap=c_lap)
@@ -46,7 +46,8 @@ def test_recovery_planted(comm, tmp_path_factory, constraint, grid_loss, truth):
                        sampling={"frac": 1.0, "batch_size": 16000},
                        model={"width": 16, "depth": 2},
                        train={"epochs": 40, "ensemble": 3, "lr": 0.03, "lr_decay": 0.95, "eps_min": 1e-4,
-                              "seed": 5, "bare_steps": 1, "constraint": constraint, "grid_loss": grid_loss},
+                              "seed": 5, "bare_steps": 1, "constraint": constraint, "grid_loss": grid_loss,
+                              "clip_grad": clip},
                        run={"log_level": "WARNING", "figures": False})
     s = run(comm, cfg, out=d / "run")
     assert abs(s["pk_ratio_lowk_train"] - 1) < 0.02, s["pk_ratio_lowk_train"]

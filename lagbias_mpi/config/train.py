@@ -233,7 +233,9 @@ class TrainConfig:
     step so that the running weighted sum of f equals the true field's (the penalty is then reported,
     not back-propagated). ``grid_loss``: the grid term per cell, ``mse`` (the paper's
     (delta_model - delta_true)^2) or ``poisson`` (the Poisson deviance of 1 + delta_model given
-    1 + delta_true, :mod:`lagbias_mpi.training.loss`)."""
+    1 + delta_true, :mod:`lagbias_mpi.training.loss`). ``clip_grad``: the gradient's norm clipped at
+    this many times the median norm of the last ``clip_window`` steps (0: off, the paper;
+    :mod:`lagbias_mpi.training.clipping`)."""
 
     epochs: int = 50
     ensemble: int = 5
@@ -250,6 +252,8 @@ class TrainConfig:
     constraint: Literal["projection", "penalty"] = "penalty"
     grid_loss: Literal["mse", "poisson"] = "mse"
     guard_y: float = -5.0
+    clip_grad: float = 0.0
+    clip_window: int = 50
     threads: Optional[int] = None  # torch threads per rank (default 1 under MPI)
     bare_steps: int = 5
     kspace_loss: KSpaceLossConfig = field(default_factory=KSpaceLossConfig)
@@ -268,6 +272,10 @@ class TrainConfig:
             raise ValueError("train.seed must be >= 0")
         if self.eps_min <= 0 or self.constraint_from < 1:
             raise ValueError("train.eps_min must be > 0 and train.constraint_from >= 1")
+        if not self.clip_grad >= 0:
+            raise ValueError(f"train.clip_grad must be >= 0 (0: off), got {self.clip_grad}")
+        if self.clip_window < 1:
+            raise ValueError(f"train.clip_window must be >= 1, got {self.clip_window}")
         if self.warmup_steps < 0:
             raise ValueError(f"train.warmup_steps must be >= 0, got {self.warmup_steps}")
 
@@ -311,7 +319,7 @@ def config_run_hash(cfg: TrainRunConfig) -> str:
     if not d["simulation"].get("train_realisations"):
         d["simulation"].pop("train_realisations", None)
     defaults = to_dict(TrainConfig())
-    for key in ("kspace_loss", "warmup_steps"):
+    for key in ("kspace_loss", "warmup_steps", "clip_grad", "clip_window"):
         if d["train"].get(key) == defaults[key]:
             d["train"].pop(key)
     d["train"].pop("checkpoint_steps", None)  # when checkpoints are written does not change the result

@@ -22,6 +22,7 @@ from lagbias_mpi.training.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
+from lagbias_mpi.training.clipping import GradClip
 from lagbias_mpi.training.kspace import FieldSet, kspace_coefficients
 from lagbias_mpi.training.loss import (
     RunningSum,
@@ -95,7 +96,7 @@ def train_member(comm, member: int, shape: dict, train_set: BatchSet, val_sets: 
     model = build_model(shape, seed=tcfg.seed * 1000 + member, dtype=dtype).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=tcfg.lr)
     sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=tcfg.lr_decay)
-    history, start, partial, ckpt_running = _empty_history(), 1, None, None
+    history, start, partial, ckpt_running, ckpt_norms = _empty_history(), 1, None, None, None
     path = checkpoint_path(ckpt_dir, member)
     ckpt = load_checkpoint(comm, path) if resume else None
     if ckpt is not None:
@@ -106,14 +107,14 @@ def train_member(comm, member: int, shape: dict, train_set: BatchSet, val_sets: 
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
         history, start, partial = ckpt["history"], ckpt["epoch"] + 1, ckpt.get("in_epoch")
-        ckpt_running = ckpt.get("running_sum")
+        ckpt_running, ckpt_norms = ckpt.get("running_sum"), ckpt.get("grad_norms")
         torch.random.set_rng_state(ckpt["torch_rng"])
         where = f"epoch {start} step {partial['step']}" if partial else f"epoch {start}"
         log.info(f"member {member}: resumed from {path}, continuing with {where}")
     dmodel = ddp.wrap(model, comm)
     try:
         _epochs(comm, member, dmodel, model, opt, sched, history, start, path, train_set, val_sets, tcfg,
-                config_hash, shape, stop or StopControl(), field_sets, partial, ckpt_running)
+                config_hash, shape, stop or StopControl(), field_sets, partial, ckpt_running, ckpt_norms)
     except BaseException as exc:
         traceback.clear_frames(exc.__traceback__)  # the frames would keep the DDP wrapper alive
         raise
@@ -124,43 +125,49 @@ def train_member(comm, member: int, shape: dict, train_set: BatchSet, val_sets: 
 
 
 def _step(comm, dmodel, opt, batch: Batch, eps, guard_y: float, kspace_coef: np.ndarray | None, lr_step: float,
-          stop_wish: bool, others=None, constraint: str = "penalty", grid_loss: str = "mse") -> tuple[float, float, bool]:
+          stop_wish: bool, others=None, constraint: str = "penalty", grid_loss: str = "mse",
+          clip: GradClip | None = None) -> tuple[float, float, bool, float]:
     """One optimiser step on ``batch`` at learning rate ``lr_step`` (the group's lr is restored
-    afterwards, so that the scheduler and checkpoints see the epoch's lr). Returns (whole-batch
-    loss, global sum of f, whether any rank wants to stop). A non-finite loss is not stepped on."""
+    afterwards, so that the scheduler and checkpoints see the epoch's lr), the gradient clipped by
+    ``clip``. Returns (whole-batch loss, global sum of f, whether any rank wants to stop, the factor
+    the gradient was clipped by). A diverged step (:func:`diverged`) is not stepped on."""
     opt.zero_grad(set_to_none=False)
     coef = None if kspace_coef is None else torch.as_tensor(kspace_coef, dtype=batch.dtype, device=batch.scale.device)
     obj, loss, s_glob, stopping = local_objective(comm, dmodel, batch, eps, guard_y, coef, stop_wish, others,
                                                   constraint, grid_loss)
     fail_point(comm, "ddp_step")  # tests: one rank fails while the others enter DDP's all-reduce
     if diverged(loss, s_glob, batch):
-        return loss, s_glob, stopping
+        return loss, s_glob, stopping, 1.0
     obj.backward()
     if constraint == "projection":  # the projected loss is blind to the output bias: its gradient is
         output_bias(dmodel).grad.zero_()  # rounding noise, which Adam would turn into lr-sized steps
+    clipped = clip(dmodel.parameters()) if clip is not None else 1.0
     lr = [group["lr"] for group in opt.param_groups]
     for group in opt.param_groups:
         group["lr"] = lr_step
     opt.step()
     for group, value in zip(opt.param_groups, lr):
         group["lr"] = value
-    return loss, s_glob, stopping
+    return loss, s_glob, stopping, clipped
 
 
 def _epochs(comm, member, dmodel, model, opt, sched, history, start, path, train_set, val_sets, tcfg,
-            config_hash, shape, stop: StopControl, field_sets=None, partial=None, ckpt_running=None):
+            config_hash, shape, stop: StopControl, field_sets=None, partial=None, ckpt_running=None,
+            ckpt_norms=None):
     """The epoch loop of :func:`train_member`; ``partial``: the ``in_epoch`` state of a mid-epoch
     checkpoint (the first epoch continues after its ``step`` steps)."""
     def payload(epoch, in_epoch=None):
         return {"member": member, "epoch": epoch, "done": epoch == tcfg.epochs and in_epoch is None,
                 "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                 "history": history, "torch_rng": torch.random.get_rng_state(), "config_hash": config_hash,
-                "shape": shape, "in_epoch": in_epoch, "running_sum": running.s_last.copy()}
+                "shape": shape, "in_epoch": in_epoch, "running_sum": running.s_last.copy(),
+                "grad_norms": list(clip.norms)}
 
     project = tcfg.constraint == "projection"
     running = RunningSum.start(train_set)
     if ckpt_running is not None:
         running.s_last = np.asarray(ckpt_running, np.float64).copy()
+    clip = GradClip(tcfg.clip_grad, tcfg.clip_window, list(ckpt_norms or []))
 
     for epoch in range(start, tcfg.epochs + 1):
         if stop.start_epoch():
@@ -172,9 +179,10 @@ def _epochs(comm, member, dmodel, model, opt, sched, history, start, path, train
         by_step = (eps is not None or project) and tcfg.normalise_steps
         mode = "projection" if project else ("held" if by_step else "penalty")
         lr = opt.param_groups[0]["lr"]
-        skip, losses, s_tot, t_before = 0, [], 0.0, 0.0
+        skip, losses, s_tot, t_before, n_clipped = 0, [], 0.0, 0.0, 0
         if partial is not None:
             skip, losses, s_tot, t_before = partial["step"], list(partial["losses"]), partial["s_tot"], partial["wall_s"]
+            n_clipped = partial.get("clipped", 0)
             partial = None
         t0 = time.perf_counter() - t_before
         coefs, kcfg = None, tcfg.kspace_loss
@@ -191,8 +199,10 @@ def _epochs(comm, member, dmodel, model, opt, sched, history, start, path, train
                     history.setdefault("kspace_loss", []).append(float(sum(kl)))
             coef = None if coefs is None else coefs[batch.box][batch.pidx]
             lr_step = lr * warmup_factor((epoch - 1) * len(train_set) + i, tcfg.warmup_steps)
-            loss, s_glob, stopping = _step(comm, dmodel, opt, batch, eps, tcfg.guard_y, coef, lr_step,
-                                           stop.after_this_step(), running.others(b), mode, tcfg.grid_loss)
+            loss, s_glob, stopping, clipped = _step(comm, dmodel, opt, batch, eps, tcfg.guard_y, coef, lr_step,
+                                                    stop.after_this_step(), running.others(b), mode, tcfg.grid_loss,
+                                                    clip)
+            n_clipped += clipped < 1.0
             if diverged(loss, s_glob, batch):
                 good = f"{path} (epoch {epoch - 1})" if epoch > 1 else "none (first epoch)"
                 raise TrainingDiverged(f"loss {loss:.4g}, batch sum of f {sum_over_truth(s_glob, batch):.4g} x the true "
@@ -210,7 +220,7 @@ def _epochs(comm, member, dmodel, model, opt, sched, history, start, path, train
             periodic = every > 0 and ((epoch - 1) * len(train_set) + i + 1) % every == 0
             if (stopping or periodic) and i + 1 < len(train_set):  # mid-epoch checkpoint (same on all ranks)
                 save_checkpoint(comm, path, payload(epoch - 1, {
-                    "epoch": epoch, "step": i + 1, "losses": list(losses), "s_tot": s_tot,
+                    "epoch": epoch, "step": i + 1, "losses": list(losses), "s_tot": s_tot, "clipped": n_clipped,
                     "wall_s": comm.allreduce(time.perf_counter() - t0, op=MPI.MAX)}))
             if stopping and i + 1 < len(train_set):
                 raise StopRequested(f"stopped by {stop.reason()} in member {member} epoch {epoch} after step "
@@ -231,6 +241,7 @@ def _epochs(comm, member, dmodel, model, opt, sched, history, start, path, train
         history["lr"].append(lr)
         history["epoch_wall_s"].append(comm.allreduce(time.perf_counter() - t0, op=MPI.MAX))
         history["step_wall_s"].append(comm.allreduce(t_train, op=MPI.MAX))
+        history.setdefault("clipped_steps", []).append(int(n_clipped))
         save_checkpoint(comm, path, payload(epoch))
         renorm = f" (renormalised x {history['renorm'][-1]:.4g})" if eps is not None or project else ""
         log.info(f"member {member} epoch {epoch}/{tcfg.epochs}: train loss {history['train_loss'][-1]:.6g} "
