@@ -244,8 +244,9 @@ def _epochs(comm, member, dmodel, model, opt, sched, history, start, path, train
         history.setdefault("clipped_steps", []).append(int(n_clipped))
         save_checkpoint(comm, path, payload(epoch))
         renorm = f" (renormalised x {history['renorm'][-1]:.4g})" if eps is not None or project else ""
+        val_part = f"val loss {history['val_loss'][-1]:.6g} " if val else ""
         log.info(f"member {member} epoch {epoch}/{tcfg.epochs}: train loss {history['train_loss'][-1]:.6g} "
-                 f"val loss {history['val_loss'][-1]:.6g} mean f in the epoch {history['mean_f'][-1]:.5f}{renorm} "
+                 f"{val_part}mean f in the epoch {history['mean_f'][-1]:.5f}{renorm} "
                  f"eps {eps if eps is not None else 'off'} lr {lr:.4g} "
                  f"({history['epoch_wall_s'][-1]:.2f} s)")
 

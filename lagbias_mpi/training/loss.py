@@ -92,6 +92,12 @@ def projected_grid(comm, batch: Batch, cellsum: torch.Tensor, s_local: torch.Ten
     K = -(c/S) sum_j g'(m_j) scale_j cellsum_j over all ranks (g' = :func:`grid_slope`), the
     gradients summed over ranks equal the one-rank gradient of the whole batch (two scalar Allreduces)."""
     s_glob = comm.allreduce(float(s_local.detach()), op=MPI.SUM)
+    if not batch.true_sum > 0:
+        # no true mass in the batch (sparse targets: thin mass ranges): f scaled to a zero sum is
+        # zero everywhere and meets the truth exactly, so the term and its gradient are zero (the
+        # formulas below would give 0/0 in every cell)
+        zero = (0.0 * cellsum).sum()
+        return zero, 0.0 * s_local
     c = batch.true_sum / s_glob if s_glob > 0 and np.isfinite(s_glob) else 1.0
     m, t = batch.scale * cellsum * c, 1.0 + batch.target
     slope = grid_slope(m.detach(), t, grid_loss)

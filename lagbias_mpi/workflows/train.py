@@ -134,7 +134,7 @@ def _members_ok(n_members: int, failures: dict, train_result: dict) -> tuple[lis
     """{"ok", "reason"} of every member (training failures first, then :func:`member_health` on the
     training box's evaluation) and the indices of the trained members (rows of the evaluation)."""
     trained = [m for m in range(n_members) if m not in failures]
-    out = [{"ok": False, "reason": failures[m]} for m in range(n_members)] if failures else [None] * n_members
+    out = [{"ok": False, "reason": failures[m]} if m in failures else None for m in range(n_members)]
     for row, m in enumerate(trained):
         out[m] = member_health(train_result["pk_ratio_lowk_members"][row], train_result["mean_f_members"][row])
     for m, h in enumerate(out):
