@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from mpi4py import MPI
 
-from lagbias_mpi.bias.evaluate import evaluate_simulation
+from lagbias_mpi.bias.evaluate import evaluate_simulation, member_verdicts
 
 BOX, NMESH = 100.0, 16
 
@@ -60,9 +60,8 @@ def test_average_of_no_member_refused():
 def test_members_ok_with_some_members_failed():
     """One member stopped in training, the others evaluated: each gets its own verdict, and the
     trained ones are the evaluation's rows (a partial failure used to raise KeyError)."""
-    from lagbias_mpi.workflows.train import _members_ok
     result = {"pk_ratio_lowk_members": [1.01, 0.02], "mean_f_members": [1.0, 1.0]}
-    out, trained = _members_ok(3, {1: "diverged at step 89"}, result)
+    out, trained = member_verdicts(3, {1: "diverged at step 89"}, result)
     assert trained == [0, 2]
     assert [m["ok"] for m in out] == [True, False, False]
     assert out[1]["reason"] == "diverged at step 89" and out[2]["reason"].startswith("flat")

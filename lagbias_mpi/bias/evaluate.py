@@ -57,6 +57,19 @@ def member_health(pk_ratio_lowk: float, mean_f: float) -> dict:
     return {"ok": True, "reason": f"P_model/P_h {pk_ratio_lowk:.4g}, mean f {mean_f:.5f}"}
 
 
+def member_verdicts(n_members: int, failures: dict, train_result: dict) -> tuple[list[dict], list[int]]:
+    """{"ok", "reason"} of every member (training failures first, then :func:`member_health` on the
+    training box's evaluation) and the indices of the trained members (rows of the evaluation)."""
+    trained = [m for m in range(n_members) if m not in failures]
+    out = [{"ok": False, "reason": failures[m]} if m in failures else None for m in range(n_members)]
+    for row, m in enumerate(trained):
+        out[m] = member_health(train_result["pk_ratio_lowk_members"][row], train_result["mean_f_members"][row])
+    for m, h in enumerate(out):
+        if not h["ok"]:
+            log.warning(f"member {m} is not in the ensemble average: {h['reason']}")
+    return out, trained
+
+
 def _spectra(fft, delta_h, p_h, weight, pos) -> dict:
     """Spectra of the field painted with ``weight`` at ``pos`` (particles already on their slab)."""
     grid = paint(fft.comm, pos, weight, fft.n, fft.box, method="cic", routed=True)

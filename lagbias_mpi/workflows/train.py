@@ -14,7 +14,7 @@ from mpi4py import MPI
 from lagbias_mpi.analysis import plots
 from lagbias_mpi.bias.ensemble import CHUNK as FORWARD_CHUNK
 from lagbias_mpi.bias.ensemble import Ensemble
-from lagbias_mpi.bias.evaluate import evaluate_simulation, member_health
+from lagbias_mpi.bias.evaluate import evaluate_simulation, member_health, member_verdicts
 from lagbias_mpi.bias.prepare import (
     _exchange_summary,
     _validate_inputs,
@@ -130,19 +130,6 @@ def _balance(stats: dict) -> dict:
     return {**stats, "max_over_mean": stats["max"] / stats["mean"] if stats["mean"] else float("nan")}
 
 
-def _members_ok(n_members: int, failures: dict, train_result: dict) -> tuple[list[dict], list[int]]:
-    """{"ok", "reason"} of every member (training failures first, then :func:`member_health` on the
-    training box's evaluation) and the indices of the trained members (rows of the evaluation)."""
-    trained = [m for m in range(n_members) if m not in failures]
-    out = [{"ok": False, "reason": failures[m]} if m in failures else None for m in range(n_members)]
-    for row, m in enumerate(trained):
-        out[m] = member_health(train_result["pk_ratio_lowk_members"][row], train_result["mean_f_members"][row])
-    for m, h in enumerate(out):
-        if not h["ok"]:
-            log.warning(f"member {m} is not in the ensemble average: {h['reason']}")
-    return out, trained
-
-
 def _run(comm, cfg, run_dir, train_specs, val_specs, resume, stop: StopControl):
     timer = StageTimer(comm, track_rss=True)
     tcfg = cfg.train
@@ -181,7 +168,7 @@ def _run(comm, cfg, run_dir, train_specs, val_specs, resume, stop: StopControl):
             if comm.rank == 0 and n_show and cfg.run.figures else None)
     log.info("evaluate: every member's f on all particles, CIC spectra, the average of the healthy members")
     _evaluate_box(comm, timer, cfg, ens, tr, results, meta, average_rows=healthy_rows)
-    members_ok, trained_ids = _members_ok(tcfg.ensemble, failures, results[tr.label])
+    members_ok, trained_ids = member_verdicts(tcfg.ensemble, failures, results[tr.label])
     keep = [i for i in trained_ids if members_ok[i]["ok"]]
     if keep and len(keep) < len(states):
         log.warning(f"ensemble average of members {keep} only (the others: "
