@@ -128,4 +128,5 @@ def test_batches_of_grouped_rows_equal_general_path():
     for x, y in zip(a.batches, b.batches):
         assert np.array_equal(pid[x.pidx], pid[perm][y.pidx])
         assert np.array_equal(x.x.numpy(), y.x.numpy()) and np.array_equal(x.idx.numpy(), y.idx.numpy())
+        assert x.stored_idx is None and y.stored_idx is not None  # grouped: the cell index found per step
         assert np.array_equal(x.target.numpy(), y.target.numpy()) and x.n_all == y.n_all

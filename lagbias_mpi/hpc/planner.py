@@ -15,7 +15,7 @@ with its dtype (``BYTES``), for the design of issue #11: one box in memory at a 
 boxes are prepared and evaluated one by one after training); the particles routed to their IC
 plane before the features, each feature column computed and read out at them in turn (no feature
 slab), FFT work in ``features.fft_precision``; float32 features and inputs; an exchange consumes its input as its output fills (one copy of the
-records, int32 destinations, rounds of bounded size); batches that index the inputs (8 B per
+records, int32 destinations, rounds of bounded size); batches that index the inputs (4 B per
 selected particle) plus the activations of one batch; chunked steps of ``ROWS_PER_STEP`` rows;
 float64 evaluation grids. On top: the measured resident memory of an idle training process
 (``BASELINE_MB``) and its size-independent growth during the run (``RUNTIME_MB``). Checked against
@@ -198,10 +198,10 @@ def memory_per_rank(size: ProblemSize, ranks: int, imbalance: float | None = Non
                    (eul_rec + 9) * n_e) + steps + ownership
     truth = 8 * n_cells / P * imbalance + 2 * 8 * c_tr  # owned values + the NGP slab and its copy
     sel = size.n_selected / P * imbalance
-    batches = 8 * sel + 16 * c_tr  # int32 particle and cell index per selected particle; scale, target per cell
+    batches = 4 * sel + 20 * c_tr  # int32 row per selected particle; first row, scale, weight, target per cell
     select = 1 * n_e + steps  # the selection mask; sub-sampling and batch sort a chunk of cells at a time
     acts = size.batch_size / P * imbalance * size.depth * size.width * 4 * B["act_copies"]
-    acts += (4 * m + 8) * size.batch_size / P * imbalance  # the batch's gathered inputs and f
+    acts += (4 * m + 16) * size.batch_size / P * imbalance  # the batch's gathered inputs, f and cell index
     # the box used up: positions, the members' f (float32) consumed by one routing to the slabs
     # (positions + every member's f arrive), their average, the float64 grids; the validation
     # boxes' losses (batches of the prepared box) are computed in this stage before

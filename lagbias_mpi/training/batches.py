@@ -36,11 +36,13 @@ from lagbias_mpi.training.sampling import (
 @dataclass
 class Batch:
     """This rank's part of one global batch. The inputs are not copied: ``x`` gathers the rows
-    ``pidx`` of the simulation's theta when asked (once per step), so a batch costs 8 B per
-    selected particle (``pidx`` and ``idx``, int32) instead of 4 n_in + 16."""
+    ``pidx`` of the simulation's theta when asked (once per step), and ``idx`` (the batch-local
+    cell of each selected particle) is found from ``pidx`` and the first row of each of the batch's
+    cells when the rank's rows are grouped by cell (the Eulerian routing's layout), so a batch
+    costs 4 B per selected particle (``pidx``, int32) instead of 4 n_in + 16; other layouts store
+    ``idx`` (4 B more)."""
 
     theta: np.ndarray  # (n_particles_local, n_in) float32: the rank's inputs of the simulation (shared)
-    idx: torch.Tensor  # (n_b,) int32 cell of each particle, local to the batch
     scale: torch.Tensor  # (n_cells_b,) N_cells/N_part * n/n_sel
     weight: torch.Tensor  # (n_cells_b,) n/n_sel: the particles each selected particle stands for
     target: torch.Tensor  # (n_cells_b,) delta_true
@@ -49,6 +51,16 @@ class Batch:
     true_sum: float  # T: (N_part / N_cells) sum_j (1 + delta_true[j]) over the batch's cells, all ranks
     pidx: np.ndarray  # (n_b,) indices of the particles among the rank's particles of the simulation
     box: int = 0  # which training simulation (for the Fourier-space loss's coefficients)
+    cell_rows: np.ndarray | None = None  # (n_cells_b,) increasing first row of each cell (grouped rows)
+    stored_idx: torch.Tensor | None = None  # (n_b,) int32 batch-local cell (rows not grouped by cell)
+
+    @property
+    def idx(self) -> torch.Tensor:
+        """(n_b,) batch-local cell of each selected particle (int64 when computed per step)."""
+        if self.stored_idx is not None:
+            return self.stored_idx
+        local = np.searchsorted(self.cell_rows, self.pidx, side="right") - 1
+        return torch.as_tensor(local, device=self.scale.device)
 
     @property
     def x(self) -> torch.Tensor:
@@ -62,8 +74,9 @@ class Batch:
     @property
     def nbytes(self) -> int:
         """Bytes this batch holds (theta is shared, not counted)."""
-        return self.pidx.nbytes + sum(t.element_size() * t.nelement()
-                                      for t in (self.idx, self.scale, self.weight, self.target))
+        held = [self.scale, self.weight, self.target] + ([self.stored_idx] if self.stored_idx is not None else [])
+        rows = self.cell_rows.nbytes if self.cell_rows is not None else 0
+        return self.pidx.nbytes + rows + sum(t.element_size() * t.nelement() for t in held)
 
 
 @dataclass
@@ -92,8 +105,10 @@ def build_batches(comm, theta: np.ndarray, cell: np.ndarray, pid: np.ndarray, ta
     scale = cell_scale(n, n_sel, n_cells_total, n_part)
     weight = cell_weight(n, n_sel)
     target = target_of_cells(cells) if len(cells) else np.zeros(0)
-    if sorted_by_cell_and_id(cell, pid):
+    grouped = sorted_by_cell_and_id(cell, pid)
+    if grouped:
         porder, p_edges = _batch_rows_grouped(selected, cell, cells, bcell, nb)
+        first_row = np.cumsum(n) - n  # rows grouped by cell: cell k's rows start here
     else:  # one sort of the selected rows by (batch, cell, pid)
         sel = np.nonzero(selected)[0]
         pc = cell[sel]
@@ -115,15 +130,18 @@ def build_batches(comm, theta: np.ndarray, cell: np.ndarray, pid: np.ndarray, ta
     for b in range(nb):
         pidx = porder[p_edges[b]:p_edges[b + 1]]
         cidx = corder[c_edges[b]:c_edges[b + 1]]
-        local_cell = np.searchsorted(cells[cidx], cell[pidx])
+        if grouped:  # the batch-local cell is found per step from the cells' first rows
+            where = {"cell_rows": first_row[cidx].astype(pidx_dtype)}
+        else:
+            where = {"stored_idx": torch.as_tensor(np.searchsorted(cells[cidx], cell[pidx]).astype(np.int32),
+                                                   device=device)}
         batches.append(Batch(
             theta=theta,
-            idx=torch.as_tensor(local_cell.astype(np.int32), device=device),
             scale=torch.as_tensor(scale[cidx], dtype=dtype, device=device),
             weight=torch.as_tensor(weight[cidx], dtype=dtype, device=device),
             target=torch.as_tensor(target[cidx], dtype=dtype, device=device),
             n_global=int(counts[b]), n_all=int(n_all[b]), true_sum=float(true_sum[b]),
-            pidx=pidx, box=box))
+            pidx=pidx, box=box, **where))
     return BatchSet(batches, total, len(cells), int(np.sum(n_all)))
 
 
