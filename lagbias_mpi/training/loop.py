@@ -95,7 +95,7 @@ def train_member(comm, member: int, shape: dict, train_set: BatchSet, val_sets: 
     """
     model = build_model(shape, seed=tcfg.seed * 1000 + member, dtype=dtype).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=tcfg.lr)
-    sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=tcfg.lr_decay)
+    sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=tcfg.epoch_decay)
     history, start, partial, ckpt_running, ckpt_norms = _empty_history(), 1, None, None, None
     path = checkpoint_path(ckpt_dir, member)
     ckpt = load_checkpoint(comm, path) if resume else None
