@@ -27,19 +27,17 @@ import torch
 from mpi4py import MPI
 
 from lagbias_mpi.bias.ensemble import load_ensemble, simulation_particles
+from lagbias_mpi.bias.routing import flat_cells
 from lagbias_mpi.io import sources
+from lagbias_mpi.training.loss import grid_per_cell
 
 CELL = 5.0  # Mpc/h, the training grid
 KMAX = 0.1
 
 
-def ngp_cells(pos, box: float, ng: int) -> np.ndarray:
-    ci = np.floor(pos / box * ng).astype(np.int64) % ng
-    return (ci[:, 0] * ng + ci[:, 1]) * ng + ci[:, 2]
-
-
 def pk_ratio_lowk(m: np.ndarray, t: np.ndarray, box: float, ng: int) -> float:
-    """sum |delta_m(k)|^2 / sum |delta_t(k)|^2 over 0 < k < KMAX (NGP grids of mean 1)."""
+    """sum |delta_m(k)|^2 / sum |delta_t(k)|^2 over 0 < k < KMAX (NGP grids of mean 1). A serial numpy
+    FFT on purpose, apart from the pipeline's evaluation (CIC, SlabFFT), which it checks."""
     dm, dt = np.fft.rfftn((m - 1).reshape(ng, ng, ng)), np.fft.rfftn((t - 1).reshape(ng, ng, ng))
     kx = np.fft.fftfreq(ng, box / ng) * 2 * np.pi
     kz = np.fft.rfftfreq(ng, box / ng) * 2 * np.pi
@@ -48,7 +46,7 @@ def pk_ratio_lowk(m: np.ndarray, t: np.ndarray, box: float, ng: int) -> float:
     return float(np.sum(np.abs(dm[s]) ** 2) / np.sum(np.abs(dt[s]) ** 2))
 
 
-class Box:
+class TrainingBox:
     def __init__(self, run: str, train_file: str):
         comm = MPI.COMM_SELF
         self.ens = load_ensemble(run)
@@ -57,7 +55,7 @@ class Box:
         self.ft = parts.f_true.astype(np.float64)
         self.box = parts.meta.box
         self.ng = int(round(self.box / CELL))
-        flat = ngp_cells(parts.pos, self.box, self.ng)
+        flat = flat_cells(parts.pos, self.ng, self.box).astype(np.int64)
         t = np.bincount(flat, self.ft, self.ng**3)
         self.t = t / t.mean()
         self.idx, self.tt = torch.as_tensor(flat), torch.as_tensor(self.t)
@@ -69,8 +67,7 @@ class Box:
         return m / m.mean()
 
     def deviance(self, m: torch.Tensor) -> torch.Tensor:
-        tt = self.tt
-        return 2 * (torch.xlogy(tt, tt) - torch.xlogy(tt, m) - tt + m).sum()
+        return grid_per_cell(m, self.tt, "poisson").sum()
 
     def report(self, log10_f: torch.Tensor) -> dict:
         with torch.no_grad():
@@ -109,7 +106,7 @@ def main(argv=None):
                     "(each a float64 forward and backward pass over the whole box)")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     a = ap.parse_args(argv)
-    b = Box(a.run, a.train_file)
+    b = TrainingBox(a.run, a.train_file)
     net = b.ens.members[0].double()
     x = torch.as_tensor(b.theta)
     res = {"run": a.run, "train_file": a.train_file, "n_particles": len(b.ft), "grid": b.ng}

@@ -57,7 +57,7 @@ def test_average_of_no_member_refused():
         evaluate_simulation(MPI.COMM_SELF, f, pos, hpos, hw, BOX, NMESH, average_rows=lambda r: [])
 
 
-def test_members_ok_with_some_members_failed():
+def test_member_verdicts_with_some_members_failed():
     """One member stopped in training, the others evaluated: each gets its own verdict, and the
     trained ones are the evaluation's rows (a partial failure used to raise KeyError)."""
     result = {"pk_ratio_lowk_members": [1.01, 0.02], "mean_f_members": [1.0, 1.0]}

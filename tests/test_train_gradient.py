@@ -12,7 +12,7 @@ from lagbias_mpi.bias.model import build_model, f_of_y
 from lagbias_mpi.mpi.layout import plane_owner
 from lagbias_mpi.training import ddp
 from lagbias_mpi.training.batches import build_batches
-from lagbias_mpi.training.loss import batch_terms, local_objective, projected_grid
+from lagbias_mpi.training.loss import batch_terms, cell_sums, local_objective, projected_grid
 
 NG, NPART = 6, 3000
 SHAPE = {"n_in": 3, "width": 8, "depth": 2, "activation": "gelu"}
@@ -213,8 +213,7 @@ def test_projection_on_a_batch_without_true_mass_is_zero(comm, grid_loss):
             assert np.isfinite(s) and s > 0 and np.isfinite(loss)
             with torch.no_grad():  # the grid term itself is 0, not only finite: loss = guard term
                 _, guard, s_local = batch_terms(model, batch, -5.0, grid_loss)
-                f = f_of_y(model(batch.x))
-                cellsum = torch.zeros(batch.scale.shape, dtype=f.dtype).index_add_(0, batch.idx, f)
+                cellsum = cell_sums(batch, f_of_y(model(batch.x)))
                 grid, through_c = projected_grid(comm, batch, cellsum, s_local, grid_loss)
             assert float(grid) == 0.0 and float(through_c) == 0.0
             assert loss == pytest.approx(comm.allreduce(float(guard)), rel=1e-12, abs=0.0)

@@ -54,6 +54,10 @@ class Batch:
     cell_rows: np.ndarray | None = None  # (n_cells_b,) increasing first row of each cell (grouped rows)
     stored_idx: torch.Tensor | None = None  # (n_b,) int32 batch-local cell (rows not grouped by cell)
 
+    def __post_init__(self):
+        if (self.cell_rows is None) == (self.stored_idx is None):
+            raise ValueError("a Batch needs exactly one of cell_rows (rows grouped by cell) and stored_idx")
+
     @property
     def idx(self) -> torch.Tensor:
         """(n_b,) batch-local cell of each selected particle (int64 when computed per step)."""

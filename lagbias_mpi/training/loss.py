@@ -67,13 +67,18 @@ def batch_terms(model, batch: Batch, guard_y: float, grid_loss: str = "mse"):
     return grid, guard, s_local
 
 
+def cell_sums(batch: Batch, f: torch.Tensor) -> torch.Tensor:
+    """(n_cells_b,) sum of the selected particles' f in each of the batch's cells on this rank."""
+    return torch.zeros(batch.scale.shape, dtype=f.dtype, device=f.device).index_add_(0, batch.idx, f)
+
+
 def _terms_and_f(model, batch: Batch, guard_y: float, comm=None, grid_loss: str = "mse"):
     """:func:`batch_terms` plus the tensor of f (for the Fourier-space loss's surrogate). With
     ``comm`` the grid term is the projected one (:func:`projected_grid`, collective): its value that
     of f scaled to the batch's true sum, its gradient including the part through the scale."""
     y = model(batch.x)
     f = f_of_y(y)
-    cellsum = torch.zeros(batch.scale.shape, dtype=f.dtype, device=f.device).index_add_(0, batch.idx, f)
+    cellsum = cell_sums(batch, f)
     s_local = (batch.weight * cellsum).sum()
     if comm is None:
         grid = grid_per_cell(batch.scale * cellsum, 1.0 + batch.target, grid_loss).sum()
