@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -63,6 +64,20 @@ def test_memory_model_scales_with_ranks():
     assert m1["peak_bytes"] == max(m1["bytes"].values())
     more = hpc_planner.memory_per_rank(_size(n_val=3), 8, imbalance=1.0)
     assert more["peak_bytes"] == m8["peak_bytes"]  # validation sims are prepared one at a time, after training
+
+
+def test_full_batch_phase_in_time_and_memory():
+    """train.polish: each evaluation costs a pass over the selected particles per member; the phase
+    keeps every batch's cell sums (4 B per training cell of the rank) while it runs."""
+    off, on = _size(), _size(polish_evaluations=20)
+    t_off, t_on = hpc_planner.time_per_stage(off, 8), hpc_planner.time_per_stage(on, 8)
+    per_eval = hpc_planner.DEFAULT_COSTS["polish_s_per_particle_eval"] * on.n_selected / 8
+    assert np.isclose(t_on["seconds"]["train"] - t_off["seconds"]["train"], on.ensemble * 20 * per_eval)
+    assert t_off["polish_s"] == 0 and np.isclose(t_on["polish_s"], 20 * per_eval)
+    m_off, m_on = (hpc_planner.memory_per_rank(s, 8, imbalance=1.0)["bytes"] for s in (off, on))
+    c_tr = -(-on.train_nmesh // 8) * on.train_nmesh**2
+    assert np.isclose(m_on["train"] - m_off["train"], 4 * c_tr)
+    assert all(m_on[st] == m_off[st] for st in hpc_planner.STAGES if st != "train")
 
 
 def test_fit_and_smallest_fit():

@@ -87,8 +87,12 @@ def test_rank_count_invariance_and_outputs(comm, sims):
     ({"normalise_steps": True}, {"stop_after_steps": 6}, (0, 1, 2)),
     # clipping from the 6th step on against the last 3 norms: the restart needs the checkpointed norms
     ({"clip_grad": 1.0, "clip_window": 3, "constraint": "projection"}, {"stop_after_steps": 6}, (0, 1, 2)),
+    # the full-batch phase stopped after its first check (3 units: 2 epochs, 1 check): the L-BFGS
+    # state comes from the checkpoint
+    ({"constraint": "projection", "grid_loss": "poisson", "polish": {"evaluations": 4, "check_every": 2}},
+     {"stop_after_epochs": 3}, (0, 2, None)),
 ], ids=["epochs", "warmup_epochs", "warmup_mid_epoch", "epoch_end", "projection_epochs", "projection_mid_epoch",
-        "normalise_steps_mid_epoch", "clip_mid_epoch"])
+        "normalise_steps_mid_epoch", "clip_mid_epoch", "polish_mid_phase"])
 def test_resume_gives_same_model(comm, sims, extra, stop, where):
     """Resume after a "kill" (after whole epochs, or as on SIGTERM after a step inside an epoch, with
     a mid-epoch checkpoint) reproduces the uninterrupted run, also with a learning-rate warm-up
@@ -107,6 +111,8 @@ def test_resume_gives_same_model(comm, sims, extra, stop, where):
         ck = torch.load(part_dir / "checkpoints" / f"member_{member}.pt", weights_only=False)
         assert ck["epoch"] == epoch and not ck["done"]
         assert (ck.get("in_epoch") or {}).get("step") == step
+        if "polish" in extra:
+            assert ck["polish"]["record"]["check"] == [0, 1] and not ck["polish"]["finished"]
         assert not (part_dir / "checkpoints" / f"member_{member + 1}.pt").exists()
         assert not (part_dir / "model.pt").exists()
         assert not list((part_dir / "checkpoints").glob(".*tmp"))  # atomic: no temporary left

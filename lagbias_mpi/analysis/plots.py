@@ -55,17 +55,33 @@ def plot_spectra(results: dict[str, dict], path: Path, kmax: float = 0.1) -> Non
 
 
 def plot_loss(histories: list[dict], path: Path) -> None:
-    """Training and validation loss per epoch for every member (paper Fig. 9)."""
+    """Training and validation loss per epoch for every member (paper Fig. 9); with the full-batch
+    phase (``train.polish``) a second panel: the whole set's objective per evaluation, relative to
+    its value after the epochs."""
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(5.5, 4))
+    polished = [h for h in histories if "polish" in h]
+    fig, axes = plt.subplots(1, 2 if polished else 1, figsize=(11 if polished else 5.5, 4), squeeze=False)
+    ax = axes[0, 0]
     for m, h in enumerate(histories):
         ax.plot(h["epoch"], h["train_loss"], "-", color=f"C{m}", label=f"member {m} train")
-        if np.isfinite(h["val_loss"]).any():
+        if np.isfinite(np.asarray(h["val_loss"], dtype=float)).any():
             ax.plot(h["epoch"], h["val_loss"], "--", color=f"C{m}", label=f"member {m} val")
     ax.set_xlabel("epoch")
     ax.set_ylabel("loss per batch")
     ax.set_yscale("log")
     ax.legend(fontsize=7)
+    if polished:
+        ax = axes[0, 1]
+        for m, h in enumerate(histories):
+            if "polish" not in h:
+                continue
+            rec = h["polish"]
+            ax.plot(rec["evaluations"], np.asarray(rec["train_loss"]) / rec["train_loss"][0], "o-", color=f"C{m}",
+                    label=f"member {m} (kept check {rec['kept']})")
+        ax.set_xlabel("L-BFGS evaluations after the epochs")
+        ax.set_ylabel("whole-set objective / its value after the epochs")
+        ax.set_title("full-batch phase (train.polish)")
+        ax.legend(fontsize=7)
     _save(fig, path)
     plt.close(fig)
 

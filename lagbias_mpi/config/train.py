@@ -221,6 +221,30 @@ class KSpaceLossConfig:
 
 
 @dataclass(frozen=True)
+class PolishConfig:
+    """The full-batch phase after the epochs (beyond the paper, off by default: ``evaluations`` 0):
+    L-BFGS on the grid term of the whole training set with f scaled to its true sum
+    (:mod:`lagbias_mpi.training.polish`), ``evaluations`` evaluations of the objective and its
+    gradient in all (the line search's included: each a forward pass and a forward and backward pass
+    over all selected particles, about an epoch's arithmetic without the optimiser steps), a
+    checkpoint written and the validation objective (when validation sets are at hand) checked every
+    ``check_every``; the model of the check with the lowest validation objective is kept.
+    ``history``: L-BFGS's memory (pairs of vectors of the parameters' size)."""
+
+    evaluations: int = 0
+    check_every: int = 5
+    history: int = 20
+
+    def __post_init__(self):
+        if self.evaluations < 0:
+            raise ValueError(f"train.polish.evaluations must be >= 0 (0: off), got {self.evaluations}")
+        if self.check_every < 1:
+            raise ValueError(f"train.polish.check_every must be >= 1, got {self.check_every}")
+        if self.history < 1:
+            raise ValueError(f"train.polish.history must be >= 1, got {self.history}")
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """Adam with lr * g^(epoch-1), g = ``lr_decay``, or with ``lr_final`` set g = lr_final^(1/(epochs-1))
     (the last epoch runs at lr * lr_final whatever the number of epochs: a run cut short anneals as
@@ -261,6 +285,7 @@ class TrainConfig:
     threads: Optional[int] = None  # torch threads per rank (default 1 under MPI)
     bare_steps: int = 5
     kspace_loss: KSpaceLossConfig = field(default_factory=KSpaceLossConfig)
+    polish: PolishConfig = field(default_factory=PolishConfig)
     checkpoint_steps: int = 0  # also checkpoint every this many optimiser steps (0: at epoch ends only)
 
     def __post_init__(self):
@@ -287,6 +312,12 @@ class TrainConfig:
             raise ValueError(f"train.clip_window must be >= 1, got {self.clip_window}")
         if self.warmup_steps < 0:
             raise ValueError(f"train.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.polish.evaluations > 0 and self.constraint != "projection":
+            raise ValueError("train.polish needs train.constraint: projection (the phase fits f scaled to the "
+                             "true sum, as projection does; the penalty's eps has no place in it)")
+        if self.polish.evaluations > 0 and self.kspace_loss.enabled:
+            raise ValueError("train.polish and train.kspace_loss cannot be combined (the phase fits the "
+                             "real-space grid term only)")
 
     @property
     def epoch_decay(self) -> float:
@@ -335,7 +366,7 @@ def config_run_hash(cfg: TrainRunConfig) -> str:
     if not d["simulation"].get("train_realisations"):
         d["simulation"].pop("train_realisations", None)
     defaults = to_dict(TrainConfig())
-    for key in ("kspace_loss", "warmup_steps", "clip_grad", "clip_window", "lr_final"):
+    for key in ("kspace_loss", "warmup_steps", "clip_grad", "clip_window", "lr_final", "polish"):
         if d["train"].get(key) == defaults[key]:
             d["train"].pop(key)
     d["train"].pop("checkpoint_steps", None)  # when checkpoints are written does not change the result

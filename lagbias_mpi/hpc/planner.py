@@ -88,6 +88,9 @@ DEFAULT_COSTS = {
     "route_s_per_particle": 4.0e-7,      # one exchange (hash, sort, pack, Alltoallv, unpack) per particle
     "orth_s_per_particle_feature2": 2e-9,  # covariance + projection, per particle per F^2
     "train_s_per_particle_epoch": 6.0e-6,  # forward + backward + Adam per selected particle per epoch
+    # one evaluation of the full-batch phase per selected particle: 0.86 of an epoch's (make run,
+    # 2 ranks: 8.6 s per evaluation, 10.0 s per epoch)
+    "polish_s_per_particle_eval": 5.2e-6,
     "build_s_per_particle": 2.5e-6,      # per-cell sub-sampling and batch construction, per particle
     "eval_s_per_particle_member": 1.0e-5,  # network, CIC paint and spectra per particle per member
     "eval_fixed_s": 2.0,                 # figures and spectra files
@@ -199,6 +202,8 @@ def memory_per_rank(size: ProblemSize, ranks: int, imbalance: float | None = Non
     truth = 8 * n_cells / P * imbalance + 2 * 8 * c_tr  # owned values + the NGP slab and its copy
     sel = size.n_selected / P * imbalance
     batches = 4 * sel + 20 * c_tr  # int32 row per selected particle; first row, scale, weight, target per cell
+    # the full-batch phase (train.polish) keeps every batch's cell sums of f (float32) per evaluation
+    polish = 4 * c_tr if size.polish_evaluations else 0
     select = 1 * n_e + steps  # the selection mask; sub-sampling and batch sort a chunk of cells at a time
     acts = size.batch_size / P * imbalance * size.depth * size.width * 4 * B["act_copies"]
     acts += (4 * m + 16) * size.batch_size / P * imbalance  # the batch's gathered inputs, f and cell index
@@ -212,7 +217,7 @@ def memory_per_rank(size: ProblemSize, ranks: int, imbalance: float | None = Non
         "features": base + halos + features,  # Lagrangian routing, then the columns read out
         "routing": base + keep + halos + eulerian + truth,
         "orthogonalise": base + keep + halos + lag_set + 8 * F * min(n_p, COV_CHUNK_ROWS),
-        "train": base + keep + halos + prepared + truth + batches + max(select, acts),
+        "train": base + keep + halos + prepared + truth + batches + polish + max(select, acts),
         "evaluate": base + keep + halos + truth + evaluate,
     }
     stages = {k: v + RUNTIME_MB[k] * MB for k, v in stages.items()}
@@ -240,11 +245,16 @@ def time_per_stage(size: ProblemSize, ranks: int, nodes: int = 1, costs: dict | 
     per_epoch = c["train_s_per_particle_epoch"] * size.n_selected / P  # validation only after training
     if gpus:
         per_epoch /= 20.0  # estimate: an A100 runs this MLP ~20x faster than one CPU core
-    train = size.ensemble * (size.epochs * per_epoch + c["build_s_per_particle"] * n_p * S) + c["train_fixed_s"]
+    # the full-batch phase (train.polish): per evaluation a forward pass and a forward and backward
+    # pass over the selected particles, one Reduce + Bcast of the gradient
+    per_eval = c["polish_s_per_particle_eval"] * size.n_selected / P / (20.0 if gpus else 1.0)
+    train = size.ensemble * (size.epochs * per_epoch + size.polish_evaluations * per_eval
+                             + c["build_s_per_particle"] * n_p * S) + c["train_fixed_s"]
     evaluate = S * c["eval_s_per_particle_member"] * n_p * size.ensemble + c["eval_fixed_s"]
     stages = {"features": features, "routing": routing, "orthogonalise": orth, "train": train,
               "evaluate": evaluate}
-    return {"seconds": stages, "total_s": sum(stages.values()), "epoch_s": per_epoch}
+    return {"seconds": stages, "total_s": sum(stages.values()), "epoch_s": per_epoch,
+            "polish_s": size.polish_evaluations * per_eval}
 
 
 def max_ranks(size: ProblemSize) -> int:
@@ -313,6 +323,8 @@ def format_table(size: ProblemSize, plan: dict, best: dict | None) -> str:
     lines.append("")
     lines.append(f"fits: {'YES' if plan['fits'] else 'NO'}" + (f" ({'; '.join(plan['limits'])})" if plan['limits'] else ""))
     lines.append(f"time per epoch: {t['epoch_s']:.4g} s")
+    if t.get("polish_s"):
+        lines.append(f"full-batch phase per member: {t['polish_s']:.4g} s ({size.polish_evaluations} evaluations)")
     if best is None:
         lines.append("smallest node count that fits: none up to the search limit")
     else:

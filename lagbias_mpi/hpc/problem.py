@@ -37,6 +37,7 @@ class ProblemSize:
     source: str  # builtin | file | abacus
     fft_precision: str = "float64"  # features.fft_precision
     density_components: object = "paper"  # features.density_components (paper, all or a number)
+    polish_evaluations: int = 0  # train.polish.evaluations (the full-batch phase per member)
 
     @property
     def n_raw(self) -> int:
@@ -140,7 +141,8 @@ def sizes_from_dict(data: dict, base_dir: Path | None = None) -> ProblemSize:
         epochs=int(cfg.train.epochs), ensemble=int(cfg.train.ensemble),
         width=int(cfg.model.width), depth=int(cfg.model.depth), n_val=int(n_val),
         n_halos=_halo_estimate(float(box)), source=source, fft_precision=cfg.features.fft_precision,
-        density_components=cfg.features.density_components)
+        density_components=cfg.features.density_components,
+        polish_evaluations=int(cfg.train.polish.evaluations))
 
 
 def builtin_sizes(simulate_config, simulate_set=()) -> tuple[float, int, int]:

@@ -1,5 +1,6 @@
 """Distributed training of one ensemble member: DDP steps with warm-up and decay, validation, divergence
-guard, checkpoints and resume, the epoch loop (the loss of a batch: :mod:`lagbias_mpi.training.loss`).
+guard, checkpoints and resume, the epoch loop (the loss of a batch: :mod:`lagbias_mpi.training.loss`),
+then the full-batch phase when configured (:mod:`lagbias_mpi.training.polish`).
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ from lagbias_mpi.training.loss import (
     output_bias,
     renormalise,
 )
+from lagbias_mpi.training.polish import polish_member
 from lagbias_mpi.training.sampling import batch_order
 from lagbias_mpi.training.stopping import StopControl, StopRequested
 
@@ -112,9 +114,13 @@ def train_member(comm, member: int, shape: dict, train_set: BatchSet, val_sets: 
         where = f"epoch {start} step {partial['step']}" if partial else f"epoch {start}"
         log.info(f"member {member}: resumed from {path}, continuing with {where}")
     dmodel = ddp.wrap(model, comm)
+    stop = stop or StopControl()
     try:
-        _epochs(comm, member, dmodel, model, opt, sched, history, start, path, train_set, val_sets, tcfg,
-                config_hash, shape, stop or StopControl(), field_sets, partial, ckpt_running, ckpt_norms)
+        final = _epochs(comm, member, dmodel, model, opt, sched, history, start, path, train_set, val_sets, tcfg,
+                        config_hash, shape, stop, field_sets, partial, ckpt_running, ckpt_norms)
+        if tcfg.polish.evaluations > 0:
+            _polish(comm, member, model, train_set, val_sets, tcfg, path, final, history, stop,
+                    ckpt.get("polish") if ckpt is not None else None)
     except BaseException as exc:
         traceback.clear_frames(exc.__traceback__)  # the frames would keep the DDP wrapper alive
         raise
@@ -122,6 +128,25 @@ def train_member(comm, member: int, shape: dict, train_set: BatchSet, val_sets: 
         del dmodel  # free DDP's reducer while the process group lives (a late free can deadlock)
         gc.collect()
     return MemberResult({k: v.detach().cpu().clone() for k, v in model.state_dict().items()}, history)
+
+
+def _polish(comm, member, model, train_set, val_sets, tcfg, path, final: dict, history: dict, stop, resume_state):
+    """The full-batch phase after the epochs (:mod:`lagbias_mpi.training.polish`), checkpointed after
+    every check in the last epoch's checkpoint (``final``) with a ``polish`` entry; a finished phase
+    (``resume_state["finished"]``) is not run again."""
+    if resume_state is not None and resume_state.get("finished"):
+        history["polish"] = resume_state["record"]
+        return
+    if not sum(b.true_sum for b in train_set.batches) > 0:
+        log.info(f"member {member}: no true mass in the training set, no polish")
+        return
+
+    def save(state, finished=False):
+        state = {**state, "finished": finished}
+        save_checkpoint(comm, path, {**final, "model": model.state_dict(), "history": history,
+                                     "done": finished, "polish": state})
+    history["polish"] = polish_member(comm, member, model, train_set, val_sets, tcfg, save, resume_state, stop)
+    save({"record": history["polish"]}, finished=True)
 
 
 def _step(comm, dmodel, opt, batch: Batch, eps, guard_y: float, kspace_coef: np.ndarray | None, lr_step: float,
@@ -157,7 +182,8 @@ def _epochs(comm, member, dmodel, model, opt, sched, history, start, path, train
     """The epoch loop of :func:`train_member`; ``partial``: the ``in_epoch`` state of a mid-epoch
     checkpoint (the first epoch continues after its ``step`` steps)."""
     def payload(epoch, in_epoch=None):
-        return {"member": member, "epoch": epoch, "done": epoch == tcfg.epochs and in_epoch is None,
+        done = epoch == tcfg.epochs and in_epoch is None and tcfg.polish.evaluations == 0
+        return {"member": member, "epoch": epoch, "done": done,
                 "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                 "history": history, "torch_rng": torch.random.get_rng_state(), "config_hash": config_hash,
                 "shape": shape, "in_epoch": in_epoch, "running_sum": running.s_last.copy(),
@@ -249,6 +275,7 @@ def _epochs(comm, member, dmodel, model, opt, sched, history, start, path, train
                  f"{val_part}mean f in the epoch {history['mean_f'][-1]:.5f}{renorm} "
                  f"eps {eps if eps is not None else 'off'} lr {lr:.4g} "
                  f"({history['epoch_wall_s'][-1]:.2f} s)")
+    return payload(tcfg.epochs)
 
 
 def bare_mlp_rate(comm, shape: dict, n_particles_global: int, tcfg, dtype=torch.float32, device="cpu") -> float:

@@ -72,20 +72,33 @@ def cell_sums(batch: Batch, f: torch.Tensor) -> torch.Tensor:
     return torch.zeros(batch.scale.shape, dtype=f.dtype, device=f.device).index_add_(0, batch.idx, f)
 
 
+def _forward(model, batch: Batch, guard_y: float):
+    """(f, cell sums of f, S_local = sum_i w_i f_i, guard term) of one batch on this rank."""
+    y = model(batch.x)
+    f = f_of_y(y)
+    cellsum = cell_sums(batch, f)
+    guard = (torch.clamp(y - guard_y, max=0.0) ** 4).sum()
+    return f, cellsum, (batch.weight * cellsum).sum(), guard
+
+
+def scaled_terms(model, batch: Batch, guard_y: float, c: float = 1.0, grid_loss: str = "mse"):
+    """Local (grid term of f scaled by the constant ``c``, guard term, S_local = sum_i w_i f_i, cell
+    sums of f) of one batch (the full-batch phase, :mod:`lagbias_mpi.training.polish`)."""
+    _, cellsum, s_local, guard = _forward(model, batch, guard_y)
+    grid = grid_per_cell(batch.scale * cellsum * c, 1.0 + batch.target, grid_loss).sum()
+    return grid, guard, s_local, cellsum
+
+
 def _terms_and_f(model, batch: Batch, guard_y: float, comm=None, grid_loss: str = "mse"):
     """:func:`batch_terms` plus the tensor of f (for the Fourier-space loss's surrogate). With
     ``comm`` the grid term is the projected one (:func:`projected_grid`, collective): its value that
     of f scaled to the batch's true sum, its gradient including the part through the scale."""
-    y = model(batch.x)
-    f = f_of_y(y)
-    cellsum = cell_sums(batch, f)
-    s_local = (batch.weight * cellsum).sum()
+    f, cellsum, s_local, guard = _forward(model, batch, guard_y)
     if comm is None:
         grid = grid_per_cell(batch.scale * cellsum, 1.0 + batch.target, grid_loss).sum()
     else:
         grid, through_c = projected_grid(comm, batch, cellsum, s_local, grid_loss)
         grid = grid + (through_c - through_c.detach())  # the value of the grid term, the gradient of both
-    guard = (torch.clamp(y - guard_y, max=0.0) ** 4).sum()
     return grid, guard, s_local, f
 
 

@@ -156,7 +156,7 @@ def recovery_case(comm, cfg_path: Path, out: Path, overrides: list[str], train_f
            "median_rel_err_val_best_quadratic": median_relative_error(comm, f_best, parts.f_true),
            "mean_f": s["mean_f"], "mean_f_val": s["mean_f_val"],
            "members_ok": [m["ok"] for m in s["members_ok"]], "sampling_frac": s["sampling_frac"],
-           "train_s": s["stage_wall_s"].get("train")}
+           "train_s": s["stage_wall_s"].get("train"), "polish": s.get("polish")}
     # a perfect model's mean f on the validation box is its true field's weight per particle relative
     # to the training box's (mean_f_val_expected): the mean f criterion is taken against it
     row["mean_f_val_expected"] = s["mean_f_val_expected"]
