@@ -62,6 +62,7 @@ def main(argv=None):
            "mass_share_beyond": float(ft[beyond].sum() / ft.sum()),
            "f_over_f_true_beyond": float(f[beyond].sum() / ft[beyond].sum() * ft.sum() / f.sum()) if beyond.any() else None,
            "f_over_f_true_rest": float(f[~beyond].sum() / ft[~beyond].sum() * ft.sum() / f.sum()),
+           "median_rel_err_val": float(np.median(np.abs(f / ft - 1))),  # as the benchmark's (f as predicted)
            "pk_ratio_lowk_val": pk_ratio_lowk(grid(f), t, box, ng),
            "pk_ratio_lowk_val_f_true_beyond": pk_ratio_lowk(grid(patched), t, box, ng)}
     norm = ft.sum() / f.sum()
