@@ -13,7 +13,7 @@ from waits import self_run
 
 from lagbias_mpi.bias.ensemble import load_ensemble
 from lagbias_mpi.bias.model import build_model, f_of_y
-from lagbias_mpi.config.train import PolishConfig, TrainConfig
+from lagbias_mpi.config.train import KSpaceLossConfig, PolishConfig, TrainConfig
 from lagbias_mpi.mpi.layout import plane_owner
 from lagbias_mpi.training.batches import build_batches
 from lagbias_mpi.training.polish import polish_member, set_loss, set_loss_and_gradient
@@ -173,7 +173,6 @@ def test_polish_config_rejects_bad_values(bad, match):
 def test_polish_needs_projection_and_no_kspace_loss():
     with pytest.raises(ValueError, match="projection"):
         TrainConfig(polish=PolishConfig(evaluations=5))  # the paper's penalty
-    from lagbias_mpi.config.train import KSpaceLossConfig
     with pytest.raises(ValueError, match="kspace_loss"):
         TrainConfig(constraint="projection", polish=PolishConfig(evaluations=5),
                     kspace_loss=KSpaceLossConfig(enabled=True))

@@ -81,11 +81,27 @@ def _forward(model, batch: Batch, guard_y: float):
     return f, cellsum, (batch.weight * cellsum).sum(), guard
 
 
+def model_cells(batch: Batch, cellsum: torch.Tensor, c: float = 1.0) -> torch.Tensor:
+    """m = 1 + delta_model of the batch's cells for f scaled by ``c``: c scale_j sum_{i in j} f_i."""
+    return batch.scale * cellsum * c
+
+
+def projection_scale(true_sum: float, s_glob: float) -> float:
+    """c = T / S, the factor that gives f the true field's sum (1 when S is not positive and finite)."""
+    return true_sum / s_glob if s_glob > 0 and np.isfinite(s_glob) else 1.0
+
+
+def through_scale(dgdc: float, c: float, s_glob: float) -> float:
+    """K = -(dL/dc) c / S: the coefficient of the surrogate K S_local whose gradient is the grid
+    term's part through c = T / S (dc/dS = -c/S); 0 when S is not positive and finite."""
+    return -dgdc * c / s_glob if s_glob > 0 and np.isfinite(s_glob) else 0.0
+
+
 def scaled_terms(model, batch: Batch, guard_y: float, c: float = 1.0, grid_loss: str = "mse"):
     """Local (grid term of f scaled by the constant ``c``, guard term, S_local = sum_i w_i f_i, cell
     sums of f) of one batch (the full-batch phase, :mod:`lagbias_mpi.training.polish`)."""
     _, cellsum, s_local, guard = _forward(model, batch, guard_y)
-    grid = grid_per_cell(batch.scale * cellsum * c, 1.0 + batch.target, grid_loss).sum()
+    grid = grid_per_cell(model_cells(batch, cellsum, c), 1.0 + batch.target, grid_loss).sum()
     return grid, guard, s_local, cellsum
 
 
@@ -95,7 +111,7 @@ def _terms_and_f(model, batch: Batch, guard_y: float, comm=None, grid_loss: str 
     of f scaled to the batch's true sum, its gradient including the part through the scale."""
     f, cellsum, s_local, guard = _forward(model, batch, guard_y)
     if comm is None:
-        grid = grid_per_cell(batch.scale * cellsum, 1.0 + batch.target, grid_loss).sum()
+        grid = grid_per_cell(model_cells(batch, cellsum), 1.0 + batch.target, grid_loss).sum()
     else:
         grid, through_c = projected_grid(comm, batch, cellsum, s_local, grid_loss)
         grid = grid + (through_c - through_c.detach())  # the value of the grid term, the gradient of both
@@ -116,12 +132,11 @@ def projected_grid(comm, batch: Batch, cellsum: torch.Tensor, s_local: torch.Ten
         # formulas below would give 0/0 in every cell)
         zero = (0.0 * cellsum).sum()
         return zero, 0.0 * s_local
-    c = batch.true_sum / s_glob if s_glob > 0 and np.isfinite(s_glob) else 1.0
-    m, t = batch.scale * cellsum * c, 1.0 + batch.target
+    c = projection_scale(batch.true_sum, s_glob)
+    m, t = model_cells(batch, cellsum, c), 1.0 + batch.target
     slope = grid_slope(m.detach(), t, grid_loss)
     dgdc = comm.allreduce(float((slope * batch.scale * cellsum.detach()).sum()), op=MPI.SUM)
-    k = -dgdc * c / s_glob if s_glob > 0 and np.isfinite(s_glob) else 0.0
-    return grid_per_cell(m, t, grid_loss).sum(), k * s_local
+    return grid_per_cell(m, t, grid_loss).sum(), through_scale(dgdc, c, s_glob) * s_local
 
 
 def reduce_terms(comm, grid, guard, s_local, stop: bool = False) -> np.ndarray:

@@ -37,7 +37,15 @@ from mpi4py import MPI
 
 from lagbias_mpi.core.logs import get_logger
 from lagbias_mpi.training.batches import BatchSet
-from lagbias_mpi.training.loss import grid_per_cell, grid_slope, output_bias, scaled_terms
+from lagbias_mpi.training.loss import (
+    grid_per_cell,
+    grid_slope,
+    model_cells,
+    output_bias,
+    projection_scale,
+    scaled_terms,
+    through_scale,
+)
 from lagbias_mpi.training.stopping import StopRequested
 
 log = get_logger("polish")
@@ -55,16 +63,15 @@ def _set_statistics(comm, model, batches: BatchSet, guard_y: float, grid_loss: s
             guard += float(g)
     s_glob = comm.allreduce(s_local, op=MPI.SUM)
     t_glob = float(sum(b.true_sum for b in batches.batches))
-    c = t_glob / s_glob if s_glob > 0 and np.isfinite(s_glob) else 1.0
+    c = projection_scale(t_glob, s_glob)
     grid, dgdc = 0.0, 0.0
     with torch.no_grad():
         for batch, cs in zip(batches.batches, cellsums):
-            m, t = batch.scale * cs * c, 1.0 + batch.target
+            m, t = model_cells(batch, cs, c), 1.0 + batch.target
             grid += float(grid_per_cell(m, t, grid_loss).to(torch.float64).sum())
             dgdc += float((grid_slope(m, t, grid_loss) * batch.scale * cs).to(torch.float64).sum())
     grid, guard, dgdc = comm.allreduce(np.array([grid, guard, dgdc]), op=MPI.SUM)
-    k = -dgdc * c / s_glob if s_glob > 0 and np.isfinite(s_glob) else 0.0
-    return c, k, float(grid), float(guard)
+    return c, through_scale(dgdc, c, s_glob), float(grid), float(guard)
 
 
 def set_loss(comm, model, batches: BatchSet, guard_y: float, grid_loss: str) -> float:
@@ -113,7 +120,8 @@ def _state(model) -> dict:
 def polish_member(comm, member: int, model, train_set: BatchSet, val_sets: list[BatchSet], tcfg, save,
                   resume_state: dict | None = None, stop=None) -> dict:
     """Run the phase on ``model`` (in place; collective). ``save(polish_state)`` checkpoints after
-    every check; ``resume_state`` continues from such a state. Returns the phase's record (also the
+    every check (the caller stores the model beside it); ``resume_state`` continues from such a state,
+    ``model`` holding the model saved with it. Returns the phase's record (also the
     ``polish`` entry of the member's history): per check the iterations and evaluations so far, the
     training and validation objectives and the wall time, which check's model was kept, and
     ``stopped`` (why) when a check did not lower the set's objective (a stalled or failed line
@@ -147,7 +155,6 @@ def polish_member(comm, member: int, model, train_set: BatchSet, val_sets: list[
         log.info(f"member {member} polish: start, set loss {train0:.6g} (validation {val0:.6g})")
     else:
         record, best = resume_state["record"], resume_state["best"]
-        model.load_state_dict(resume_state["model"])
         opt.load_state_dict(resume_state["lbfgs"])
         log.info(f"member {member} polish: resumed after {record['evaluations'][-1]} evaluations")
     n_checks = -(-pcfg.evaluations // pcfg.check_every)
@@ -157,7 +164,7 @@ def polish_member(comm, member: int, model, train_set: BatchSet, val_sets: list[
                                 f"{record['evaluations'][-1]} evaluations")
         t0, before, previous = time.perf_counter(), _state(model), record["train_loss"][-1]
         opt.step(closure)
-        st = opt.state[opt._params[0]]
+        st = opt.state[opt.param_groups[0]["params"][0]]  # L-BFGS keeps its state on its first parameter
         train_loss = set_loss(comm, model, train_set, tcfg.guard_y, tcfg.grid_loss)
         if not train_loss < previous:  # no decrease (stalled), worse or non-finite: undo, end the phase
             model.load_state_dict(before)
@@ -165,7 +172,7 @@ def polish_member(comm, member: int, model, train_set: BatchSet, val_sets: list[
                                  f"{train_loss:.6g} (no decrease: a stalled or failed line search); the step "
                                  f"was undone")
             log.warning(f"member {member} polish: {record['stopped']}; the phase ends here")
-            save({"record": record, "best": best, "model": _state(model), "lbfgs": opt.state_dict()})
+            save({"record": record, "best": best, "lbfgs": opt.state_dict()})
             break
         val = validation_value(comm, model, val_sets, tcfg.guard_y, tcfg.grid_loss)
         for key, value in (("check", len(record["check"])), ("iterations", int(st.get("n_iter", 0))),
@@ -181,7 +188,7 @@ def polish_member(comm, member: int, model, train_set: BatchSet, val_sets: list[
                  f"evaluations): set loss {train_loss:.6g}, validation {val:.6g}"
                  f"{' (best so far)' if record['kept'] == record['check'][-1] else ''} "
                  f"({record['wall_s'][-1]:.1f} s)")
-        save({"record": record, "best": best, "model": _state(model), "lbfgs": opt.state_dict()})
+        save({"record": record, "best": best, "lbfgs": opt.state_dict()})
     model.load_state_dict(best["state"])
     if record["kept"] != record["check"][-1]:
         log.info(f"member {member} polish: kept the model of check {record['kept']} (lowest validation loss)")

@@ -130,6 +130,17 @@ def _balance(stats: dict) -> dict:
     return {**stats, "max_over_mean": stats["max"] / stats["mean"] if stats["mean"] else float("nan")}
 
 
+def _polish_summary(history: dict) -> dict | None:
+    """A member's full-batch phase (train.polish) for summary.json: the whole set's objective before
+    and after, evaluations, the check kept, wall time, why it ended early (None: it did not run)."""
+    rec = history.get("polish")
+    if rec is None:
+        return None
+    return {"set_loss_before": rec["train_loss"][0], "set_loss_after": rec["train_loss"][-1],
+            "evaluations": rec["evaluations"][-1], "kept_check": rec["kept"],
+            "wall_s": float(np.sum(rec["wall_s"])), "stopped": rec.get("stopped")}
+
+
 def _run(comm, cfg, run_dir, train_specs, val_specs, resume, stop: StopControl):
     timer = StageTimer(comm, track_rss=True)
     tcfg = cfg.train
@@ -228,12 +239,7 @@ def _run(comm, cfg, run_dir, train_specs, val_specs, resume, stop: StopControl):
         "pk_ratio_lowk_train_modes": results[tr_label]["pk_ratio_lowk_modes"],
         "pk_ratio_lowk_val_modes": results[val_label]["pk_ratio_lowk_modes"] if val_label else None,
         "members_ok": members_ok,
-        # the full-batch phase per member (train.polish): the whole set's objective before and after, its wall time
-        "polish": [{"set_loss_before": h["polish"]["train_loss"][0], "set_loss_after": h["polish"]["train_loss"][-1],
-                    "evaluations": h["polish"]["evaluations"][-1], "kept_check": h["polish"]["kept"],
-                    "wall_s": float(np.sum(h["polish"]["wall_s"])), "stopped": h["polish"].get("stopped")}
-                   if "polish" in h else None
-                   for h in histories] if tcfg.polish.evaluations > 0 else None,
+        "polish": [_polish_summary(h) for h in histories] if tcfg.polish.evaluations > 0 else None,
         "members_in_ensemble": keep or trained_ids,
         "sampling_frac": batch_info.get("frac"),
         "pk_ratio_lowk_members": {k: r["pk_ratio_lowk_members"] for k, r in results.items()},
