@@ -65,6 +65,7 @@ def test_rank_count_invariance_and_outputs(comm, sims):
         assert on_disk["n_batches"] == s["n_batches"]
         for name in ("config.yaml", "model.pt", "spectra.h5", "train.log", "checkpoints/member_1.pt"):
             assert (out / name).is_file(), name
+        assert not (out / "scratch").exists()  # the positions set aside during training are read back
         if comm.size == 2:
             for name in ("pk_ratio.png", "loss.png", "f_vs_theta0.png"):
                 assert (out / "figures" / name).stat().st_size > 1000
@@ -116,6 +117,7 @@ def test_resume_gives_same_model(comm, sims, extra, stop, where):
         assert not (part_dir / "checkpoints" / f"member_{member + 1}.pt").exists()
         assert not (part_dir / "model.pt").exists()
         assert not list((part_dir / "checkpoints").glob(".*tmp"))  # atomic: no temporary left
+        assert not (part_dir / "scratch").exists()  # the positions set aside are removed on a stop
     comm.Barrier()
     resumed = run(comm, cfg, out=part_dir, resume=True)
     assert resumed["loss_history"] == full["loss_history"] or all(

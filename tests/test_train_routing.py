@@ -5,7 +5,7 @@ from mpi4py import MPI
 
 from lagbias_mpi.bias.routing import route_eulerian, route_lagrangian
 from lagbias_mpi.mesh.paint import readout_index
-from lagbias_mpi.mesh.grid import cell_index, ic_index, particle_id
+from lagbias_mpi.mesh.grid import cell_index, ic_index, lattice_index, particle_id
 from lagbias_mpi.mpi.layout import slab_bounds
 
 
@@ -23,6 +23,14 @@ def test_ic_index_rounding():
     # ppd > n_ic: nearest grid point, periodic
     assert ic_index(np.array([[7, 1, 2]]), 8, 4).tolist() == [[0, 1, 1]]
     assert particle_id(np.array([[1, 2, 3]]), 10).tolist() == [123]
+
+
+def test_lattice_index_inverts_particle_id():
+    rng = np.random.default_rng(3)
+    for ppd in (1, 7, 6912):  # 6912: the AbacusSummit base box, ids beyond 2^32
+        lagr = rng.integers(0, ppd, (500, 3))
+        np.testing.assert_array_equal(lattice_index(particle_id(lagr, ppd), ppd), lagr)
+    assert lattice_index(np.array([123], np.uint64), 10).tolist() == [[1, 2, 3]]
 
 
 @pytest.mark.mpi

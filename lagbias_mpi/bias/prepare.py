@@ -18,6 +18,7 @@ from lagbias_mpi.config.train import TrainRunConfig
 from lagbias_mpi.core.arrays import shrink_rows
 from lagbias_mpi.core.logs import get_logger
 from lagbias_mpi.core.memory import ROWS_PER_STEP
+from lagbias_mpi.core.spill import spill
 from lagbias_mpi.io import sources
 from lagbias_mpi.io.simfile import SimulationFileError
 from lagbias_mpi.mpi.comm import global_sum
@@ -57,10 +58,40 @@ class _Sim:
         self.label, self.role, self.spec, self.sim = label, role, spec, sim
         self.parts, self.theta, self.truth, self.n_grid = parts, theta, truth, n_grid
         self.tracers = tracers
+        self._spilled_pos, self._tracers_are_particles = None, False
 
     @property
     def ownership(self):
         return self.parts.ownership
+
+    def set_positions_aside(self, directory, rank: int) -> None:
+        """Write the particles' final positions (12 B per particle) to ``directory`` and drop them
+        (and the planted tracers' positions, the same array) until :meth:`restore_positions`:
+        training does not use them (the cells are known)."""
+        if self.parts.pos is None:
+            return
+        self._tracers_are_particles = self.tracers[0] is self.parts.pos
+        self._spilled_pos = spill(self.parts.pos, directory, f"{self.label}_pos", rank)
+        self.parts.pos = None
+        if self._tracers_are_particles:
+            self.tracers = (None, self.tracers[1])
+
+    def restore_positions(self) -> None:
+        """Read back the positions set aside by :meth:`set_positions_aside` (nothing if none are)."""
+        sp = self._spilled_pos
+        if sp is None:
+            return
+        self.parts.pos = sp.restore()
+        if self._tracers_are_particles:
+            self.tracers = (self.parts.pos, self.tracers[1])
+        self._spilled_pos = None
+
+    def drop_spilled(self) -> None:
+        """Remove the file of positions set aside (a run that stops before evaluating)."""
+        sp = self._spilled_pos
+        if sp is not None:
+            sp.drop()
+            self._spilled_pos = None
 
     def targets(self, comm):
         return lambda cells: self.ownership.local_values(self.truth, comm.rank, cells)
@@ -96,17 +127,20 @@ def theta_of_raw(orth, holder: dict, chunk: int = THETA_CHUNK, consume: bool = T
     return out
 
 
-def _load_lagrangian(comm, timer, cfg, spec, moments, names):
+def _load_lagrangian(comm, timer, cfg, spec, moments, names, label, scratch=None):
     """Load one box, compute its features and route its particles to their Lagrangian slab; the
-    loaded particle arrays and the IC slab are freed. Returns (sim, particles, moments)."""
+    loaded particle arrays and the IC slab are freed. Returns (sim, particles, moments). With a
+    ``scratch`` directory the routed positions wait there until the Eulerian routing."""
     with timer.stage("load"):
         log.info(f"load: {sources.spec_name(spec)} ({spec.get('path', spec['kind'])})")
         sim = sources.load(comm, spec)
     with timer.stage("features"):
         log.info(f"features: {sim.meta.n_particles} particles to their Lagrangian slab, "
                  f"{len(names)} columns on the {sim.meta.n_ic}^3 IC grid read out one at a time")
+        set_aside = None if scratch is None else (lambda pos: spill(pos, scratch, f"{label}_routed_pos", comm.rank))
         parts, mom, _ = featurised_particles(comm, sim, cfg.features.radii, cfg.features.kinds, moments,
-                                             release_loaded=True, fft_dtype=cfg.features.fft_dtype)
+                                             release_loaded=True, fft_dtype=cfg.features.fft_dtype,
+                                             set_aside=set_aside)
         gc.collect()  # the FFT objects hold reference cycles: free their work arrays now
     sim.ic_delta = sim.pos = sim.lagr_index = sim.f_true = None  # routed copies live in ``parts``
     return sim, parts, mom
@@ -124,6 +158,7 @@ def _finish(comm, timer, cfg, sim, parts, spec, label, role, orth, exch, keep_ra
             parts.raw = None
             parts.theta = theta_of_raw(orth, hold)
             del hold
+        parts.restore_positions()  # when set aside in the feature stage: back for the routing
         eparts = eulerian_route(comm, parts, n_grid, keep_raw=keep_raw)
         del parts
         tpos, tw, what = true_tracers(comm, sim, cfg.halos, particles=(eparts.pos, eparts.f_true))
@@ -139,18 +174,21 @@ def _finish(comm, timer, cfg, sim, parts, spec, label, role, orth, exch, keep_ra
     return _Sim(label, role, spec, sim, eparts, eparts.theta, truth, n_grid, (tpos, tw))
 
 
-def prepare_training(comm, timer, cfg, train_specs, exch, keep_raw: bool = False):
+def prepare_training(comm, timer, cfg, train_specs, exch, keep_raw: bool = False, scratch=None):
     """Load, featurise and route the training simulations (collective); returns (prepared
     simulations, orthogonaliser, standardisation moments, raw feature names).
 
     The standardisation moments are those of the first training box; the orthogonaliser is fitted
     on the particles of all training boxes together. ``keep_raw``: the prepared particles keep
-    their raw features (``parts.raw``; 4 B per feature per particle more)."""
+    their raw features (``parts.raw``; 4 B per feature per particle more). ``scratch``: a directory
+    where each rank sets its particles' positions aside from the feature stage to the Eulerian
+    routing (12 B per particle less; None: they stay in memory)."""
     train_specs = list(train_specs)
     names = feature_names(cfg.features.radii, cfg.features.kinds)
+    labels = sim_labels(len(train_specs), 0)
     loaded, moments = [], None
-    for spec in train_specs:
-        sim, parts, moments = _load_lagrangian(comm, timer, cfg, spec, moments, names)
+    for spec, label in zip(train_specs, labels):
+        sim, parts, moments = _load_lagrangian(comm, timer, cfg, spec, moments, names, label, scratch)
         loaded.append((sim, parts))
     log.info(f"features: raw columns {names}")
     with timer.stage("orthogonalise"):
@@ -161,7 +199,6 @@ def prepare_training(comm, timer, cfg, train_specs, exch, keep_raw: bool = False
         del raw
         log.info(f"orthogonalise: {orth.matrix.shape[1]} raw -> {orth.matrix.shape[0]} inputs, "
                  f"eigenvalues {np.array2string(orth.eigenvalues, precision=3)}")
-    labels = sim_labels(len(train_specs), 0)
     prepared = []
     for i, spec in enumerate(train_specs):
         sim, parts = loaded[i]
@@ -172,11 +209,12 @@ def prepare_training(comm, timer, cfg, train_specs, exch, keep_raw: bool = False
 
 
 def prepare_simulation(comm, timer, cfg, spec, label, orth, moments, exch, role="val",
-                       keep_raw: bool = False) -> _Sim:
+                       keep_raw: bool = False, scratch=None) -> _Sim:
     """Load, featurise (with the training ``moments``) and route one further simulation, with the
-    training ``orth`` (collective); nothing of other boxes is needed."""
+    training ``orth`` (collective); nothing of other boxes is needed. ``scratch``: as
+    :func:`prepare_training`."""
     names = feature_names(cfg.features.radii, cfg.features.kinds)
-    sim, parts, _ = _load_lagrangian(comm, timer, cfg, spec, moments, names)
+    sim, parts, _ = _load_lagrangian(comm, timer, cfg, spec, moments, names, label, scratch)
     return _finish(comm, timer, cfg, sim, parts, spec, label, role, orth, exch, keep_raw)
 
 

@@ -339,6 +339,9 @@ class RunConfig:
     log_level: str = "INFO"
     figures: bool = True  # write run/figures/*.png
     fail_on_rank: Optional[int] = None  # fault injection for tests: raise on this rank
+    # where each rank sets aside what a stage does not need (the training box's positions while the
+    # members train, 12 B per particle; removed when read back); default <run dir>/scratch
+    scratch_dir: Optional[str] = None
 
 
 @dataclass(frozen=True)

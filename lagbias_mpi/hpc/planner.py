@@ -138,11 +138,13 @@ def load_costs(path: str | None = None) -> dict:
     return costs
 
 
-def box_terms(size: ProblemSize, ranks: int, imbalance: float | None = None) -> dict:
+def box_terms(size: ProblemSize, ranks: int, imbalance: float | None = None, positions_aside: bool = False) -> dict:
     """The bytes per rank of the arrays that every command holds for one box (load, IC features,
     Lagrangian routing), shared by the training and the predict models: ``n_p`` particles per rank
     after Lagrangian routing, ``n_e`` after Eulerian routing (x ``imbalance``), cells per rank of the
-    IC (``c_ic``), evaluation (``c_ev``) and training (``c_tr``) grids, and the byte terms."""
+    IC (``c_ic``), evaluation (``c_ev``) and training (``c_tr``) grids, and the byte terms.
+    ``positions_aside``: the routed positions wait on disk while the columns are computed
+    (``lagbias_mpi.train``'s ``run.scratch_dir``), not in ``lag_set``."""
     P = int(ranks)
     if P < 1:
         raise ValueError("ranks must be >= 1")
@@ -152,14 +154,14 @@ def box_terms(size: ProblemSize, ranks: int, imbalance: float | None = None) -> 
     n_p = size.n_particles / P  # after loading and Lagrangian routing (uniform lattice)
     c_ic = math.ceil(size.n_ic / P) * size.n_ic**2
     loaded = B["load_particle"] * n_p
-    lag_set = (4 * F + 8 + 12) * n_p  # raw float32 + pid + pos after the Lagrangian readout
+    lag_set = (4 * F + 8 + (0 if positions_aside else 12)) * n_p  # raw float32 + pid (+ pos) after the readout
     ic = B["ic_cell"] * c_ic
     steps = B["chunk_row"] * min(ROWS_PER_STEP, n_p)  # one chunked step's temporaries
     # the Lagrangian exchange consumes its input as its output fills (one copy of the records plus
     # destinations and one round), then the columns one at a time: the routed particles with their
-    # raw rows and int32 IC offsets beside the FFT work of one column
+    # raw rows beside the FFT work of one column (each chunk's IC offsets computed from the ids)
     lagrangian = loaded + B["dest_particle"] * n_p + 3 * min(EXCHANGE_CHUNK, B["load_particle"] * n_p)
-    columns = lag_set + 4 * n_p + fft_work_cell(size.fft_precision, P) * c_ic + steps
+    columns = lag_set + fft_work_cell(size.fft_precision, P) * c_ic + steps
     return {"P": P, "imbalance": imbalance, "n_p": n_p, "n_e": n_p * imbalance, "c_ic": c_ic,
             "c_ev": math.ceil(size.eval_nmesh / P) * size.eval_nmesh**2,
             "c_tr": math.ceil(size.train_nmesh / P) * size.train_nmesh**2,
@@ -179,7 +181,7 @@ def memory_per_rank(size: ProblemSize, ranks: int, imbalance: float | None = Non
     ``imbalance`` (max/mean particles per rank after Eulerian routing) defaults to 1 on one rank,
     else 1.02 (measured: docs/supercomputer.md).
     """
-    t = box_terms(size, ranks, imbalance)
+    t = box_terms(size, ranks, imbalance, positions_aside=True)
     P, imbalance, n_p, n_e = t["P"], t["imbalance"], t["n_p"], t["n_e"]
     c_ic, c_ev, c_tr = t["c_ic"], t["c_ev"], t["c_tr"]
     base, halos, loaded, ic = t["base"], t["halos"], t["loaded"], t["ic"]
@@ -189,16 +191,18 @@ def memory_per_rank(size: ProblemSize, ranks: int, imbalance: float | None = Non
     n_cells = float(size.train_nmesh) ** 3
     eul_rec = 4 * m + 8 + 12  # theta float32 + pid + pos
     prepared = (eul_rec + 4) * n_e  # + the int32 cell id
+    training_set = prepared - 12 * n_e  # the positions wait on disk while the members train (run.scratch_dir)
     chunk = 3 * min(EXCHANGE_CHUNK, eul_rec * n_p)  # packed send rows, receive buffer, row targets of one round
     keep = 0.0  # nothing of the FFTs outlives the feature stage (gc after it; measured, issue #11)
-    # theta filled while the raw rows are cut (4 max(F, m) B), then the Eulerian exchange consuming
+    # theta filled while the raw rows are cut (4 max(F, m) B, beside pid; the positions are read
+    # back from the scratch directory after it), then the Eulerian exchange consuming
     # its input (one copy + int32 destinations + a round), then the rows sorted by cell in place
     # (int32 cell and destination, 1 B flag); the ownership from the sparse local cell counts
     # (16 B per occupied cell: the rank's slab of cells and a margin of 8 planes) sent to the
     # plane slabs (int64 counts and their cumulative sum per slab cell, int64 per owned cell)
     occupied = min(n_p, n_cells / P + 8 * size.train_nmesh**2)
     ownership = 16 * occupied + 2 * 8 * c_tr + 8 * n_cells / P * imbalance
-    eulerian = max((4 * max(F, m) + 20) * n_p, (eul_rec + B["dest_particle"]) * n_e + chunk,
+    eulerian = max((4 * max(F, m) + 8) * n_p, (eul_rec + B["dest_particle"]) * n_e + chunk,
                    (eul_rec + 9) * n_e) + steps + ownership
     truth = 8 * n_cells / P * imbalance + 2 * 8 * c_tr  # owned values + the NGP slab and its copy
     sel = size.n_selected / P * imbalance
@@ -218,7 +222,7 @@ def memory_per_rank(size: ProblemSize, ranks: int, imbalance: float | None = Non
         "features": base + halos + features,  # Lagrangian routing, then the columns read out
         "routing": base + keep + halos + eulerian + truth,
         "orthogonalise": base + keep + halos + lag_set + 8 * F * min(n_p, COV_CHUNK_ROWS),
-        "train": base + keep + halos + prepared + truth + batches + polish + max(select, acts),
+        "train": base + keep + halos + training_set + truth + batches + polish + max(select, acts),
         "evaluate": base + keep + halos + truth + evaluate,
     }
     stages = {k: v + RUNTIME_MB[k] * MB for k, v in stages.items()}

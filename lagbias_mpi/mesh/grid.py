@@ -61,3 +61,12 @@ def particle_id(lagr_index: np.ndarray, ppd: int) -> np.ndarray:
     """Global particle id: the flattened lattice index (i * ppd + j) * ppd + k, uint64."""
     lagr = np.asarray(lagr_index, dtype=np.int64)
     return ((lagr[:, 0] * ppd + lagr[:, 1]) * ppd + lagr[:, 2]).astype(np.uint64)
+
+
+def lattice_index(pid: np.ndarray, ppd: int) -> np.ndarray:
+    """Inverse of :func:`particle_id`: the lattice indices (n, 3) int64 of global particle ids."""
+    p = np.asarray(pid, dtype=np.int64)
+    out = np.empty((len(p), 3), np.int64)
+    out[:, 0], rest = np.divmod(p, ppd * ppd)
+    out[:, 1], out[:, 2] = np.divmod(rest, ppd)
+    return out

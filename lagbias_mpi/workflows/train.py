@@ -74,6 +74,16 @@ def run(comm, config_path, overrides=None, out=None, resume=False, stop_after_ep
             handler.close()
 
 
+def _remove_empty_dir(comm, path: Path) -> None:
+    """Remove ``path`` once every rank is done with it, if it exists and is empty (collective)."""
+    comm.Barrier()
+    if comm.rank == 0:
+        try:
+            path.rmdir()
+        except OSError:  # absent, or holds what someone else put there
+            pass
+
+
 def figs_dir(run_dir: Path) -> Path:
     return run_dir / "figures"
 
@@ -104,6 +114,7 @@ def _evaluate_box(comm, timer, cfg, ens, s, results: dict, meta: dict, average_r
         nmesh = eval_nmesh(cfg.grid, s.sim.meta.box)
         f_cols = member_f_columns(ens, s.theta)
         s.theta = s.parts.theta = s.parts.pid = s.parts.cell = None
+        s.restore_positions()  # set aside during training: read back once the inputs are gone
         results[s.label] = evaluate_simulation(comm, f_cols, s.parts.pos, *s.tracers, s.sim.meta.box,
                                                nmesh, cfg.grid.kmax_lowk, average_rows=average_rows)
         meta[s.label] = {"role": s.role, "source": str(s.spec.get("path", "")), "nmesh": nmesh}
@@ -153,16 +164,28 @@ def _run(comm, cfg, run_dir, train_specs, val_specs, resume, stop: StopControl):
     dtype = getattr(torch, tcfg.dtype)
     device = ddp.device_for(comm)
     exch: dict = {}
-    trs, orth, moments, names = prepare_training(comm, timer, cfg, train_specs, exch)
+    # what a stage does not need waits on disk: positions from the features to the Eulerian routing,
+    # and the training box's while the members train (12 B per particle each time)
+    scratch = Path(cfg.run.scratch_dir) if cfg.run.scratch_dir else run_dir / "scratch"
+    trs, orth, moments, names = prepare_training(comm, timer, cfg, train_specs, exch, scratch=scratch)
     tr = trs[0]
     shape = {"n_in": orth.matrix.shape[0], "width": cfg.model.width, "depth": cfg.model.depth,
              "activation": cfg.model.activation}
     run_hash = config_run_hash(cfg)
     ckpt_dir = run_dir / "checkpoints"
     with timer.stage("train"):
-        with stop.handlers():  # SIGTERM/SIGUSR1: finish the step, checkpoint, stop (see stopping.py)
-            trained = train_ensemble(comm, cfg, trs, [], shape, ckpt_dir, run_hash, dtype, device, resume, stop)
+        for t in trs:  # the positions wait on disk until the evaluation (12 B per particle)
+            t.set_positions_aside(scratch, comm.rank)
+        trained = None
+        try:
+            with stop.handlers():  # SIGTERM/SIGUSR1: finish the step, checkpoint, stop (see stopping.py)
+                trained = train_ensemble(comm, cfg, trs, [], shape, ckpt_dir, run_hash, dtype, device, resume, stop)
+        finally:
+            if trained is None:  # stopped or failed: the files set aside go
+                for t in trs:
+                    t.drop_spilled()
         if trained is None:
+            _remove_empty_dir(comm, scratch)
             return None
         states, histories, batch_info, train_bytes, failures = trained
         bare = bare_mlp_rate(comm, shape, int(round(batch_info["n_selected"] / batch_info["n_batches"])), tcfg,
@@ -198,11 +221,12 @@ def _run(comm, cfg, run_dir, train_specs, val_specs, resume, stop: StopControl):
     del trs, tr  # the training boxes are freed before any validation box is prepared
     val_losses, val_labels = [], sim_labels(len(train_specs), len(val_specs))[len(train_specs):]
     for spec, label in zip(val_specs, val_labels):
-        v = prepare_simulation(comm, timer, cfg, spec, label, orth, moments, exch)
+        v = prepare_simulation(comm, timer, cfg, spec, label, orth, moments, exch, scratch=scratch)
         with timer.stage("evaluate"):
             val_losses.append(validation_losses(comm, cfg, v, ens_all.members, dtype, device))
         _evaluate_box(comm, timer, cfg, ens, v, results, meta)
         del v
+    _remove_empty_dir(comm, scratch)
     del ens_all
     for m, h in enumerate(histories):  # validation after training: the last epoch's entry
         if val_losses and h["val_loss"]:

@@ -1,0 +1,68 @@
+"""Per-rank arrays set aside on disk while a stage does not need them, so that they do not count in
+the stage's resident memory (issue #11: the training box's final positions, 12 B per particle,
+are needed to build the box and to evaluate it, not while the members train).
+
+An array is written once (``.npy``, one file per rank and name) and read back once; the file is
+removed when it is read or dropped. Plain numpy files rather than a memory map: pages of a mapped
+file would count in the resident set again as soon as they are touched.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+
+class SpillError(RuntimeError):
+    """A spilled array could not be written or read back (full disk, removed or damaged file)."""
+
+
+class Spilled:
+    """An array written to ``path`` by :func:`spill`; :meth:`restore` reads it back and removes the file."""
+
+    def __init__(self, path: Path, shape: tuple, dtype: np.dtype):
+        self.path, self.shape, self.dtype = Path(path), tuple(shape), np.dtype(dtype)
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+    def restore(self) -> np.ndarray:
+        """The array, read back; the file is removed."""
+        try:
+            arr = np.load(self.path, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise SpillError(f"spilled array {self.path}: cannot be read back ({exc})") from exc
+        if arr.shape != self.shape or arr.dtype != self.dtype:
+            raise SpillError(f"spilled array {self.path}: holds {arr.dtype}{arr.shape}, "
+                             f"expected {self.dtype}{self.shape}")
+        self.drop()
+        return arr
+
+    def drop(self) -> None:
+        """Remove the file (nothing happens when it is already gone)."""
+        try:
+            self.path.unlink()
+        except FileNotFoundError:
+            pass
+
+
+def spill(arr: np.ndarray, directory, name: str, rank: int) -> Spilled:
+    """Write ``arr`` to ``directory/<name>.r<rank>.npy`` (the directory is created); the caller
+    then drops its references so that the memory is returned."""
+    directory = Path(directory)
+    path = directory / f"{name}.r{rank}.npy"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with open(path, "wb") as fh:
+            np.save(fh, np.ascontiguousarray(arr), allow_pickle=False)
+            fh.flush()
+    except OSError as exc:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+        raise SpillError(f"cannot set {name} aside in {directory} ({exc}); set run.scratch_dir to a "
+                         f"directory with room for it") from exc
+    return Spilled(path, arr.shape, arr.dtype)
