@@ -16,6 +16,7 @@ from lagbias_mpi.bias.model import build_model, f_of_y
 from lagbias_mpi.config.train import KSpaceLossConfig, PolishConfig, TrainConfig
 from lagbias_mpi.mpi.layout import plane_owner
 from lagbias_mpi.training.batches import build_batches
+from lagbias_mpi.training.loss import evaluate_loss
 from lagbias_mpi.training.polish import polish_member, set_loss, set_loss_and_gradient
 from lagbias_mpi.workflows.train import run
 
@@ -93,6 +94,11 @@ def test_set_objective_and_gradient_equal_one_rank_autograd(comm, grid_loss):
     assert np.isclose(set_loss(comm, model, dist, -5.0, grid_loss), loss, rtol=1e-12)
     ref_loss, ref_grads = _reference(_model(), ref_set, cell, grid_loss)
     assert np.isclose(loss, ref_loss, rtol=1e-10)
+    # the validation loss under the projection: the same objective per batch, no constraint term;
+    # its mean f that of the penalty's evaluation
+    val, mean_f = evaluate_loss(comm, _model(), dist, 1e-4, -5.0, grid_loss, projection=True)
+    assert np.isclose(val, ref_loss / len(ref_set), rtol=1e-10)
+    assert np.isclose(mean_f, evaluate_loss(comm, _model(), dist, 1e-4, -5.0, grid_loss)[1], rtol=1e-12)
     grads = [p.grad for p in model.parameters()]
     scale = max(float(r.abs().max()) for r in ref_grads)
     assert scale > 0

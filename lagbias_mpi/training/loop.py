@@ -257,7 +257,8 @@ def _epochs(comm, member, dmodel, model, opt, sched, history, start, path, train
         if eps is not None or project:  # mean f = T / N after every epoch
             history.setdefault("renorm", []).append(renormalise(comm, model, train_set, tcfg.guard_y, running))
         t_train = time.perf_counter() - t0
-        val = [evaluate_loss(comm, model, vs, eps, tcfg.guard_y, tcfg.grid_loss) for vs in val_sets]
+        val = [evaluate_loss(comm, model, vs, eps, tcfg.guard_y, tcfg.grid_loss, projection=tcfg.constraint == "projection")
+               for vs in val_sets]
         history["epoch"].append(epoch)
         history["train_loss"].append(float(np.mean(losses)))
         history["val_loss"].append(float(np.mean([v[0] for v in val])) if val else float("nan"))

@@ -261,10 +261,56 @@ def local_objective(comm, model, batch: Batch, eps: float | None, guard_y: float
     return obj * comm.size, whole_loss(totals, batch, reported_eps, others), float(totals[2]), bool(totals[3] > 0)
 
 
+@dataclass(frozen=True)
+class SetStatistics:
+    """The projected objective of a whole batch set: c = T / S, the surrogate coefficient K of the part
+    through c, the grid and guard terms of f scaled by c (summed over the set), S = sum_i w_i f_i."""
+
+    c: float
+    k: float
+    grid: float
+    guard: float
+    s: float
+
+
+def set_statistics(comm, model, batches: BatchSet, guard_y: float, grid_loss: str) -> SetStatistics:
+    """:class:`SetStatistics` of ``batches`` for the current model: one forward pass without
+    gradient, two small Allreduces (collective). The full-batch phase's objective
+    (:mod:`lagbias_mpi.training.polish`) and the validation loss under ``constraint: projection``."""
+    cellsums, s_local, guard = [], 0.0, 0.0
+    with torch.no_grad():
+        for batch in batches.batches:
+            _, g, s, cs = scaled_terms(model, batch, guard_y, 1.0, grid_loss)
+            cellsums.append(cs)
+            s_local += float(s)
+            guard += float(g)
+    s_glob = comm.allreduce(s_local, op=MPI.SUM)
+    t_glob = float(sum(b.true_sum for b in batches.batches))
+    c = projection_scale(t_glob, s_glob)
+    grid, dgdc = 0.0, 0.0
+    with torch.no_grad():
+        for batch, cs in zip(batches.batches, cellsums):
+            m, t = model_cells(batch, cs, c), 1.0 + batch.target
+            grid += float(grid_per_cell(m, t, grid_loss).to(torch.float64).sum())
+            dgdc += float((grid_slope(m, t, grid_loss) * batch.scale * cs).to(torch.float64).sum())
+    grid, guard, dgdc = comm.allreduce(np.array([grid, guard, dgdc]), op=MPI.SUM)
+    return SetStatistics(c, through_scale(dgdc, c, s_glob), float(grid), float(guard), float(s_glob))
+
+
 def evaluate_loss(comm, model, batches: BatchSet, eps: float | None, guard_y: float,
-                  grid_loss: str = "mse") -> tuple[float, float]:
-    """Mean over ``batches`` of the grid and guard terms plus the integral constraint of the whole
-    set, and the weighted mean f of all their cells' particles, sum_i w_i f_i / sum_j n_j (no gradient)."""
+                  grid_loss: str = "mse", projection: bool = False) -> tuple[float, float]:
+    """(loss, weighted mean f of all the set's cells' particles, sum_i w_i f_i / sum_j n_j), no gradient.
+
+    The loss is the mean over ``batches`` of the grid and guard terms plus the integral constraint
+    of the whole set; with ``projection`` (``train.constraint: projection``) the grid term is that of
+    f scaled to the set's true sum (:func:`set_statistics`, summed over the set and divided by the
+    number of batches), without a constraint term: as in training, the loss sees the shape of f, and
+    its normalisation is the mean f. On another box than the training box the true field's own mean
+    differs from the training box's (cosmic variance, a few per cent on the built-in box), which
+    the constraint term with the paper's eps would turn into a loss of 1e4."""
+    if projection:
+        st = set_statistics(comm, model, batches, guard_y, grid_loss)
+        return (st.grid + st.guard) / max(len(batches.batches), 1), st.s / max(batches.n_particles, 1)
     losses, s_tot = [], 0.0
     with torch.no_grad():
         for batch in batches.batches:

@@ -38,7 +38,7 @@ def validation_losses(comm, cfg, s, models: list, dtype, device) -> list[tuple[f
     the last epoch's integral-constraint epsilon (collective)."""
     eps = cfg.train.eps(cfg.train.epochs)
     return [evaluate_loss(comm, model, member_batches(comm, cfg, s, m, dtype, device), eps, cfg.train.guard_y,
-                          cfg.train.grid_loss)
+                          cfg.train.grid_loss, projection=cfg.train.constraint == "projection")
             for m, model in enumerate(models)]
 
 

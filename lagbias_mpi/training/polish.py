@@ -37,53 +37,23 @@ from mpi4py import MPI
 
 from lagbias_mpi.core.logs import get_logger
 from lagbias_mpi.training.batches import BatchSet
-from lagbias_mpi.training.loss import (
-    grid_per_cell,
-    grid_slope,
-    model_cells,
-    output_bias,
-    projection_scale,
-    scaled_terms,
-    through_scale,
-)
+from lagbias_mpi.training.loss import output_bias, scaled_terms, set_statistics
 from lagbias_mpi.training.stopping import StopRequested
 
 log = get_logger("polish")
 
 
-def _set_statistics(comm, model, batches: BatchSet, guard_y: float, grid_loss: str) -> tuple[float, float, float, float]:
-    """(c = T / S, K, grid term, guard term) of the whole set for the current model: one forward pass
-    without gradient, two small Allreduces (collective)."""
-    cellsums, s_local, guard = [], 0.0, 0.0
-    with torch.no_grad():
-        for batch in batches.batches:
-            _, g, s, cs = scaled_terms(model, batch, guard_y, 1.0, grid_loss)
-            cellsums.append(cs)
-            s_local += float(s)
-            guard += float(g)
-    s_glob = comm.allreduce(s_local, op=MPI.SUM)
-    t_glob = float(sum(b.true_sum for b in batches.batches))
-    c = projection_scale(t_glob, s_glob)
-    grid, dgdc = 0.0, 0.0
-    with torch.no_grad():
-        for batch, cs in zip(batches.batches, cellsums):
-            m, t = model_cells(batch, cs, c), 1.0 + batch.target
-            grid += float(grid_per_cell(m, t, grid_loss).to(torch.float64).sum())
-            dgdc += float((grid_slope(m, t, grid_loss) * batch.scale * cs).to(torch.float64).sum())
-    grid, guard, dgdc = comm.allreduce(np.array([grid, guard, dgdc]), op=MPI.SUM)
-    return c, through_scale(dgdc, c, s_glob), float(grid), float(guard)
-
-
 def set_loss(comm, model, batches: BatchSet, guard_y: float, grid_loss: str) -> float:
     """The phase's objective L of the whole set (no gradient; collective)."""
-    _, _, grid, guard = _set_statistics(comm, model, batches, guard_y, grid_loss)
-    return grid + guard
+    st = set_statistics(comm, model, batches, guard_y, grid_loss)
+    return st.grid + st.guard
 
 
 def set_loss_and_gradient(comm, model, batches: BatchSet, guard_y: float, grid_loss: str) -> float:
     """L of the whole set, with its gradient in the parameters' ``.grad`` (summed over ranks and
     bit-identical on every rank; the output bias's is 0). Collective."""
-    c, k, grid, guard = _set_statistics(comm, model, batches, guard_y, grid_loss)
+    st = set_statistics(comm, model, batches, guard_y, grid_loss)
+    c, k, grid, guard = st.c, st.k, st.grid, st.guard
     params = list(model.parameters())
     for p in params:
         p.grad = torch.zeros_like(p)
