@@ -14,6 +14,7 @@ from mpi4py import MPI
 
 from lagbias_mpi.core.arrays import held_only_by, shrink_rows
 from lagbias_mpi.core.faults import fail_point
+from lagbias_mpi.core.memory import small_pages
 from lagbias_mpi.mpi.cells import range_overlaps
 from lagbias_mpi.mpi.comm import check_count
 
@@ -108,7 +109,8 @@ def exchange(comm, columns: dict[str, np.ndarray], dest, what: str = "particles"
     recv_total = np.empty(comm.size, dtype=np.int64)
     comm.Alltoall(send_total, recv_total)
     n_recv = int(recv_total.sum())
-    out = {name: np.empty((n_recv,) + col.shape[1:], col.dtype) for name, col in src.items()}
+    with small_pages():  # filled at one front per source rank: 2 MiB pages would make it resident at once
+        out = {name: np.empty((n_recv,) + col.shape[1:], col.dtype) for name, col in src.items()}
     end = np.cumsum(recv_total)  # one past the last unfilled row of each source (filled backwards)
     chunk_rows = max(1, int(chunk_bytes) // max(itemsize, 1))
     n_rounds = comm.allreduce(-(-n // chunk_rows), op=MPI.MAX)
