@@ -1,0 +1,115 @@
+"""Where a box's preparation holds its memory: the RSS at entry, the peak during and the RSS at exit
+of every call of the main functions of ``prepare_training`` (load, features, Lagrangian and
+Eulerian routing, orthogonaliser, true field), per rank. Two runs that differ only in the particle
+count give each function's bytes per particle (issue #11; the stage-level slope is
+scripts/memory_slope.py):
+
+    mpirun -n 2 python scripts/memory_probe.py --out p64.json --set sampling.frac=1.0 \\
+        --set 'simulation.simulate_set=["ppd=64", "n_ic=256", "output.figures=false"]'
+    mpirun -n 2 python scripts/memory_probe.py --out p128.json --set sampling.frac=1.0 \\
+        --set 'simulation.simulate_set=["ppd=128", "n_ic=256", "output.figures=false"]'
+    python scripts/memory_probe.py --diff p64.json p128.json
+
+The peak of a call is the process's VmHWM after a reset at its entry (Linux ``/proc/self/clear_refs``),
+so nested calls reset their parent's peak: read a function's own row, not its parent's.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+WRAPPED = {
+    "lagbias_mpi.bias.prepare": ["featurised_particles", "fit_orthogonaliser", "theta_of_raw", "eulerian_route",
+                                 "true_tracers", "delta_slab"],
+    "lagbias_mpi.bias.particles": ["route_lagrangian", "route_eulerian"],
+    "lagbias_mpi.bias.routing": ["exchange", "_ownership_and_counts", "cell_order_destinations",
+                                 "permute_rows_in_place", "sort_cells_by_id"],
+}
+
+
+def probe(args) -> None:
+    import importlib
+
+    from mpi4py import MPI
+
+    from lagbias_mpi.bias.prepare import prepare_training
+    from lagbias_mpi.config.train import load_train_config
+    from lagbias_mpi.core.memory import tune_malloc
+    from lagbias_mpi.mpi import comm as mc
+    from lagbias_mpi.workflows.train import _validate_inputs
+
+    tune_malloc()
+    world = MPI.COMM_WORLD
+    rows, depth = [], [0]
+
+    def wrap(module, name):
+        f = getattr(module, name)
+
+        @functools.wraps(f)
+        def traced(*a, **k):
+            rss_in = mc.current_rss_mb()
+            mc.reset_peak_rss()
+            depth[0] += 1
+            try:
+                return f(*a, **k)
+            finally:
+                depth[0] -= 1
+                rows.append({"depth": depth[0], "name": f"{module.__name__.split('.')[-1]}.{name}",
+                             "in_mb": rss_in, "peak_mb": mc.peak_rss_mb(), "out_mb": mc.current_rss_mb()})
+        setattr(module, name, traced)
+
+    for mod, names in WRAPPED.items():
+        module = importlib.import_module(mod)
+        for name in names:
+            wrap(module, name)
+    prepare = importlib.import_module("lagbias_mpi.bias.prepare")
+    cfg = load_train_config(args.config, args.set)
+    specs, _ = _validate_inputs(world, cfg, ROOT)
+    timer = mc.StageTimer(world, track_rss=True)
+    base = mc.current_rss_mb()
+    trs, *_ = prepare.prepare_training(world, timer, cfg, specs, {}, scratch=Path(args.scratch))
+    report = {"n_local": trs[0].parts.n_local, "baseline_mb": base, "calls": rows}
+    stages = timer.rss_summary()
+    got = world.gather(report)
+    if world.rank == 0:
+        Path(args.out).write_text(json.dumps({"stage_peak_rss_mb": stages, "ranks": got}, indent=1) + "\n")
+        for d in got[0]["calls"]:
+            print(f"{'  ' * d['depth']}{d['name']:40s} in {d['in_mb']:8.1f} peak {d['peak_mb']:8.1f} out {d['out_mb']:8.1f} MB")
+        print(f"wrote {args.out}")
+
+
+def diff(a_path: str, b_path: str) -> None:
+    """Bytes per particle of every call (rank 0): delta(peak, in, out) / delta(particles)."""
+    a, b = (json.loads(Path(p).read_text())["ranks"][0] for p in (a_path, b_path))
+    dn = b["n_local"] - a["n_local"]
+    print(f"rank 0: {a['n_local']} -> {b['n_local']} particles")
+    for x, y in zip(a["calls"], b["calls"]):
+        if x["name"] != y["name"]:
+            raise SystemExit(f"the runs called other functions: {x['name']} / {y['name']}")
+        per = {k: (y[k] - x[k]) * 2.0**20 / dn for k in ("in_mb", "peak_mb", "out_mb")}
+        print(f"{'  ' * x['depth']}{x['name']:40s} B/particle: in {per['in_mb']:6.1f} peak {per['peak_mb']:6.1f} "
+              f"out {per['out_mb']:6.1f}")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", default=str(ROOT / "configs/default.yaml"))
+    ap.add_argument("--set", action="append", default=[], help="config overrides")
+    ap.add_argument("--scratch", default="runs/memory_probe_scratch")
+    ap.add_argument("--out", default="memory_probe.json")
+    ap.add_argument("--diff", nargs=2, metavar=("SMALL", "LARGE"))
+    a = ap.parse_args(argv)
+    if a.diff:
+        diff(*a.diff)
+    else:
+        probe(a)
+
+
+if __name__ == "__main__":
+    main()
