@@ -50,7 +50,8 @@ def run(ranks: int, ppd: int, cache: Path, out: Path, extra: list[str], timeout:
         subprocess.run(cmd, check=True, env=env, cwd=ROOT, timeout=timeout)
     s = json.loads(summary.read_text())
     plan = predicted(ranks, ppd, cache, extra)
-    return {"stage_peak_rss_mb": s["stage_peak_rss_mb"], "particles_per_rank": s["particles_per_rank"]["mean"],
+    return {"stage_peak_rss_mb": s["stage_peak_rss_mb"], "stage_rss_trace_mb": s.get("stage_rss_trace_mb"),
+            "particles_per_rank": s["particles_per_rank"]["mean"],
             "peak_rss_mb": s["peak_rss_mb"], "memory_bytes_per_particle": s["memory_bytes_per_particle"],
             "planner": plan, "planner_ratio": plan["peak_mb"] / s["peak_rss_mb"]}
 
@@ -59,8 +60,19 @@ def slopes(lo: dict, hi: dict) -> dict:
     dn = hi["particles_per_rank"] - lo["particles_per_rank"]
     stages = sorted(set(lo["stage_peak_rss_mb"]) & set(hi["stage_peak_rss_mb"]))
     per = {k: (hi["stage_peak_rss_mb"][k] - lo["stage_peak_rss_mb"][k]) * 2.0**20 / dn for k in stages}
-    return {"delta_particles_per_rank": dn, "bytes_per_particle": per,
-            "max_bytes_per_particle": max(per.values()), "max_stage": max(per, key=per.get)}
+    out = {"delta_particles_per_rank": dn, "bytes_per_particle": per,
+           "max_bytes_per_particle": max(per.values()), "max_stage": max(per, key=per.get)}
+    # every stage occurrence on its own (training box, then validation box): the slope of its peak
+    # and of the RSS it starts from (what earlier stages left resident)
+    ta, tb = lo.get("stage_rss_trace_mb"), hi.get("stage_rss_trace_mb")
+    if ta and tb and [t["stage"] for t in ta] == [t["stage"] for t in tb]:
+        seen: dict = {}
+        occ = {}
+        for a, b in zip(ta, tb):
+            k = seen[a["stage"]] = seen.get(a["stage"], 0) + 1
+            occ[f"{a['stage']}#{k}"] = {key: (b[key] - a[key]) * 2.0**20 / dn for key in ("start_mb", "peak_mb")}
+        out["occurrence_bytes_per_particle"] = occ
+    return out
 
 
 def main(argv=None):
@@ -79,6 +91,8 @@ def main(argv=None):
         got = [run(ranks, ppd, a.cache, a.runs / f"ppd{ppd}_n{ranks}", extra, a.timeout) for ppd in a.ppd]
         report["runs"][str(ranks)] = dict(zip(map(str, a.ppd), got))
         report["slopes"][str(ranks)] = sl = slopes(*got)
+        for k, v in sl.get("occurrence_bytes_per_particle", {}).items():
+            print(f"  {k}: peak {v['peak_mb']:.0f} B/particle (from a start of {v['start_mb']:.0f})")
         print(f"{ranks} rank(s): " + ", ".join(f"{k} {v:.0f}" for k, v in sl["bytes_per_particle"].items())
               + f" B/particle (max {sl['max_bytes_per_particle']:.0f} in {sl['max_stage']}); peak RSS "
               + ", ".join(f"{g['peak_rss_mb']:.0f} MB (planner {g['planner']['peak_mb']:.0f})" for g in got), flush=True)

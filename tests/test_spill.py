@@ -20,6 +20,7 @@ def test_spill_round_trip_removes_the_file(tmp_path):
     assert sp.nbytes == arr.nbytes
     back = sp.restore()
     assert back.dtype == np.float32 and np.array_equal(back, arr)
+    assert back.flags.owndata and back.flags.c_contiguous  # the exchanges can hand it over and cut it
     assert not sp.path.exists()
     sp.drop()  # gone already: nothing happens
 
@@ -27,8 +28,12 @@ def test_spill_round_trip_removes_the_file(tmp_path):
 def test_spill_errors_name_the_file(tmp_path):
     arr = np.arange(100, dtype=np.float64)
     sp = spill(arr, tmp_path, "x", 0)
-    sp.path.write_bytes(sp.path.read_bytes()[:60])  # truncated: a damaged file
-    with pytest.raises(SpillError, match="x.r0.npy"):
+    sp.path.write_bytes(sp.path.read_bytes()[:-400])  # data truncated: a damaged file
+    with pytest.raises(SpillError, match="x.r0.npy: 400 of 800 bytes"):
+        sp.restore()
+    sp = spill(arr, tmp_path, "h", 0)
+    sp.path.write_bytes(sp.path.read_bytes()[:60])  # header truncated
+    with pytest.raises(SpillError, match="h.r0.npy: cannot be read back"):
         sp.restore()
     sp = spill(arr, tmp_path, "y", 0)
     np.save(sp.path, arr[:10])  # another array in its place

@@ -60,6 +60,14 @@ def test_rank_count_invariance_and_outputs(comm, sims):
         assert key in s, key
     assert s["n_ranks"] == comm.size and s["n_particles"] == 32**3
     assert set(s["stage_wall_s"]) >= {"features", "routing", "orthogonalise", "train", "evaluate"}
+    # the RSS trace: every stage occurrence in order (training box, then the validation box), whose
+    # peaks give the per-stage peaks
+    trace = s["stage_rss_trace_mb"]
+    assert [t["stage"] for t in trace] == ["load", "features", "orthogonalise", "routing", "train", "evaluate",
+                                           "load", "features", "routing", "evaluate", "evaluate"]
+    assert all(0 < t["start_mb"] <= t["peak_mb"] for t in trace)
+    for stage, peak in s["stage_peak_rss_mb"].items():
+        assert peak == max(t["peak_mb"] for t in trace if t["stage"] == stage)
     if comm.rank == 0:
         on_disk = json.loads((out / "summary.json").read_text())
         assert on_disk["n_batches"] == s["n_batches"]

@@ -29,14 +29,23 @@ class Spilled:
         return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
 
     def restore(self) -> np.ndarray:
-        """The array, read back; the file is removed."""
+        """The array, read back into a new array that owns its memory (``np.load`` gives a view,
+        which the exchanges could neither hand over nor cut as they send); the file is removed."""
+        fmt = np.lib.format
         try:
-            arr = np.load(self.path, allow_pickle=False)
+            with open(self.path, "rb") as fh:
+                version = fmt.read_magic(fh)
+                header = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+                shape, fortran, dtype = header(fh)
+                if tuple(shape) != self.shape or dtype != self.dtype or fortran:
+                    raise SpillError(f"spilled array {self.path}: holds {dtype}{tuple(shape)}, "
+                                     f"expected {self.dtype}{self.shape}")
+                arr = np.empty(self.shape, self.dtype)
+                got = fh.readinto(memoryview(arr).cast("B")) if arr.nbytes else 0
         except (OSError, ValueError) as exc:
             raise SpillError(f"spilled array {self.path}: cannot be read back ({exc})") from exc
-        if arr.shape != self.shape or arr.dtype != self.dtype:
-            raise SpillError(f"spilled array {self.path}: holds {arr.dtype}{arr.shape}, "
-                             f"expected {self.dtype}{self.shape}")
+        if got != arr.nbytes:
+            raise SpillError(f"spilled array {self.path}: {got} of {arr.nbytes} bytes (damaged file)")
         self.drop()
         return arr
 

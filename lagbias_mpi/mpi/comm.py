@@ -152,6 +152,7 @@ class StageTimer:
         self.local: dict[str, float] = {}
         self.track_rss = track_rss
         self.rss_local: dict[str, float] = {}
+        self.rss_trace_local: list[tuple[str, float, float]] = []  # (stage, RSS at start, peak) per occurrence
         self.baseline_rss_mb = current_rss_mb() if track_rss else None
         self._overall_peak = peak_rss_mb() if track_rss else None
 
@@ -162,6 +163,7 @@ class StageTimer:
             self._overall_peak = max(self._overall_peak, peak_rss_mb())
             release_heap()  # what earlier stages freed into the C heap is not this stage's
             reset_peak_rss()
+            start_rss = current_rss_mb()
         t0 = time.perf_counter()
         try:
             yield
@@ -170,6 +172,7 @@ class StageTimer:
             if self.track_rss:
                 peak = peak_rss_mb()
                 self.rss_local[name] = max(self.rss_local.get(name, 0.0), peak)
+                self.rss_trace_local.append((name, start_rss, peak))
                 self._overall_peak = max(self._overall_peak, peak)
 
     def peak_rss_mb(self) -> float:
@@ -180,6 +183,15 @@ class StageTimer:
         """Max over ranks of each stage's peak RSS in MB (collective; empty without ``track_rss``)."""
         names = sorted(set().union(*self.comm.allgather(list(self.rss_local))))
         return {n: self.comm.allreduce(self.rss_local.get(n, 0.0), op=MPI.MAX) for n in names}
+
+    def rss_trace(self) -> list[dict]:
+        """Every stage occurrence in order (the training box's, then each validation box's), with
+        the max over ranks of its RSS at the start and of its peak, in MB (collective)."""
+        local = np.array([[t[1], t[2]] for t in self.rss_trace_local], np.float64).reshape(-1, 2)
+        both = np.empty_like(local)
+        self.comm.Allreduce(local, both, op=MPI.MAX)  # every rank passed the same stages
+        return [{"stage": t[0], "start_mb": float(a), "peak_mb": float(b)}
+                for t, (a, b) in zip(self.rss_trace_local, both)]
 
     def summary(self) -> dict[str, float]:
         """Max over ranks of each stage's wall time (collective)."""

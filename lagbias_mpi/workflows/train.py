@@ -132,6 +132,7 @@ def _memory_summary(comm, timer, particles_local: int) -> dict:
     per_particle = (peak - timer.baseline_rss_mb) * 2.0**20 / max(particles_local, 1)
     return {"peak_rss_mb": comm.allreduce(peak, op=MPI.MAX),
             "stage_peak_rss_mb": timer.rss_summary(),
+            "stage_rss_trace_mb": timer.rss_trace(),
             "baseline_rss_mb": comm.allreduce(timer.baseline_rss_mb, op=MPI.MAX),
             "memory_bytes_per_particle": comm.allreduce(per_particle, op=MPI.MAX)}
 
