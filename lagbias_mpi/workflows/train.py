@@ -74,6 +74,18 @@ def run(comm, config_path, overrides=None, out=None, resume=False, stop_after_ep
             handler.close()
 
 
+def _positions_aside(boxes, directory: Path, rank: int) -> None:
+    """Set every prepared box's positions aside in ``directory`` (a function: no loop variable
+    outlives it to keep a box alive after the caller drops its list)."""
+    for box in boxes:
+        box.set_positions_aside(directory, rank)
+
+
+def _drop_spilled(boxes) -> None:
+    for box in boxes:
+        box.drop_spilled()
+
+
 def _remove_empty_dir(comm, path: Path) -> None:
     """Remove ``path`` once every rank is done with it, if it exists and is empty (collective)."""
     comm.Barrier()
@@ -175,16 +187,14 @@ def _run(comm, cfg, run_dir, train_specs, val_specs, resume, stop: StopControl):
     run_hash = config_run_hash(cfg)
     ckpt_dir = run_dir / "checkpoints"
     with timer.stage("train"):
-        for t in trs:  # the positions wait on disk until the evaluation (12 B per particle)
-            t.set_positions_aside(scratch, comm.rank)
+        _positions_aside(trs, scratch, comm.rank)  # on disk until the evaluation (12 B per particle)
         trained = None
         try:
             with stop.handlers():  # SIGTERM/SIGUSR1: finish the step, checkpoint, stop (see stopping.py)
                 trained = train_ensemble(comm, cfg, trs, [], shape, ckpt_dir, run_hash, dtype, device, resume, stop)
         finally:
             if trained is None:  # stopped or failed: the files set aside go
-                for t in trs:
-                    t.drop_spilled()
+                _drop_spilled(trs)
         if trained is None:
             _remove_empty_dir(comm, scratch)
             return None
@@ -214,8 +224,8 @@ def _run(comm, cfg, run_dir, train_specs, val_specs, resume, stop: StopControl):
         log.error("no member passed the flat/diverged check; the ensemble keeps all trained members")
     if comm.rank == 0:
         ens.save(run_dir / "model.pt")
-    for box in trs[1:]:
-        _evaluate_box(comm, timer, cfg, ens, box, results, meta)
+    for i in range(1, len(trs)):  # (no loop variable keeps a box alive after ``del trs``)
+        _evaluate_box(comm, timer, cfg, ens, trs[i], results, meta)
     if show is not None:
         f_show = ens.predict_f_members(show[0]).mean(axis=0)
         plots.plot_f(show[0][:, 0], f_show, figs_dir(run_dir) / "f_vs_theta0.png", show[1])
@@ -223,6 +233,7 @@ def _run(comm, cfg, run_dir, train_specs, val_specs, resume, stop: StopControl):
     val_losses, val_labels = [], sim_labels(len(train_specs), len(val_specs))[len(train_specs):]
     for spec, label in zip(val_specs, val_labels):
         v = prepare_simulation(comm, timer, cfg, spec, label, orth, moments, exch, scratch=scratch)
+        _positions_aside([v], scratch, comm.rank)  # the validation losses do not need them either
         with timer.stage("evaluate"):
             val_losses.append(validation_losses(comm, cfg, v, ens_all.members, dtype, device))
         _evaluate_box(comm, timer, cfg, ens, v, results, meta)
