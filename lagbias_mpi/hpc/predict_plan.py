@@ -27,7 +27,7 @@ def predict_memory_per_rank(size: ProblemSize, ranks: int, members: bool = False
     """Predicted peak resident memory (bytes) of the busiest rank in each predict stage for the box
     of ``size`` (``size.eval_nmesh`` = ``output.nmesh``, ``size.ensemble`` = members of the model).
     ``imbalance``: max/mean particles per slab of the paint (default as the training planner's)."""
-    t = box_terms(size, ranks, imbalance)
+    t = box_terms(size, ranks, imbalance, positions_aside=True)  # on disk while the columns are computed
     B, F, M = BYTES, size.n_raw, size.ensemble
     n_p, n_e, c_ev = t["n_p"], t["n_e"], t["c_ev"]
     base = t["base"]
@@ -35,7 +35,8 @@ def predict_memory_per_rank(size: ProblemSize, ranks: int, members: bool = False
     f_bytes = 4 * (M + 1 if members else 1) * n_p
     # one chunk: theta float32 and its float64 temporaries, y and f of every member, activations
     chunk = CHUNK * (8 * F + 4 * size.n_inputs + 16 * M + 4 * size.width * 2)
-    after = t["lag_set"] - 4 * F * n_p + f_bytes  # the feature rows are freed once f is known
+    # the positions wait on disk until f is known and the feature rows are freed
+    after = t["lag_set"] + 12 * n_p - 4 * F * n_p + f_bytes
     # the paint's routing: positions and f arrive beside the int32 destinations, one chunk's buckets
     paint = (12 + 4 + B["dest_particle"]) * n_e + t["steps"] + B["eval_cell"] * c_ev
     pf = (8 + 8 + 4 + (4 * M if members else 0)) * n_p if particle_f else 0.0  # sort order, pid, f copies

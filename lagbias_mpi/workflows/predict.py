@@ -33,6 +33,7 @@ from lagbias_mpi.config.predict import PredictConfig, load_predict_config
 from lagbias_mpi.config.train import config_run_hash, load_train_config
 from lagbias_mpi.core.logs import get_logger, setup_logging
 from lagbias_mpi.core.memory import ROWS_PER_STEP
+from lagbias_mpi.core.spill import spill
 from lagbias_mpi.io import sources
 from lagbias_mpi.io.fieldfile import write_field, write_particles
 from lagbias_mpi.io.spectra import write_spectra
@@ -169,16 +170,16 @@ def _run(comm, cfg: PredictConfig, run_dir, out_dir, ens, spec, run_hash, resolv
     with timer.stage("features"):
         log.info(f"features: {meta.n_particles} particles to their Lagrangian slab, {len(names)} columns "
                  f"on the {meta.n_ic}^3 IC grid (training moments) read out one at a time")
+        # the routed positions wait on disk while the columns are computed (12 B per particle)
+        scratch = out_dir / "scratch"
         parts, _, own = featurised_particles(comm, sim, ens.radii, ens.kinds, ens.moments,
-                                             release_loaded=True, fft_dtype=ens.fft_dtype)
+                                             release_loaded=True, fft_dtype=ens.fft_dtype,
+                                             set_aside=lambda pos: spill(pos, scratch, "routed_pos", comm.rank))
         moments = moment_check(comm, own, ens.moments, names, cfg.checks.moment_tolerance)
     with timer.stage("routing"):
         n_glob = int(global_sum(comm, np.int64(parts.n_local)))
         if n_glob != meta.n_particles:
             raise ValueError(f"{label}: {n_glob} particles routed, metadata says {meta.n_particles}")
-    # the loaded particle arrays were dropped once routed: planted tracers are the routed particles
-    tracers = (true_tracers(comm, sim, resolved["halos"], particles=(parts.pos, parts.f_true))
-               if resolved["compare"] else None)
     with timer.stage("predict"):
         log.info(f"predict: f of {n_glob} particles, {ens.n_members} members")
         n = parts.n_local
@@ -194,6 +195,13 @@ def _run(comm, cfg: PredictConfig, run_dir, out_dir, ens, spec, run_hash, resolv
         parts.raw = None
         sum_f = float(global_sum(comm, f_avg.sum(dtype=np.float64)))
         mean_f = sum_f / n_glob
+        parts.restore_positions()  # set aside since the Lagrangian routing: the raw rows are gone now
+    comm.Barrier()
+    if comm.rank == 0 and scratch.is_dir() and not any(scratch.iterdir()):
+        scratch.rmdir()
+    # the loaded particle arrays were dropped once routed: planted tracers are the routed particles
+    tracers = (true_tracers(comm, sim, resolved["halos"], particles=(parts.pos, parts.f_true))
+               if resolved["compare"] else None)
     attrs = {"box": meta.box, "cell": meta.box / nmesh, "assignment": ocfg.assignment,
              "redshift": meta.redshift, "training_config_hash": run_hash, "source": str(meta.source or label),
              "run_dir": str(run_dir.resolve()), "n_particles": meta.n_particles, "sum_f": sum_f,
