@@ -8,7 +8,7 @@ from mpi4py import MPI
 from simfixtures import make_simulation, write_config
 
 import lagbias_mpi.workflows.train as train_workflow
-from lagbias_mpi.core.spill import SpillError, spill
+from lagbias_mpi.core.spill import SpillError, remove_empty_dir, spill
 
 WORLD = MPI.COMM_WORLD
 
@@ -47,6 +47,17 @@ def test_spill_errors_name_the_file(tmp_path):
     blocker.write_text("not a directory")
     with pytest.raises(SpillError, match="run.scratch_dir"):
         spill(arr, blocker / "sub", "w", 0)
+
+
+def test_remove_empty_dir_keeps_a_directory_with_files(tmp_path):
+    remove_empty_dir(MPI.COMM_SELF, tmp_path / "absent")  # nothing to do
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    remove_empty_dir(MPI.COMM_SELF, tmp_path / "full")
+    assert (tmp_path / "full" / "x").is_file()
+    (tmp_path / "empty").mkdir()
+    remove_empty_dir(MPI.COMM_SELF, tmp_path / "empty")
+    assert not (tmp_path / "empty").exists()
 
 
 class _KeptInMemory:

@@ -58,7 +58,7 @@ class _Sim:
         self.label, self.role, self.spec, self.sim = label, role, spec, sim
         self.parts, self.theta, self.truth, self.n_grid = parts, theta, truth, n_grid
         self.tracers = tracers
-        self._spilled_pos, self._tracers_are_particles = None, False
+        self._tracers_are_particles = False
 
     @property
     def ownership(self):
@@ -67,31 +67,27 @@ class _Sim:
     def set_positions_aside(self, directory, rank: int) -> None:
         """Write the particles' final positions (12 B per particle) to ``directory`` and drop them
         (and the planted tracers' positions, the same array) until :meth:`restore_positions`:
-        training does not use them (the cells are known)."""
+        training does not use them (the cells are known). The handle is ``parts.pos_aside``."""
         if self.parts.pos is None:
             return
         self._tracers_are_particles = self.tracers[0] is self.parts.pos
-        self._spilled_pos = spill(self.parts.pos, directory, f"{self.label}_pos", rank)
+        self.parts.pos_aside = spill(self.parts.pos, directory, f"{self.label}_pos", rank)
         self.parts.pos = None
         if self._tracers_are_particles:
             self.tracers = (None, self.tracers[1])
 
     def restore_positions(self) -> None:
-        """Read back the positions set aside by :meth:`set_positions_aside` (nothing if none are)."""
-        sp = self._spilled_pos
-        if sp is None:
-            return
-        self.parts.pos = sp.restore()
+        """Read back the positions set aside (:meth:`Particles.restore_positions`), the planted
+        tracers' with them; nothing if none are."""
+        self.parts.restore_positions()
         if self._tracers_are_particles:
             self.tracers = (self.parts.pos, self.tracers[1])
-        self._spilled_pos = None
 
     def drop_spilled(self) -> None:
         """Remove the file of positions set aside (a run that stops before evaluating)."""
-        sp = self._spilled_pos
-        if sp is not None:
-            sp.drop()
-            self._spilled_pos = None
+        if self.parts.pos_aside is not None:
+            self.parts.pos_aside.drop()
+            self.parts.pos_aside = None
 
     def targets(self, comm):
         return lambda cells: self.ownership.local_values(self.truth, comm.rank, cells)

@@ -75,3 +75,14 @@ def spill(arr: np.ndarray, directory, name: str, rank: int) -> Spilled:
         raise SpillError(f"cannot set {name} aside in {directory} ({exc}); set run.scratch_dir to a "
                          f"directory with room for it") from exc
     return Spilled(path, arr.shape, arr.dtype)
+
+
+def remove_empty_dir(comm, directory) -> None:
+    """Remove ``directory`` once every rank of ``comm`` is done with it, if it exists and is empty
+    (collective: a barrier, then rank 0)."""
+    comm.Barrier()
+    if comm.rank == 0:
+        try:
+            Path(directory).rmdir()
+        except OSError:  # absent, or holds what someone else put there
+            pass

@@ -33,7 +33,7 @@ from lagbias_mpi.config.predict import PredictConfig, load_predict_config
 from lagbias_mpi.config.train import config_run_hash, load_train_config
 from lagbias_mpi.core.logs import get_logger, setup_logging
 from lagbias_mpi.core.memory import ROWS_PER_STEP
-from lagbias_mpi.core.spill import spill
+from lagbias_mpi.core.spill import remove_empty_dir, spill
 from lagbias_mpi.io import sources
 from lagbias_mpi.io.fieldfile import write_field, write_particles
 from lagbias_mpi.io.spectra import write_spectra
@@ -196,9 +196,7 @@ def _run(comm, cfg: PredictConfig, run_dir, out_dir, ens, spec, run_hash, resolv
         sum_f = float(global_sum(comm, f_avg.sum(dtype=np.float64)))
         mean_f = sum_f / n_glob
         parts.restore_positions()  # set aside since the Lagrangian routing: the raw rows are gone now
-    comm.Barrier()
-    if comm.rank == 0 and scratch.is_dir() and not any(scratch.iterdir()):
-        scratch.rmdir()
+    remove_empty_dir(comm, scratch)
     # the loaded particle arrays were dropped once routed: planted tracers are the routed particles
     tracers = (true_tracers(comm, sim, resolved["halos"], particles=(parts.pos, parts.f_true))
                if resolved["compare"] else None)

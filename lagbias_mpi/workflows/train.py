@@ -27,6 +27,7 @@ from lagbias_mpi.config.loader import to_dict
 from lagbias_mpi.config.train import config_run_hash, load_train_config
 from lagbias_mpi.core.atomic import atomic_path
 from lagbias_mpi.core.logs import get_logger, rank_formatter, setup_logging
+from lagbias_mpi.core.spill import remove_empty_dir
 from lagbias_mpi.io.spectra import write_spectra
 from lagbias_mpi.mpi.comm import StageTimer, global_min_max_mean
 from lagbias_mpi.training import ddp
@@ -84,16 +85,6 @@ def _positions_aside(boxes, directory: Path, rank: int) -> None:
 def _drop_spilled(boxes) -> None:
     for box in boxes:
         box.drop_spilled()
-
-
-def _remove_empty_dir(comm, path: Path) -> None:
-    """Remove ``path`` once every rank is done with it, if it exists and is empty (collective)."""
-    comm.Barrier()
-    if comm.rank == 0:
-        try:
-            path.rmdir()
-        except OSError:  # absent, or holds what someone else put there
-            pass
 
 
 def figs_dir(run_dir: Path) -> Path:
@@ -196,7 +187,7 @@ def _run(comm, cfg, run_dir, train_specs, val_specs, resume, stop: StopControl):
             if trained is None:  # stopped or failed: the files set aside go
                 _drop_spilled(trs)
         if trained is None:
-            _remove_empty_dir(comm, scratch)
+            remove_empty_dir(comm, scratch)
             return None
         states, histories, batch_info, train_bytes, failures = trained
         bare = bare_mlp_rate(comm, shape, int(round(batch_info["n_selected"] / batch_info["n_batches"])), tcfg,
@@ -238,7 +229,7 @@ def _run(comm, cfg, run_dir, train_specs, val_specs, resume, stop: StopControl):
             val_losses.append(validation_losses(comm, cfg, v, ens_all.members, dtype, device))
         _evaluate_box(comm, timer, cfg, ens, v, results, meta)
         del v
-    _remove_empty_dir(comm, scratch)
+    remove_empty_dir(comm, scratch)
     del ens_all
     for m, h in enumerate(histories):  # validation after training: the last epoch's entry
         if val_losses and h["val_loss"]:
