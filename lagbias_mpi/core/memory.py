@@ -72,6 +72,22 @@ def small_pages():
             numpy_hugepages(previous)
 
 
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def heap_in_use_bytes() -> int | None:
+    """Bytes of glibc's main heap in live allocations (``mallinfo2().uordblks``): what C and C++
+    libraries hold below the mmap threshold (the arrays above it are mapped on their own), for
+    finding a library cache that keeps memory after a stage. None without glibc 2.33+."""
+    lib = _glibc()
+    if lib is None or not hasattr(lib, "mallinfo2"):
+        return None
+    lib.mallinfo2.restype = _MallInfo2
+    return int(lib.mallinfo2().uordblks)
+
+
 def release_heap() -> bool:
     """Return the free pages of glibc's heap to the system (``malloc_trim(0)``); True if any were."""
     lib = _glibc()

@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
-from mpi4py import MPI
 
 from lagbias_mpi.analysis import figures as analysis_plots
 from lagbias_mpi.analysis.pca import analyse_sample, pc_orthogonaliser, sample_mask
@@ -38,7 +37,7 @@ def retrain(comm, cfg: TrainRunConfig, pc_orth: Orthogonaliser, ens: Ensemble, o
     from lagbias_mpi.training.members import train_ensemble
 
     tcfg = cfg.train
-    torch.set_num_threads(tcfg.threads or (1 if MPI.COMM_WORLD.size > 1 else torch.get_num_threads()))
+    ddp.configure_torch(tcfg.threads)
     dtype = getattr(torch, tcfg.dtype)
     train_specs, val_specs = sources.resolve_training(comm, cfg.simulation, base_dir)
     with ddp.process_group(comm):

@@ -46,6 +46,7 @@ from lagbias_mpi.mpi.comm import (
 )
 from lagbias_mpi.mpi.fft import SlabFFT
 from lagbias_mpi.mpi.layout import slab_bounds
+from lagbias_mpi.training.ddp import configure_torch
 from lagbias_mpi.workflows.cli import write_summary
 
 log = get_logger("predict")
@@ -127,6 +128,7 @@ def run(comm, config_path, run_dir, overrides=None, out=None, base_dir=None) -> 
         raise ConfigError(str(exc)) from None
     specs, _, metas = sources.resolve_checked(comm, sim_section, base_dir)
     spec, meta = specs[0], metas[0]
+    configure_torch()  # one thread per rank under MPI, no oneDNN on the CPU (training.ddp)
     ens = load_ensemble(run_dir)
     source = str(spec.get("path", spec["kind"]))
     resolved = check_inputs(comm, cfg, train_cfg, ens.radii, meta, source)

@@ -164,7 +164,7 @@ def _run(comm, cfg, run_dir, train_specs, val_specs, resume, stop: StopControl):
             tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     if cfg.run.fail_on_rank is not None and comm.rank == cfg.run.fail_on_rank:
         raise RuntimeError(f"run.fail_on_rank={cfg.run.fail_on_rank}: injected failure on rank {comm.rank}")
-    torch.set_num_threads(tcfg.threads or (1 if MPI.COMM_WORLD.size > 1 else torch.get_num_threads()))
+    ddp.configure_torch(tcfg.threads)
     dtype = getattr(torch, tcfg.dtype)
     device = ddp.device_for(comm)
     exch: dict = {}
