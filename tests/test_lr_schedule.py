@@ -17,9 +17,11 @@ def test_epoch_decay_from_lr_final():
     assert TrainConfig(epochs=50, lr_final=PAPER_FINAL).epoch_decay == pytest.approx(0.9, rel=1e-12)
     assert TrainConfig(epochs=20, lr_final=PAPER_FINAL).epoch_decay ** 19 == pytest.approx(PAPER_FINAL, rel=1e-12)
     assert TrainConfig(epochs=1, lr_final=0.01).epoch_decay == 1.0
+    # lr_final replaces a config's lr_decay (``--set train.lr_final=...`` on a shipped config)
+    assert TrainConfig(epochs=5, lr_decay=0.9, lr_final=0.0625).epoch_decay == pytest.approx(0.5, rel=1e-12)
 
 
-@pytest.mark.parametrize("bad", [{"lr_final": 0.0}, {"lr_final": 1.5}, {"lr_final": 0.1, "lr_decay": 0.8}])
+@pytest.mark.parametrize("bad", [{"lr_final": 0.0}, {"lr_final": 1.5}, {"lr_final": -0.1, "lr_decay": 0.8}])
 def test_lr_final_checks(bad):
     with pytest.raises(ValueError, match="lr_final"):
         TrainConfig(**bad)

@@ -247,11 +247,11 @@ class PolishConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     """Adam with lr * g^(epoch-1), g = ``lr_decay``, or with ``lr_final`` set g = lr_final^(1/(epochs-1))
-    (the last epoch runs at lr * lr_final whatever the number of epochs: a run cut short anneals as
-    far as a long one; the paper's 0.9 over 50 epochs is lr_final = 0.9^49 = 5.7e-3), the first
-    ``warmup_steps`` optimiser steps ramped linearly
-    from lr / warmup_steps (0: none, the paper; f = 10^y reacts exponentially to the first large
-    steps); integral constraint from epoch ``constraint_from``:
+    (``lr_final`` then replaces ``lr_decay``, also one a config file sets; the last epoch runs at
+    lr * lr_final whatever the number of epochs: a run cut short anneals as far as a long one; the
+    paper's 0.9 over 50 epochs is lr_final = 0.9^49 = 5.7e-3), the first ``warmup_steps`` optimiser
+    steps ramped linearly from lr / warmup_steps (0: none, the paper; f = 10^y reacts exponentially
+    to the first large steps); integral constraint from epoch ``constraint_from``:
     eps = max(10^(eps_a + eps_b log10 epoch), eps_min). ``constraint``: ``penalty`` (default) is the
     paper's eq. 2.5 penalty with tolerance eps; ``projection`` (docs/results.md) trains the grid term
     on f scaled to each batch's true sum, so that no gradient reaches the normalisation of f and the
@@ -300,8 +300,6 @@ class TrainConfig:
         if self.lr_final is not None:
             if not 0 < self.lr_final <= 1:
                 raise ValueError(f"train.lr_final must be in (0, 1] (the last epoch's lr over lr), got {self.lr_final}")
-            if self.lr_decay != TrainConfig.lr_decay:
-                raise ValueError("set train.lr_final or train.lr_decay, not both (lr_final sets the decay per epoch)")
         if self.seed < 0:
             raise ValueError("train.seed must be >= 0")
         if self.eps_min <= 0 or self.constraint_from < 1:
