@@ -8,7 +8,7 @@ from mpi4py import MPI
 from simfixtures import make_simulation, write_config
 
 import lagbias_mpi.workflows.train as train_workflow
-from lagbias_mpi.core.spill import SpillError, remove_empty_dir, spill
+from lagbias_mpi.core.spill import SpillError, remove_empty_dir, spill, spiller
 
 WORLD = MPI.COMM_WORLD
 
@@ -23,6 +23,13 @@ def test_spill_round_trip_removes_the_file(tmp_path):
     assert back.flags.owndata and back.flags.c_contiguous  # the exchanges can hand it over and cut it
     assert not sp.path.exists()
     sp.drop()  # gone already: nothing happens
+
+
+def test_spiller_sets_aside_under_its_name(tmp_path):
+    a = np.arange(12, dtype=np.float32).reshape(4, 3)
+    sp = spiller(tmp_path / "s", "routed_pos", 3)(a)
+    assert sp.path == tmp_path / "s" / "routed_pos.r3.npy" and sp.path.exists()
+    assert np.array_equal(sp.restore(), a) and not sp.path.exists()
 
 
 def test_spill_errors_name_the_file(tmp_path):

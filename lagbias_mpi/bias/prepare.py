@@ -18,7 +18,7 @@ from lagbias_mpi.config.train import TrainRunConfig
 from lagbias_mpi.core.arrays import shrink_rows
 from lagbias_mpi.core.logs import get_logger
 from lagbias_mpi.core.memory import ROWS_PER_STEP
-from lagbias_mpi.core.spill import spill
+from lagbias_mpi.core.spill import spill, spiller
 from lagbias_mpi.io import sources
 from lagbias_mpi.io.simfile import SimulationFileError
 from lagbias_mpi.mpi.comm import global_sum
@@ -133,7 +133,7 @@ def _load_lagrangian(comm, timer, cfg, spec, moments, names, label, scratch=None
     with timer.stage("features"):
         log.info(f"features: {sim.meta.n_particles} particles to their Lagrangian slab, "
                  f"{len(names)} columns on the {sim.meta.n_ic}^3 IC grid read out one at a time")
-        set_aside = None if scratch is None else (lambda pos: spill(pos, scratch, f"{label}_routed_pos", comm.rank))
+        set_aside = None if scratch is None else spiller(scratch, f"{label}_routed_pos", comm.rank)
         parts, mom, _ = featurised_particles(comm, sim, cfg.features.radii, cfg.features.kinds, moments,
                                              release_loaded=True, fft_dtype=cfg.features.fft_dtype,
                                              set_aside=set_aside)

@@ -29,12 +29,19 @@ MMAP_THRESHOLD = 1 << 20  # bytes: allocations from here on are mapped on their 
 _libc = None
 
 
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
 def _glibc():
     global _libc
     if _libc is None:
         try:
             lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
             _libc = lib if hasattr(lib, "mallopt") and hasattr(lib, "malloc_trim") else False
+            if _libc and hasattr(lib, "mallinfo2"):
+                lib.mallinfo2.restype = _MallInfo2
         except OSError:
             _libc = False
     return _libc or None
@@ -72,11 +79,6 @@ def small_pages():
             numpy_hugepages(previous)
 
 
-class _MallInfo2(ctypes.Structure):
-    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
-                                                "fsmblks", "uordblks", "fordblks", "keepcost")]
-
-
 def heap_in_use_bytes() -> int | None:
     """Bytes of glibc's main heap in live allocations (``mallinfo2().uordblks``): what C and C++
     libraries hold below the mmap threshold (the arrays above it are mapped on their own), for
@@ -84,7 +86,6 @@ def heap_in_use_bytes() -> int | None:
     lib = _glibc()
     if lib is None or not hasattr(lib, "mallinfo2"):
         return None
-    lib.mallinfo2.restype = _MallInfo2
     return int(lib.mallinfo2().uordblks)
 
 

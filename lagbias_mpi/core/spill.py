@@ -77,6 +77,12 @@ def spill(arr: np.ndarray, directory, name: str, rank: int) -> Spilled:
     return Spilled(path, arr.shape, arr.dtype)
 
 
+def spiller(directory, name: str, rank: int):
+    """``arr -> spill(arr, directory, name, rank)``: the ``set_aside`` hook of a stage that sets one
+    array aside (the routed positions of the feature stage)."""
+    return lambda arr: spill(arr, directory, name, rank)
+
+
 def remove_empty_dir(comm, directory) -> None:
     """Remove ``directory`` once every rank of ``comm`` is done with it, if it exists and is empty
     (collective: a barrier, then rank 0)."""

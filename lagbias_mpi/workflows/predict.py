@@ -33,7 +33,7 @@ from lagbias_mpi.config.predict import PredictConfig, load_predict_config
 from lagbias_mpi.config.train import config_run_hash, load_train_config
 from lagbias_mpi.core.logs import get_logger, setup_logging
 from lagbias_mpi.core.memory import ROWS_PER_STEP
-from lagbias_mpi.core.spill import remove_empty_dir, spill
+from lagbias_mpi.core.spill import remove_empty_dir, spiller
 from lagbias_mpi.io import sources
 from lagbias_mpi.io.fieldfile import write_field, write_particles
 from lagbias_mpi.io.spectra import write_spectra
@@ -176,7 +176,7 @@ def _run(comm, cfg: PredictConfig, run_dir, out_dir, ens, spec, run_hash, resolv
         scratch = out_dir / "scratch"
         parts, _, own = featurised_particles(comm, sim, ens.radii, ens.kinds, ens.moments,
                                              release_loaded=True, fft_dtype=ens.fft_dtype,
-                                             set_aside=lambda pos: spill(pos, scratch, "routed_pos", comm.rank))
+                                             set_aside=spiller(scratch, "routed_pos", comm.rank))
         moments = moment_check(comm, own, ens.moments, names, cfg.checks.moment_tolerance)
     with timer.stage("routing"):
         n_glob = int(global_sum(comm, np.int64(parts.n_local)))
