@@ -87,10 +87,12 @@ DEFAULT_COSTS = {
     "fft_s_per_cell_log2": 3.3e-9,       # one r2c or c2r of N^3 (+ its share of the feature arithmetic)
     "route_s_per_particle": 4.0e-7,      # one exchange (hash, sort, pack, Alltoallv, unpack) per particle
     "orth_s_per_particle_feature2": 2e-9,  # covariance + projection, per particle per F^2
-    "train_s_per_particle_epoch": 6.0e-6,  # forward + backward + Adam per selected particle per epoch
-    # one evaluation of the full-batch phase per selected particle: 0.86 of an epoch's (make run,
-    # 2 ranks: 8.6 s per evaluation, 10.0 s per epoch)
-    "polish_s_per_particle_eval": 5.2e-6,
+    # forward + backward + Adam per selected particle per epoch, and one evaluation of the full-batch
+    # phase per selected particle (oneDNN off): `scaling local --ranks 1 2` on the default config,
+    # 2.1e6 selected particles, epoch 11.9 / 7.7 s, evaluation 12.8 / 6.7 s at 1 / 2 ranks
+    # (5.7e-6 / 7.3e-6 and 6.1e-6 / 6.3e-6 core-seconds per particle; the mean of the two counts)
+    "train_s_per_particle_epoch": 6.5e-6,
+    "polish_s_per_particle_eval": 6.2e-6,
     "build_s_per_particle": 2.5e-6,      # per-cell sub-sampling and batch construction, per particle
     "eval_s_per_particle_member": 1.0e-5,  # network, CIC paint and spectra per particle per member
     "eval_fixed_s": 2.0,                 # figures and spectra files
