@@ -4,6 +4,7 @@ and docs/). Called with the communicator; returns the summary dict.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -156,98 +157,171 @@ def _polish_summary(history: dict) -> dict | None:
             "wall_s": float(np.sum(rec["wall_s"])), "stopped": rec.get("stopped")}
 
 
+@dataclass
+class TrainedMembers:
+    """What :func:`train_ensemble` returns, with the bare-MLP rate measured after it."""
+    states: list
+    histories: list
+    batch_info: dict
+    train_bytes: int
+    failures: dict
+    bare_rate: float
+
+
+@dataclass
+class Evaluated:
+    """The ensemble after the training boxes' evaluation: ``ens`` averages the members that passed the
+    flat/diverged check, ``ens_all`` holds every trained member (for the validation losses)."""
+    ens: Ensemble
+    ens_all: Ensemble
+    results: dict
+    meta: dict
+    members_ok: list
+    members_kept: list
+    balance: dict
+
+
 def _run(comm, cfg, run_dir, train_specs, val_specs, resume, stop: StopControl):
     timer = StageTimer(comm, track_rss=True)
-    tcfg = cfg.train
     if comm.rank == 0:
         with atomic_path(run_dir / "config.yaml") as tmp:
             tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     if cfg.run.fail_on_rank is not None and comm.rank == cfg.run.fail_on_rank:
         raise RuntimeError(f"run.fail_on_rank={cfg.run.fail_on_rank}: injected failure on rank {comm.rank}")
-    ddp.configure_torch(tcfg.threads)
-    dtype = getattr(torch, tcfg.dtype)
+    ddp.configure_torch(cfg.train.threads)
+    dtype = getattr(torch, cfg.train.dtype)
     device = ddp.device_for(comm)
     exch: dict = {}
     # what a stage does not need waits on disk: positions from the features to the Eulerian routing,
     # and the training box's while the members train (12 B per particle each time)
     scratch = Path(cfg.run.scratch_dir) if cfg.run.scratch_dir else run_dir / "scratch"
     trs, orth, moments, names = prepare_training(comm, timer, cfg, train_specs, exch, scratch=scratch)
-    tr = trs[0]
     shape = {"n_in": orth.matrix.shape[0], "width": cfg.model.width, "depth": cfg.model.depth,
              "activation": cfg.model.activation}
-    run_hash = config_run_hash(cfg)
-    ckpt_dir = run_dir / "checkpoints"
-    with timer.stage("train"):
-        _positions_aside(trs, scratch, comm.rank)  # on disk until the evaluation (12 B per particle)
-        trained = None
-        try:
-            with stop.handlers():  # SIGTERM/SIGUSR1: finish the step, checkpoint, stop (see stopping.py)
-                trained = train_ensemble(comm, cfg, trs, [], shape, ckpt_dir, run_hash, dtype, device, resume, stop)
-        finally:
-            if trained is None:  # stopped or failed: the files set aside go
-                _drop_spilled(trs)
-        if trained is None:
-            remove_empty_dir(comm, scratch)
-            return None
-        states, histories, batch_info, train_bytes, failures = trained
-        bare = bare_mlp_rate(comm, shape, int(round(batch_info["n_selected"] / batch_info["n_batches"])), tcfg,
-                             dtype, device)
-    ens = Ensemble(shape, states, orth, moments, names, cfg.features.radii, cfg.features.kinds, tcfg.dtype,
-                   to_dict(cfg))
-    ens_all = ens  # every trained member, in the order of ``histories`` (validation losses below)
-    results, meta = {}, {}
-    balance = {"n_particles": sum(t.sim.meta.n_particles for t in trs),
-               "particles_local": sum(t.parts.n_local for t in trs),
-               "cells_local": sum(int(t.ownership.counts()[comm.rank]) for t in trs)}
-    n_show = min(tr.parts.n_local, 20000)
-    show = ((tr.theta[:n_show].copy(), None if tr.parts.f_true is None else tr.parts.f_true[:n_show].copy())
-            if comm.rank == 0 and n_show and cfg.run.figures else None)
-    log.info("evaluate: every member's f on all particles, CIC spectra, the average of the healthy members")
-    _evaluate_box(comm, timer, cfg, ens, tr, results, meta, average_rows=healthy_rows)
-    members_ok, trained_ids = member_verdicts(tcfg.ensemble, failures, results[tr.label])
-    keep = [i for i in trained_ids if members_ok[i]["ok"]]
-    if keep and len(keep) < len(states):
-        log.warning(f"ensemble average of members {keep} only (the others: "
-                    f"{[(j, m['reason']) for j, m in enumerate(members_ok) if not m['ok']]})")
-        ens = Ensemble(shape, [states[trained_ids.index(i)] for i in keep], orth, moments, names,
-                       cfg.features.radii, cfg.features.kinds, tcfg.dtype, to_dict(cfg))
-    elif not keep:
-        log.error("no member passed the flat/diverged check; the ensemble keeps all trained members")
-    if comm.rank == 0:
-        ens.save(run_dir / "model.pt")
-    for i in range(1, len(trs)):  # (no loop variable keeps a box alive after ``del trs``)
-        _evaluate_box(comm, timer, cfg, ens, trs[i], results, meta)
-    if show is not None:
-        f_show = ens.predict_f_members(show[0]).mean(axis=0)
-        plots.plot_f(show[0][:, 0], f_show, figs_dir(run_dir) / "f_vs_theta0.png", show[1])
-    del trs, tr  # the training boxes are freed before any validation box is prepared
-    val_losses, val_labels = [], sim_labels(len(train_specs), len(val_specs))[len(train_specs):]
-    for spec, label in zip(val_specs, val_labels):
-        v = prepare_simulation(comm, timer, cfg, spec, label, orth, moments, exch, scratch=scratch)
-        _positions_aside([v], scratch, comm.rank)  # the validation losses do not need them either
-        with timer.stage("evaluate"):
-            val_losses.append(validation_losses(comm, cfg, v, ens_all.members, dtype, device))
-        _evaluate_box(comm, timer, cfg, ens, v, results, meta)
-        del v
+    trained = _train_members(comm, timer, cfg, trs, shape, run_dir, scratch, dtype, device, resume, stop)
+    if trained is None:
+        remove_empty_dir(comm, scratch)
+        return None
+    done = _evaluate_training_boxes(comm, timer, cfg, run_dir, trs, trained, shape, (orth, moments, names))
+    del trs  # the training boxes are freed before any validation box is prepared
+    val_labels = sim_labels(len(train_specs), len(val_specs))[len(train_specs):]
+    val_losses = _validate(comm, timer, cfg, val_specs, val_labels, (orth, moments), exch, scratch, done,
+                           dtype, device)
     remove_empty_dir(comm, scratch)
-    del ens_all
+    done.ens_all = None
+    histories = trained.histories
     for m, h in enumerate(histories):  # validation after training: the last epoch's entry
         if val_losses and h["val_loss"]:
             h["val_loss"][-1] = float(np.mean([vl[m][0] for vl in val_losses]))
             h["val_mean_f"][-1] = float(np.mean([vl[m][1] for vl in val_losses]))
     if comm.rank == 0:
-        write_spectra(run_dir / "spectra.h5", results, meta)
+        write_spectra(run_dir / "spectra.h5", done.results, done.meta)
     if comm.rank == 0 and cfg.run.figures:
-        plots.plot_spectra(results, figs_dir(run_dir) / "pk_ratio.png", cfg.grid.kmax_lowk)
+        plots.plot_spectra(done.results, figs_dir(run_dir) / "pk_ratio.png", cfg.grid.kmax_lowk)
         plots.plot_loss(histories, figs_dir(run_dir) / "loss.png")
-    tr_label, val_label = sim_labels(len(train_specs), len(val_specs))[0], (val_labels[0] if val_labels else None)
+    labels = sim_labels(len(train_specs), len(val_specs))
+    summary = _summary(comm, timer, cfg, trained, done, exch, shape, (orth, names),
+                       labels[0], val_labels[0] if val_labels else None, len(train_specs))
+    write_summary(comm, run_dir / "summary.json", summary, cfg=cfg)
+    log.info(f"done: final train loss {summary['final_train_loss']:.6g}, val loss {summary['final_val_loss']:.6g}, "
+             f"mean f {summary['mean_f']:.5f}, P ratio low-k train {summary['pk_ratio_lowk_train']:.4f} "
+             f"val {summary['pk_ratio_lowk_val']}, {summary['train_particles_per_s']:.3g} particles/s "
+             f"({100 * summary['train_vs_bare']:.0f}% of bare MLP); run directory {run_dir}")
+    return summary
+
+
+def _train_members(comm, timer, cfg, trs, shape, run_dir, scratch, dtype, device, resume,
+                   stop: StopControl) -> TrainedMembers | None:
+    """The train stage: the training boxes' positions go to ``scratch`` while the ensemble trains
+    (checkpoints in ``run_dir/checkpoints``); None when training stopped early or failed (the files
+    set aside are removed)."""
+    with timer.stage("train"):
+        _positions_aside(trs, scratch, comm.rank)  # on disk until the evaluation (12 B per particle)
+        trained = None
+        try:
+            with stop.handlers():  # SIGTERM/SIGUSR1: finish the step, checkpoint, stop (see stopping.py)
+                trained = train_ensemble(comm, cfg, trs, [], shape, run_dir / "checkpoints", config_run_hash(cfg),
+                                         dtype, device, resume, stop)
+        finally:
+            if trained is None:  # stopped or failed: the files set aside go
+                _drop_spilled(trs)
+        if trained is None:
+            return None
+        states, histories, batch_info, train_bytes, failures = trained
+        bare = bare_mlp_rate(comm, shape, int(round(batch_info["n_selected"] / batch_info["n_batches"])),
+                             cfg.train, dtype, device)
+    return TrainedMembers(states, histories, batch_info, train_bytes, failures, bare)
+
+
+def _evaluate_training_boxes(comm, timer, cfg, run_dir, trs, trained: TrainedMembers, shape,
+                             transform) -> Evaluated:
+    """Evaluate every member on the first training box, keep the healthy ones in the ensemble (saved as
+    ``model.pt``), evaluate that ensemble on the other training boxes, plot f. The boxes are used up."""
+    orth, moments, names = transform
+    tcfg = cfg.train
+
+    def ensemble(states):
+        return Ensemble(shape, states, orth, moments, names, cfg.features.radii, cfg.features.kinds,
+                        tcfg.dtype, to_dict(cfg))
+
+    ens = ens_all = ensemble(trained.states)  # every trained member, in the order of the histories
+    results, meta = {}, {}
+    balance = {"n_particles": sum(t.sim.meta.n_particles for t in trs),
+               "particles_local": sum(t.parts.n_local for t in trs),
+               "cells_local": sum(int(t.ownership.counts()[comm.rank]) for t in trs)}
+    first = trs[0]
+    n_show = min(first.parts.n_local, 20000)
+    show = ((first.theta[:n_show].copy(), None if first.parts.f_true is None else first.parts.f_true[:n_show].copy())
+            if comm.rank == 0 and n_show and cfg.run.figures else None)
+    log.info("evaluate: every member's f on all particles, CIC spectra, the average of the healthy members")
+    _evaluate_box(comm, timer, cfg, ens, first, results, meta, average_rows=healthy_rows)
+    members_ok, trained_ids = member_verdicts(tcfg.ensemble, trained.failures, results[first.label])
+    del first
+    keep = [i for i in trained_ids if members_ok[i]["ok"]]
+    if keep and len(keep) < len(trained.states):
+        log.warning(f"ensemble average of members {keep} only (the others: "
+                    f"{[(j, m['reason']) for j, m in enumerate(members_ok) if not m['ok']]})")
+        ens = ensemble([trained.states[trained_ids.index(i)] for i in keep])
+    elif not keep:
+        log.error("no member passed the flat/diverged check; the ensemble keeps all trained members")
+    if comm.rank == 0:
+        ens.save(run_dir / "model.pt")
+    for i in range(1, len(trs)):  # (no loop variable keeps a box alive after the caller drops ``trs``)
+        _evaluate_box(comm, timer, cfg, ens, trs[i], results, meta)
+    if show is not None:
+        f_show = ens.predict_f_members(show[0]).mean(axis=0)
+        plots.plot_f(show[0][:, 0], f_show, figs_dir(run_dir) / "f_vs_theta0.png", show[1])
+    return Evaluated(ens, ens_all, results, meta, members_ok, keep or trained_ids, balance)
+
+
+def _validate(comm, timer, cfg, val_specs, val_labels, transform, exch, scratch, done: Evaluated,
+              dtype, device) -> list:
+    """Prepare and evaluate the validation boxes one at a time (each freed before the next): every
+    trained member's validation loss and mean f per box, and the ensemble's spectra into ``done``."""
+    orth, moments = transform
+    val_losses = []
+    for spec, label in zip(val_specs, val_labels):
+        v = prepare_simulation(comm, timer, cfg, spec, label, orth, moments, exch, scratch=scratch)
+        _positions_aside([v], scratch, comm.rank)  # the validation losses do not need them either
+        with timer.stage("evaluate"):
+            val_losses.append(validation_losses(comm, cfg, v, done.ens_all.members, dtype, device))
+        _evaluate_box(comm, timer, cfg, done.ens, v, done.results, done.meta)
+        del v
+    return val_losses
+
+
+def _summary(comm, timer, cfg, trained: TrainedMembers, done: Evaluated, exch, shape, transform,
+             tr_label, val_label, n_train_sims) -> dict:
+    """summary.json's content (collective: the balance and memory figures are reduced over ranks)."""
+    orth, names = transform
+    tcfg, histories, batch_info, results = cfg.train, trained.histories, trained.batch_info, done.results
     epoch_wall = [float(np.sum(h["step_wall_s"])) for h in histories]
     n_epochs_total = sum(len(h["epoch"]) for h in histories)
     train_rate = (batch_info["n_selected"] * n_epochs_total / max(sum(epoch_wall), 1e-12))
-    summary = {
+    return {
         "n_ranks": comm.size,
-        "n_particles": balance["n_particles"],
-        "n_train_sims": len(train_specs),
+        "n_particles": done.balance["n_particles"],
+        "n_train_sims": n_train_sims,
         "kspace_k_cut": tcfg.kspace_loss.kcut(cfg.features.radii) if tcfg.kspace_loss.enabled else None,
         "n_selected": batch_info["n_selected"],
         "n_batches": batch_info["n_batches"],
@@ -265,21 +339,21 @@ def _run(comm, cfg, run_dir, train_specs, val_specs, resume, stop: StopControl):
         "pk_ratio_lowk_val": results[val_label]["pk_ratio_lowk"] if val_label else None,
         "pk_ratio_lowk_train_modes": results[tr_label]["pk_ratio_lowk_modes"],
         "pk_ratio_lowk_val_modes": results[val_label]["pk_ratio_lowk_modes"] if val_label else None,
-        "members_ok": members_ok,
+        "members_ok": done.members_ok,
         "polish": [_polish_summary(h) for h in histories] if tcfg.polish.evaluations > 0 else None,
-        "members_in_ensemble": keep or trained_ids,
+        "members_in_ensemble": done.members_kept,
         "sampling_frac": batch_info.get("frac"),
         "pk_ratio_lowk_members": {k: r["pk_ratio_lowk_members"] for k, r in results.items()},
         "stage_wall_s": timer.summary(),
         "epoch_wall_s": [h["epoch_wall_s"] for h in histories],
-        "bytes_per_particle": comm.allreduce(train_bytes, op=MPI.SUM) / max(batch_info["n_selected"], 1),
+        "bytes_per_particle": comm.allreduce(trained.train_bytes, op=MPI.SUM) / max(batch_info["n_selected"], 1),
         "train_particles_per_s": train_rate,
-        "bare_mlp_particles_per_s": bare,
-        "train_vs_bare": train_rate / bare,
+        "bare_mlp_particles_per_s": trained.bare_rate,
+        "train_vs_bare": train_rate / trained.bare_rate,
         "exchange_bytes": _exchange_summary(comm, exch),
-        **_memory_summary(comm, timer, balance["particles_local"]),
-        "particles_per_rank": _balance(global_min_max_mean(comm, balance["particles_local"])),
-        "cells_per_rank": global_min_max_mean(comm, balance["cells_local"]),
+        **_memory_summary(comm, timer, done.balance["particles_local"]),
+        "particles_per_rank": _balance(global_min_max_mean(comm, done.balance["particles_local"])),
+        "cells_per_rank": global_min_max_mean(comm, done.balance["cells_local"]),
         "occupied_cells_per_rank": global_min_max_mean(comm, batch_info["cells_local"]),
         "loss_history": histories,
         "n_inputs": shape["n_in"],
@@ -287,9 +361,3 @@ def _run(comm, cfg, run_dir, train_specs, val_specs, resume, stop: StopControl):
         "orthogonaliser_eigenvalues": orth.eigenvalues,
         "backend": ddp.default_backend() if comm.size > 1 else "none (1 rank)",
     }
-    write_summary(comm, run_dir / "summary.json", summary, cfg=cfg)
-    log.info(f"done: final train loss {summary['final_train_loss']:.6g}, val loss {summary['final_val_loss']:.6g}, "
-             f"mean f {summary['mean_f']:.5f}, P ratio low-k train {summary['pk_ratio_lowk_train']:.4f} "
-             f"val {summary['pk_ratio_lowk_val']}, {train_rate:.3g} particles/s "
-             f"({100 * train_rate / bare:.0f}% of bare MLP); run directory {run_dir}")
-    return summary
