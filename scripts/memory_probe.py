@@ -42,7 +42,7 @@ def probe(args) -> None:
     from lagbias_mpi.config.train import load_train_config
     from lagbias_mpi.core.memory import tune_malloc
     from lagbias_mpi.mpi import comm as mc
-    from lagbias_mpi.workflows.train import _validate_inputs
+    from lagbias_mpi.bias.prepare import _validate_inputs
 
     tune_malloc()
     world = MPI.COMM_WORLD
