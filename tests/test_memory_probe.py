@@ -36,7 +36,7 @@ def test_memory_probe_records_every_call_and_diffs(tmp_path):
         names = {c["name"] for c in rank0["calls"]}
         assert {"prepare.featurised_particles", "particles.route_lagrangian", "particles.route_eulerian",
                 "prepare.fit_orthogonaliser"} <= names
-        assert all(c["peak_mb"] >= min(c["in_mb"], c["out_mb"]) - 0.5 for c in rank0["calls"])
+        assert all(c["peak_mb"] >= c["out_mb"] - 0.5 for c in rank0["calls"])  # VmHWM >= VmRSS
         assert "features" in rep["stage_peak_rss_mb"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     res = subprocess.run([sys.executable, str(ROOT / "scripts/memory_probe.py"), "--diff",
