@@ -81,6 +81,21 @@ def test_peak_rss_is_at_least_the_current_rss():
     assert peak_rss_mb() >= rss_mb > 0
 
 
+def test_stage_timer_peak_leaves_out_what_ran_before_it():
+    """A run's peak RSS is its own: a 300 MB spike freed before the timer is made (say the generation
+    of a missing simulation) is not in it; one inside a stage is."""
+    from mpi4py import MPI
+
+    spike = np.ones(300 * 2**20 // 8)
+    del spike
+    timer = StageTimer(MPI.COMM_SELF, track_rss=True)
+    assert timer.peak_rss_mb() < timer.baseline_rss_mb + 150
+    with timer.stage("work"):
+        spike = np.ones(300 * 2**20 // 8)
+        del spike
+    assert timer.peak_rss_mb() > timer.baseline_rss_mb + 250
+
+
 @pytest.mark.mpi
 def test_abort_on_exception_single_rank_reraises():
     from mpi4py import MPI

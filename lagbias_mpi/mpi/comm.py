@@ -145,7 +145,9 @@ def reset_peak_rss() -> bool:
 class StageTimer:
     """Wall time per named stage, reported as the maximum over ranks. With ``track_rss``, also the
     peak RSS of every stage (the process's peak is reset when a stage starts) and the RSS before
-    the first stage (the per-rank baseline: interpreter, libraries)."""
+    the first stage (the per-rank baseline: interpreter, libraries). The process's peak is reset when
+    the timer is made, so what ran before it (say a missing simulation generated first) is not in
+    :meth:`peak_rss_mb`."""
 
     def __init__(self, comm, track_rss: bool = False):
         self.comm = comm
@@ -153,6 +155,9 @@ class StageTimer:
         self.track_rss = track_rss
         self.rss_local: dict[str, float] = {}
         self.rss_trace_local: list[tuple[str, float, float]] = []  # (stage, RSS at start, peak) per occurrence
+        if track_rss:
+            release_heap()
+            reset_peak_rss()
         self.baseline_rss_mb = current_rss_mb() if track_rss else None
         self._overall_peak = peak_rss_mb() if track_rss else None
 
