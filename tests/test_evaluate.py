@@ -51,6 +51,18 @@ def test_same_spectra_as_one_rank(comm):
     assert abs(got["mean_f"] - ref["mean_f"]) < 1e-12
 
 
+@pytest.mark.mpi
+def test_truth_per_particle_and_shot_noise_equal_numpy(comm):
+    """The true tracers' weight per particle and sqrt(sum w^2) / sum w, from all ranks' tracers."""
+    pos, f, hpos, _ = _particles(comm)
+    rng = np.random.default_rng(11)
+    w_all = rng.pareto(1.5, 300) + 1.0  # a steep halo-mass-like distribution
+    hw = np.array_split(w_all, comm.size)[comm.rank]
+    got = evaluate_simulation(comm, f, pos, hpos, hw, BOX, NMESH, kmax=0.5)
+    assert abs(got["truth_per_particle"] - w_all.sum() / 6000) < 1e-12 * w_all.sum()
+    assert abs(got["truth_shot_noise"] - np.sqrt(np.sum(w_all**2)) / w_all.sum()) < 1e-12
+
+
 def test_average_of_no_member_refused():
     pos, f, hpos, hw = _particles(MPI.COMM_SELF, n_total=500)
     with pytest.raises(ValueError, match="no member"):

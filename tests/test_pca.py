@@ -110,6 +110,22 @@ def trained(tmp_path_factory):
 
 
 @pytest.mark.mpi
+def test_expected_mean_f_noise_is_the_halos_shot_noise(trained):
+    """On halo truths the perfect model's mean f on the validation box carries the two boxes' shot
+    noise: hypot of sqrt(sum w^2) / sum w over each box's halos (mass-weighted, every halo kept)."""
+    import h5py
+
+    s = json.loads((trained / "summary.json").read_text())
+    noise = []
+    for name in ("a.h5", "b.h5"):
+        with h5py.File(trained.parent / name, "r") as f:
+            w = f["halos/npart"][:].astype(np.float64)  # mass = npart x particle mass; the ratio is scale-free
+        noise.append(np.sqrt(np.sum(w**2)) / w.sum())
+    assert s["mean_f_val_expected_shot_noise"] == pytest.approx(np.hypot(*noise), rel=1e-9)
+    assert 0 < s["mean_f_val_expected_shot_noise"] < 1
+
+
+@pytest.mark.mpi
 def test_command_with_retrain(trained):
     world = MPI.COMM_WORLD
     out = trained / f"pca_n{world.size}"

@@ -168,6 +168,7 @@ def test_mean_f_exact_over_all_particles_with_subsampling(comm, sims):
     factor = s["loss_history"][0]["final_normalisation"]
     assert s["mean_f"] == pytest.approx(1.0, abs=2e-6) and factor != 1.0
     assert s["mean_f_val_expected"] == pytest.approx(1.0, abs=1e-5)  # planted truths: mean 1 in every box
+    assert s["mean_f_val_expected_shot_noise"] == 0.0  # an exact truth has no draw of halos
     off = write_config(d / f"off{comm.size}.yaml", a, [], train={"epochs": 2, "ensemble": 1, "bare_steps": 1,
                                                                  "constraint_from": 100}, **common)
     s_off = run(comm, off, out=d / f"off_run{comm.size}")

@@ -88,8 +88,9 @@ def evaluate_simulation(comm, f_members, pos: np.ndarray, true_pos: np.ndarray,
     """Spectra of each member's f and of their average against the true tracers. Returns a dict of
     arrays plus ``pk_ratio_lowk`` (mean of the bins' ratios below kmax), ``pk_ratio_lowk_modes``
     (sum N_k P_model / sum N_k P_h below kmax), their per-member lists, ``mean_f`` (the average f over
-    all particles), ``mean_f_members`` and ``truth_per_particle`` (the true tracers' summed weight over
-    the number of particles).
+    all particles), ``mean_f_members``, ``truth_per_particle`` (the true tracers' summed weight over
+    the number of particles) and ``truth_shot_noise`` (sqrt(sum w^2) / sum w of the true tracers:
+    the relative Poisson error of that sum when the tracers are halos).
 
     ``f_members``: the members' f on this rank's particles at ``pos``, as an (M, n) array, or as a
     dict of M 1-d arrays that the routing to the evaluation slabs consumes (cut as they are sent).
@@ -132,5 +133,10 @@ def evaluate_simulation(comm, f_members, pos: np.ndarray, true_pos: np.ndarray,
     out["mean_f"] = float(np.mean([out["mean_f_members"][r] for r in rows]))  # = the average's, exactly
     # the true field's weight per particle: a perfect model's mean f on this box, relative to the
     # training boxes', is the ratio of these (boxes differ by their halo abundance)
-    out["truth_per_particle"] = float(global_sum(comm, np.asarray(true_weight).sum(dtype=np.float64))) / n
+    w = np.asarray(true_weight, dtype=np.float64)
+    w_sum, w2_sum = global_sum(comm, np.array([w.sum(), np.square(w).sum()]))
+    out["truth_per_particle"] = float(w_sum) / n
+    # the relative Poisson error of the box's summed true weight when its tracers are independent
+    # discrete objects (halos): sqrt(sum w^2) / sum w, the floor of any model's mean f on a new box
+    out["truth_shot_noise"] = float(np.sqrt(w2_sum) / w_sum) if w_sum > 0 else float("nan")
     return out

@@ -26,8 +26,9 @@ def write_spectra(path, results: dict[str, dict], meta: dict[str, dict]) -> None
                 g.attrs["pk_ratio_lowk"] = res["pk_ratio_lowk"]
                 g.attrs["pk_ratio_lowk_members"] = np.asarray(res["pk_ratio_lowk_members"])
                 g.attrs["mean_f"] = res["mean_f"]
-                if "pk_ratio_lowk_modes" in res:
-                    g.attrs["pk_ratio_lowk_modes"] = res["pk_ratio_lowk_modes"]
+                for key in ("pk_ratio_lowk_modes", "truth_per_particle", "truth_shot_noise"):
+                    if key in res:
+                        g.attrs[key] = res[key]
                 for k, v in meta.get(label, {}).items():
                     g.attrs[k] = v
 

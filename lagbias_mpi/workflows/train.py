@@ -121,7 +121,8 @@ def _evaluate_box(comm, timer, cfg, ens, s, results: dict, meta: dict, average_r
         s.restore_positions()  # set aside during training: read back once the inputs are gone
         results[s.label] = evaluate_simulation(comm, f_cols, s.parts.pos, *s.tracers, s.sim.meta.box,
                                                nmesh, cfg.grid.kmax_lowk, average_rows=average_rows)
-        meta[s.label] = {"role": s.role, "source": str(s.spec.get("path", "")), "nmesh": nmesh}
+        meta[s.label] = {"role": s.role, "source": str(s.spec.get("path", "")), "nmesh": nmesh,
+                         "truth": "halos" if s.parts.f_true is None else "planted f_true"}
         log.info(f"evaluate {s.label}: P_model/P_h at k < {cfg.grid.kmax_lowk} = "
                  f"{results[s.label]['pk_ratio_lowk']:.4f} (mode-weighted "
                  f"{results[s.label]['pk_ratio_lowk_modes']:.4f}), mean f {results[s.label]['mean_f']:.5f}")
@@ -223,6 +224,10 @@ def _run(comm, cfg, run_dir, train_specs, val_specs, resume, stop: StopControl):
     summary = _summary(comm, timer, cfg, trained, done, exch, shape, (orth, names),
                        labels[0], val_labels[0] if val_labels else None, len(train_specs))
     write_summary(comm, run_dir / "summary.json", summary, cfg=cfg)
+    if summary["mean_f_val"] is not None:
+        log.info(f"mean f on the validation box {summary['mean_f_val']:.5f}; a perfect model: "
+                 f"{summary['mean_f_val_expected']:.5f} +- {summary['mean_f_val_expected_shot_noise']:.2%} "
+                 f"(the true field's shot noise in the two boxes)")
     log.info(f"done: final train loss {summary['final_train_loss']:.6g}, val loss {summary['final_val_loss']:.6g}, "
              f"mean f {summary['mean_f']:.5f}, P ratio low-k train {summary['pk_ratio_lowk_train']:.4f} "
              f"val {summary['pk_ratio_lowk_val']}, {summary['train_particles_per_s']:.3g} particles/s "
@@ -310,6 +315,16 @@ def _validate(comm, timer, cfg, val_specs, val_labels, transform, exch, scratch,
     return val_losses
 
 
+def _expected_mean_f_noise(done: Evaluated, tr_label, val_label) -> float | None:
+    """Relative shot noise of ``mean_f_val_expected``: hypot of the two boxes' ``truth_shot_noise``
+    when their true fields are halos, 0 when they are planted (exact) truths, None without validation."""
+    if val_label is None:
+        return None
+    if any(done.meta[label]["truth"] != "halos" for label in (tr_label, val_label)):
+        return 0.0
+    return float(np.hypot(done.results[tr_label]["truth_shot_noise"], done.results[val_label]["truth_shot_noise"]))
+
+
 def _summary(comm, timer, cfg, trained: TrainedMembers, done: Evaluated, exch, shape, transform,
              tr_label, val_label, n_train_sims) -> dict:
     """summary.json's content (collective: the balance and memory figures are reduced over ranks)."""
@@ -335,6 +350,9 @@ def _summary(comm, timer, cfg, trained: TrainedMembers, done: Evaluated, exch, s
         # relative to the training box's (the integral constraint normalises f on the training box)
         "mean_f_val_expected": (results[val_label]["truth_per_particle"] / results[tr_label]["truth_per_particle"]
                                 if val_label else None),
+        # its relative uncertainty: the halos' shot noise in both boxes' summed halo mass (a model of the
+        # mean halo mass given the density cannot know the draw), 0 for a planted (exact) truth
+        "mean_f_val_expected_shot_noise": _expected_mean_f_noise(done, tr_label, val_label),
         "pk_ratio_lowk_train": results[tr_label]["pk_ratio_lowk"],
         "pk_ratio_lowk_val": results[val_label]["pk_ratio_lowk"] if val_label else None,
         "pk_ratio_lowk_train_modes": results[tr_label]["pk_ratio_lowk_modes"],
