@@ -205,7 +205,8 @@ def _run(comm, cfg, run_dir, train_specs, val_specs, resume, stop: StopControl):
         return None
     done = _evaluate_training_boxes(comm, timer, cfg, run_dir, trs, trained, shape, (orth, moments, names))
     del trs  # the training boxes are freed before any validation box is prepared
-    val_labels = sim_labels(len(train_specs), len(val_specs))[len(train_specs):]
+    labels = sim_labels(len(train_specs), len(val_specs))
+    val_labels = labels[len(train_specs):]
     val_losses = _validate(comm, timer, cfg, val_specs, val_labels, (orth, moments), exch, scratch, done,
                            dtype, device)
     remove_empty_dir(comm, scratch)
@@ -220,7 +221,6 @@ def _run(comm, cfg, run_dir, train_specs, val_specs, resume, stop: StopControl):
     if comm.rank == 0 and cfg.run.figures:
         plots.plot_spectra(done.results, figs_dir(run_dir) / "pk_ratio.png", cfg.grid.kmax_lowk)
         plots.plot_loss(histories, figs_dir(run_dir) / "loss.png")
-    labels = sim_labels(len(train_specs), len(val_specs))
     summary = _summary(comm, timer, cfg, trained, done, exch, shape, (orth, names),
                        labels[0], val_labels[0] if val_labels else None, len(train_specs))
     write_summary(comm, run_dir / "summary.json", summary, cfg=cfg)
