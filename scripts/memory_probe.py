@@ -1,6 +1,7 @@
-"""Where a box's preparation holds its memory: the RSS at entry, the peak during and the RSS at exit
-of every call of the main functions of ``prepare_training`` (load, features, Lagrangian and
-Eulerian routing, orthogonaliser, true field), per rank. Two runs that differ only in the particle
+"""Where a box's preparation (and with ``--train`` its training) holds its memory: the RSS at entry,
+the peak during and the RSS at exit of every call of the main functions of ``prepare_training``
+(load, features, Lagrangian and Eulerian routing, orthogonaliser, true field) and of
+``train_ensemble`` (batches, epochs, full-batch phase, normalisation), per rank. Two runs that differ only in the particle
 count give each function's bytes per particle (issue #11; the stage-level slope is
 scripts/memory_slope.py):
 
@@ -31,6 +32,35 @@ WRAPPED = {
     "lagbias_mpi.bias.routing": ["exchange", "_ownership_and_counts", "cell_order_destinations",
                                  "permute_rows_in_place", "sort_cells_by_id"],
 }
+# with --train: the training of the prepared box (names as the calling module sees them)
+WRAPPED_TRAIN = {
+    "lagbias_mpi.training.members": ["member_batches", "build_batches", "interleave", "train_member",
+                                     "normalise_over_all_particles"],
+    "lagbias_mpi.training.loop": ["_epochs", "_polish"],
+}
+
+
+def _train(world, cfg, timer, trs, orth, scratch: Path) -> None:
+    """The train stage of ``lagbias_mpi.train`` on the prepared boxes: positions set aside, the
+    ensemble trained (checkpoints in ``scratch``), the files set aside removed."""
+    import torch
+
+    from lagbias_mpi.training import ddp
+    from lagbias_mpi.training.members import train_ensemble
+
+    ddp.configure_torch(cfg.train.threads)
+    shape = {"n_in": orth.matrix.shape[0], "width": cfg.model.width, "depth": cfg.model.depth,
+             "activation": cfg.model.activation}
+    with ddp.process_group(world):
+        with timer.stage("train"):
+            for box in trs:
+                box.set_positions_aside(scratch, world.rank)
+            try:
+                train_ensemble(world, cfg, trs, [], shape, scratch / "checkpoints", "memory_probe",
+                               getattr(torch, cfg.train.dtype), ddp.device_for(world))
+            finally:
+                for box in trs:
+                    box.drop_spilled()
 
 
 def probe(args) -> None:
@@ -64,7 +94,7 @@ def probe(args) -> None:
                              "in_mb": rss_in, "peak_mb": mc.peak_rss_mb(), "out_mb": mc.current_rss_mb()})
         setattr(module, name, traced)
 
-    for mod, names in WRAPPED.items():
+    for mod, names in (WRAPPED | WRAPPED_TRAIN if args.train else WRAPPED).items():
         module = importlib.import_module(mod)
         for name in names:
             wrap(module, name)
@@ -73,7 +103,9 @@ def probe(args) -> None:
     specs, _ = _validate_inputs(world, cfg, ROOT)
     timer = mc.StageTimer(world, track_rss=True)
     base = mc.current_rss_mb()
-    trs, *_ = prepare.prepare_training(world, timer, cfg, specs, {}, scratch=Path(args.scratch))
+    trs, orth, *_ = prepare.prepare_training(world, timer, cfg, specs, {}, scratch=Path(args.scratch))
+    if args.train:
+        _train(world, cfg, timer, trs, orth, Path(args.scratch))
     report = {"n_local": trs[0].parts.n_local, "baseline_mb": base, "calls": rows}
     stages = timer.rss_summary()
     got = world.gather(report)
@@ -103,6 +135,7 @@ def main(argv=None):
     ap.add_argument("--set", action="append", default=[], help="config overrides")
     ap.add_argument("--scratch", default="runs/memory_probe_scratch")
     ap.add_argument("--out", default="memory_probe.json")
+    ap.add_argument("--train", action="store_true", help="also train the ensemble and probe its calls")
     ap.add_argument("--diff", nargs=2, metavar=("SMALL", "LARGE"))
     a = ap.parse_args(argv)
     if a.diff:

@@ -1,5 +1,5 @@
 """scripts/memory_probe.py (the per-call memory diagnostic of docs/supercomputer.md) runs on a small
-box, records every wrapped call with a peak no lower than its entry, and its --diff gives bytes per
+box with --train, records every wrapped call of the preparation and the training with a peak no lower than its entry, and its --diff gives bytes per
 particle between two particle counts. Run as a subprocess: the probe wraps module functions."""
 import json
 import os
@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def _probe(cfg: Path, out: Path, scratch: Path) -> dict:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, str(ROOT / "scripts/memory_probe.py"), "--config", str(cfg),
-                    "--out", str(out), "--scratch", str(scratch)], check=True, env=env, timeout=240,
+                    "--out", str(out), "--scratch", str(scratch), "--train"], check=True, env=env, timeout=240,
                    capture_output=True, text=True)
     return json.loads(out.read_text())
 
@@ -35,12 +35,13 @@ def test_memory_probe_records_every_call_and_diffs(tmp_path):
         assert rank0["n_local"] == ppd**3
         names = {c["name"] for c in rank0["calls"]}
         assert {"prepare.featurised_particles", "particles.route_lagrangian", "particles.route_eulerian",
-                "prepare.fit_orthogonaliser"} <= names
+                "prepare.fit_orthogonaliser", "members.member_batches", "members.train_member",
+                "loop._epochs"} <= names
+        assert {"features", "train"} <= set(rep["stage_peak_rss_mb"])
         assert all(c["peak_mb"] >= c["out_mb"] - 0.5 for c in rank0["calls"])  # VmHWM >= VmRSS
-        assert "features" in rep["stage_peak_rss_mb"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     res = subprocess.run([sys.executable, str(ROOT / "scripts/memory_probe.py"), "--diff",
                           str(tmp_path / "p16.json"), str(tmp_path / "p24.json")],
                          check=True, env=env, timeout=60, capture_output=True, text=True)
     assert f"rank 0: {16**3} -> {24**3} particles" in res.stdout
-    assert "route_eulerian" in res.stdout and "B/particle" in res.stdout
+    assert "route_eulerian" in res.stdout and "_epochs" in res.stdout and "B/particle" in res.stdout
