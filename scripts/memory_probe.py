@@ -12,7 +12,9 @@ scripts/memory_slope.py):
     python scripts/memory_probe.py --diff p64.json p128.json
 
 The peak of a call is the process's VmHWM after a reset at its entry (Linux ``/proc/self/clear_refs``),
-so nested calls reset their parent's peak: read a function's own row, not its parent's.
+so nested calls reset their parent's peak: read a function's own row, not its parent's. At every exit
+also glibc's main heap size and its mapped blocks (``core.memory.heap_info``): a heap that grows
+holds its pages resident.
 """
 from __future__ import annotations
 
@@ -70,7 +72,7 @@ def probe(args) -> None:
 
     from lagbias_mpi.bias.prepare import prepare_training
     from lagbias_mpi.config.train import load_train_config
-    from lagbias_mpi.core.memory import tune_malloc
+    from lagbias_mpi.core.memory import heap_info, tune_malloc
     from lagbias_mpi.mpi import comm as mc
     from lagbias_mpi.bias.prepare import _validate_inputs
 
@@ -90,8 +92,10 @@ def probe(args) -> None:
                 return f(*a, **k)
             finally:
                 depth[0] -= 1
+                heap = heap_info() or {}
                 rows.append({"depth": depth[0], "name": f"{module.__name__.split('.')[-1]}.{name}",
-                             "in_mb": rss_in, "peak_mb": mc.peak_rss_mb(), "out_mb": mc.current_rss_mb()})
+                             "in_mb": rss_in, "peak_mb": mc.peak_rss_mb(), "out_mb": mc.current_rss_mb(),
+                             **{f"{k}_mb_out": v / 2**20 for k, v in heap.items()}})
         setattr(module, name, traced)
 
     for mod, names in (WRAPPED | WRAPPED_TRAIN if args.train else WRAPPED).items():
@@ -124,9 +128,10 @@ def diff(a_path: str, b_path: str) -> None:
     for x, y in zip(a["calls"], b["calls"]):
         if x["name"] != y["name"]:
             raise SystemExit(f"the runs called other functions: {x['name']} / {y['name']}")
-        per = {k: (y[k] - x[k]) * 2.0**20 / dn for k in ("in_mb", "peak_mb", "out_mb")}
-        print(f"{'  ' * x['depth']}{x['name']:40s} B/particle: in {per['in_mb']:6.1f} peak {per['peak_mb']:6.1f} "
-              f"out {per['out_mb']:6.1f}")
+        keys = [k for k in ("in_mb", "peak_mb", "out_mb", "heap_mb_out", "mapped_mb_out") if k in x and k in y]
+        per = {k: (y[k] - x[k]) * 2.0**20 / dn for k in keys}
+        print(f"{'  ' * x['depth']}{x['name']:40s} B/particle: "
+              + " ".join(f"{k.replace('_mb', '')} {v:6.1f}" for k, v in per.items()))
 
 
 def main(argv=None):

@@ -67,3 +67,20 @@ def test_exchange_results_are_allocated_with_small_pages(comm, monkeypatch):
     assert len(calls) == (1 if comm.size > 1 else 0)
     total = comm.allreduce(float(got["x"].sum()))
     assert total == sum(float((np.arange(n) + 1e4 * r).sum()) for r in range(comm.size))
+
+
+def test_heap_info_sees_small_allocations_in_the_heap_and_large_ones_mapped():
+    """``heap_info``: blocks below the mmap threshold are the heap's live bytes, larger ones mapped."""
+    from lagbias_mpi.core.memory import heap_info, tune_malloc
+
+    if heap_info() is None:
+        pytest.skip("no glibc mallinfo2")
+    tune_malloc()
+    before = heap_info()
+    small = [bytearray(4096) for _ in range(2000)]  # 8 MB in 4 kB blocks: the heap
+    mid = heap_info()
+    large = np.ones(16 * 2**20 // 8)  # 16 MB: mapped on its own
+    after = heap_info()
+    assert mid["in_use"] - before["in_use"] > 7e6 and mid["heap"] >= mid["in_use"]
+    assert after["mapped"] - mid["mapped"] >= 16 * 2**20 and abs(after["in_use"] - mid["in_use"]) < 1e6
+    del small, large

@@ -89,6 +89,17 @@ def heap_in_use_bytes() -> int | None:
     return int(lib.mallinfo2().uordblks)
 
 
+def heap_info() -> dict | None:
+    """glibc's allocator in bytes (``mallinfo2``): ``heap`` (the main heap's size, what it holds
+    resident at most), ``in_use`` (its live allocations), ``mapped`` (blocks mapped on their own, the
+    arrays above the mmap threshold). None without glibc 2.33+."""
+    lib = _glibc()
+    if lib is None or not hasattr(lib, "mallinfo2"):
+        return None
+    info = lib.mallinfo2()
+    return {"heap": int(info.arena), "in_use": int(info.uordblks), "mapped": int(info.hblkhd)}
+
+
 def release_heap() -> bool:
     """Return the free pages of glibc's heap to the system (``malloc_trim(0)``); True if any were."""
     lib = _glibc()
