@@ -43,26 +43,20 @@ WRAPPED_TRAIN = {
 
 
 def _train(world, cfg, timer, trs, orth, scratch: Path) -> None:
-    """The train stage of ``lagbias_mpi.train`` on the prepared boxes: positions set aside, the
-    ensemble trained (checkpoints in ``scratch``), the files set aside removed."""
+    """The train stage of ``lagbias_mpi.train`` on the prepared boxes (its own function: positions set
+    aside, the ensemble trained with checkpoints in ``scratch``), then the files set aside removed."""
     import torch
 
+    from lagbias_mpi.bias.model import network_shape
     from lagbias_mpi.training import ddp
-    from lagbias_mpi.training.members import train_ensemble
+    from lagbias_mpi.training.stopping import StopControl
+    from lagbias_mpi.workflows.train import _drop_spilled, _train_members
 
     ddp.configure_torch(cfg.train.threads)
-    shape = {"n_in": orth.matrix.shape[0], "width": cfg.model.width, "depth": cfg.model.depth,
-             "activation": cfg.model.activation}
     with ddp.process_group(world):
-        with timer.stage("train"):
-            for box in trs:
-                box.set_positions_aside(scratch, world.rank)
-            try:
-                train_ensemble(world, cfg, trs, [], shape, scratch / "checkpoints", "memory_probe",
-                               getattr(torch, cfg.train.dtype), ddp.device_for(world))
-            finally:
-                for box in trs:
-                    box.drop_spilled()
+        _train_members(world, timer, cfg, trs, network_shape(orth.matrix.shape[0], cfg.model), scratch, scratch,
+                       getattr(torch, cfg.train.dtype), ddp.device_for(world), False, StopControl())
+        _drop_spilled(trs)
 
 
 def probe(args) -> None:

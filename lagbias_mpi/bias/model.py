@@ -31,6 +31,12 @@ class BiasMLP(nn.Module):
         return self.net(theta).squeeze(-1)
 
 
+def network_shape(n_in: int, model_cfg) -> dict:
+    """The ``shape`` of :class:`BiasMLP` (its constructor's arguments) for ``n_in`` inputs and a
+    ``model`` config section (width, depth, activation)."""
+    return {"n_in": int(n_in), "width": model_cfg.width, "depth": model_cfg.depth, "activation": model_cfg.activation}
+
+
 def build_model(shape: dict, seed: int, dtype=torch.float32) -> BiasMLP:
     """A freshly initialised network; the same ``seed`` gives the same weights on every rank."""
     gen_state = torch.random.get_rng_state()

@@ -83,10 +83,8 @@ def heap_in_use_bytes() -> int | None:
     """Bytes of glibc's main heap in live allocations (``mallinfo2().uordblks``): what C and C++
     libraries hold below the mmap threshold (the arrays above it are mapped on their own), for
     finding a library cache that keeps memory after a stage. None without glibc 2.33+."""
-    lib = _glibc()
-    if lib is None or not hasattr(lib, "mallinfo2"):
-        return None
-    return int(lib.mallinfo2().uordblks)
+    info = heap_info()
+    return None if info is None else info["in_use"]
 
 
 def heap_info() -> dict | None:

@@ -14,6 +14,7 @@ from lagbias_mpi.analysis import figures as analysis_plots
 from lagbias_mpi.analysis.pca import analyse_sample, pc_orthogonaliser, sample_mask
 from lagbias_mpi.bias.ensemble import Ensemble, load_ensemble, simulation_particles
 from lagbias_mpi.bias.evaluate import evaluate_simulation
+from lagbias_mpi.bias.model import network_shape
 from lagbias_mpi.bias.orthogonalise import Orthogonaliser
 from lagbias_mpi.config.loader import ConfigError, apply_overrides, from_dict, to_dict
 from lagbias_mpi.config.train import TrainRunConfig
@@ -45,8 +46,7 @@ def retrain(comm, cfg: TrainRunConfig, pc_orth: Orthogonaliser, ens: Ensemble, o
         sims, _, moments, names = prepare_simulations(comm, timer, cfg, train_specs, val_specs, {}, keep_raw=True)
         for s in sims:
             s.theta = pc_orth.apply(s.parts.raw)
-        shape = {"n_in": pc_orth.matrix.shape[0], "width": cfg.model.width, "depth": cfg.model.depth,
-                 "activation": cfg.model.activation}
+        shape = network_shape(pc_orth.matrix.shape[0], cfg.model)
         with timer.stage("retrain"):
             trs = [s for s in sims if s.role == "train"]
             states = train_ensemble(comm, cfg, trs, [s for s in sims if s.role != "train"], shape,

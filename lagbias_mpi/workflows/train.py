@@ -16,6 +16,7 @@ from lagbias_mpi.analysis import plots
 from lagbias_mpi.bias.ensemble import CHUNK as FORWARD_CHUNK
 from lagbias_mpi.bias.ensemble import Ensemble
 from lagbias_mpi.bias.evaluate import evaluate_simulation, member_health, member_verdicts
+from lagbias_mpi.bias.model import network_shape
 from lagbias_mpi.bias.prepare import (
     _exchange_summary,
     _validate_inputs,
@@ -197,8 +198,7 @@ def _run(comm, cfg, run_dir, train_specs, val_specs, resume, stop: StopControl):
     # and the training box's while the members train (12 B per particle each time)
     scratch = Path(cfg.run.scratch_dir) if cfg.run.scratch_dir else run_dir / "scratch"
     trs, orth, moments, names = prepare_training(comm, timer, cfg, train_specs, exch, scratch=scratch)
-    shape = {"n_in": orth.matrix.shape[0], "width": cfg.model.width, "depth": cfg.model.depth,
-             "activation": cfg.model.activation}
+    shape = network_shape(orth.matrix.shape[0], cfg.model)
     trained = _train_members(comm, timer, cfg, trs, shape, run_dir, scratch, dtype, device, resume, stop)
     if trained is None:
         remove_empty_dir(comm, scratch)
