@@ -69,8 +69,9 @@ def test_exchange_results_are_allocated_with_small_pages(comm, monkeypatch):
     assert total == sum(float((np.arange(n) + 1e4 * r).sum()) for r in range(comm.size))
 
 
-def test_heap_info_sees_small_allocations_in_the_heap_and_large_ones_mapped():
-    """``heap_info``: blocks below the mmap threshold are the heap's live bytes, larger ones mapped."""
+def test_heap_info_counts_small_and_large_allocations():
+    """``heap_info``: blocks below the mmap threshold are the heap's live bytes; a larger one is
+    counted as mapped or, when a free chunk of the heap served it, as live heap bytes."""
     from lagbias_mpi.core.memory import heap_info, tune_malloc
 
     if heap_info() is None:
@@ -82,5 +83,6 @@ def test_heap_info_sees_small_allocations_in_the_heap_and_large_ones_mapped():
     large = np.ones(16 * 2**20 // 8)  # 16 MB: mapped on its own
     after = heap_info()
     assert mid["in_use"] - before["in_use"] > 7e6 and mid["heap"] >= mid["in_use"]
-    assert after["mapped"] - mid["mapped"] >= 16 * 2**20 and abs(after["in_use"] - mid["in_use"]) < 1e6
+    # mapped on its own, or served from a free chunk the heap already had (glibc looks there first)
+    assert (after["mapped"] - mid["mapped"]) + (after["in_use"] - mid["in_use"]) >= 16 * 2**20
     del small, large
