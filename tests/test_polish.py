@@ -14,13 +14,15 @@ from waits import self_run
 from lagbias_mpi.bias.ensemble import load_ensemble
 from lagbias_mpi.bias.model import build_model, f_of_y
 from lagbias_mpi.config.train import KSpaceLossConfig, PolishConfig, TrainConfig
+from lagbias_mpi.mpi.cells import CellOwnership
 from lagbias_mpi.mpi.layout import plane_owner
+from lagbias_mpi.training.kspace import build_field_set
 from lagbias_mpi.training.batches import build_batches
 from lagbias_mpi.training.loss import evaluate_loss
-from lagbias_mpi.training.polish import polish_member, set_loss, set_loss_and_gradient
+from lagbias_mpi.training.polish import KSpaceTerm, polish_member, set_loss, set_loss_and_gradient
 from lagbias_mpi.workflows.train import run
 
-NG, NPART = 6, 3000
+NG, NPART, BOX = 6, 3000, 60.0
 SHAPE = {"n_in": 3, "width": 8, "depth": 2, "activation": "gelu"}
 
 
@@ -48,10 +50,25 @@ def _model():
     return model
 
 
-def _reference(model, batches, cell, grid_loss):
+def _kspace_reference(c, fs, batches, cell, weight, k_cut):
+    """weight * sum_{|k| <= k_cut} |r_k|^2 / n_cut of r = c scale_j sum_{i in j} f_i - 1 - delta_true
+    on the whole grid (torch.fft, autograd), the scale counted in numpy from the whole particle set."""
+    sel = np.concatenate([cell[b.pidx] for b in batches.batches])
+    n_all = np.bincount(cell, minlength=NG**3)
+    n_sel = np.bincount(sel, minlength=NG**3)
+    scale = torch.as_tensor(np.where(n_sel > 0, NG**3 / NPART * n_all / np.maximum(n_sel, 1), 0.0))
+    cellsum = torch.zeros(NG**3, dtype=torch.float64).index_add(0, torch.as_tensor(sel), torch.cat(fs))
+    r = c * scale * cellsum - 1.0 - torch.as_tensor(_target(np.arange(NG**3)))
+    k = np.fft.fftfreq(NG, 1.0 / NG) * 2 * np.pi / BOX
+    cut = torch.as_tensor((k[:, None, None] ** 2 + k[None, :, None] ** 2 + k[None, None, :] ** 2 <= k_cut**2) * 1.0)
+    return weight * (cut * torch.fft.fftn(r.reshape(NG, NG, NG)).abs() ** 2).sum() / cut.sum()
+
+
+def _reference(model, batches, cell, grid_loss, kspace=None):
     """One rank, plain autograd, every batch in one graph: w_i = n_j / n_sel_j counted in numpy from
     the whole particle set, c = T / sum_i w_i f_i, m_j = c scale_j sum_{i in j} f_i, the gradient
-    through c included (no surrogate)."""
+    through c included (no surrogate); ``kspace`` = (weight, k_cut) adds the Fourier-space loss of
+    the same field."""
     all_cells, n_all = np.unique(cell, return_counts=True)
     fs, ws, ms_parts, ts, guard = [], [], [], [], 0.0
     for batch in batches.batches:
@@ -77,6 +94,8 @@ def _reference(model, batches, cell, grid_loss):
             tlog = torch.where(t > 0, t * torch.log(torch.where(t > 0, t, 1.0) / m), torch.zeros_like(t))
             grid = grid + 2 * (tlog - t + m).sum()
     loss = grid + guard
+    if kspace is not None:
+        loss = loss + _kspace_reference(c, fs, batches, cell, *kspace)
     loss.backward()
     return float(loss.detach()), [p.grad.clone() for p in model.parameters()]
 
@@ -109,6 +128,40 @@ def test_set_objective_and_gradient_equal_one_rank_autograd(comm, grid_loss):
     assert float(ref_grads[-1].abs().max()) < 1e-8 * scale and float(grads[-1].abs().max()) == 0.0
     flat = np.concatenate([g.numpy().ravel() for g in grads] + [[loss]])
     assert all(np.array_equal(flat, other) for other in comm.allgather(flat))  # identical bits on every rank
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("k_cut", [0.11, 1e9])
+def test_set_objective_with_the_fourier_space_loss_equals_one_rank_autograd(comm, k_cut):
+    """With train.kspace_loss the phase's objective adds weight * L_k of the field of f scaled by
+    c = T / S: value and gradient (the part through c included) equal torch.fft + autograd of the
+    whole set on one rank, at 1/2/3 ranks with ranks that own no particle; identical bits on every
+    rank. k_cut 0.11 h/Mpc keeps k = 0 and the first shell (k_f = 0.105), 1e9 every mode."""
+    theta, cell, pid = _particles()
+    mine = plane_owner(cell // NG**2, NG, comm.size) == comm.rank
+    dist = _batches(comm, theta[mine], cell[mine], pid[mine])
+    own = CellOwnership.by_planes(NG, comm.size)
+    lo, hi = own.bounds(comm.rank)
+    field = build_field_set(comm, theta[mine], cell[mine], pid[mine], _target(np.arange(lo, hi)), NG, BOX, NPART,
+                            0.5, 3, 0, k_cut, dtype=torch.float64, ownership=own)
+    assert len(field.idx) == sum(len(b.pidx) for b in dist.batches)  # the batches' selection
+    weight = 0.3
+    term = KSpaceTerm([field], weight, chunk=700)
+    model = _model()
+    loss = set_loss_and_gradient(comm, model, dist, -5.0, "poisson", term)
+    assert np.isclose(set_loss(comm, model, dist, -5.0, "poisson", term), loss, rtol=1e-12)
+    plain = set_loss(comm, model, dist, -5.0, "poisson")
+    assert loss > plain  # the Fourier-space term is there
+    ref_loss, ref_grads = _reference(_model(), _batches(MPI.COMM_SELF, theta, cell, pid), cell, "poisson",
+                                     (weight, k_cut))
+    assert np.isclose(loss, ref_loss, rtol=1e-10)
+    grads = [p.grad for p in model.parameters()]
+    scale = max(float(r.abs().max()) for r in ref_grads)
+    for g, r in zip(grads[:-1], ref_grads[:-1]):
+        assert torch.allclose(g, r, rtol=1e-8, atol=1e-10 * scale)
+    assert float(ref_grads[-1].abs().max()) < 1e-8 * scale and float(grads[-1].abs().max()) == 0.0
+    flat = np.concatenate([g.numpy().ravel() for g in grads] + [[loss]])
+    assert all(np.array_equal(flat, other) for other in comm.allgather(flat))
 
 
 @pytest.mark.mpi
@@ -176,10 +229,10 @@ def test_polish_config_rejects_bad_values(bad, match):
         PolishConfig(**bad)
 
 
-def test_polish_needs_projection_and_no_kspace_loss():
+def test_polish_needs_projection():
     with pytest.raises(ValueError, match="projection"):
         TrainConfig(polish=PolishConfig(evaluations=5))  # the paper's penalty
-    with pytest.raises(ValueError, match="kspace_loss"):
-        TrainConfig(constraint="projection", polish=PolishConfig(evaluations=5),
-                    kspace_loss=KSpaceLossConfig(enabled=True))
     assert TrainConfig(constraint="projection", polish=PolishConfig(evaluations=5)).polish.evaluations == 5
+    both = TrainConfig(constraint="projection", polish=PolishConfig(evaluations=5),
+                       kspace_loss=KSpaceLossConfig(enabled=True))
+    assert both.kspace_loss.enabled and both.polish.evaluations == 5

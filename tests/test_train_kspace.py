@@ -95,14 +95,24 @@ def sims(tmp_path_factory):
 
 
 @pytest.mark.mpi
-def test_kspace_training_rank_invariant(comm, sims):
+@pytest.mark.parametrize("polish", [False, True])
+def test_kspace_training_rank_invariant(comm, sims, polish):
+    """A training with the Fourier-space loss (and with the full-batch phase after it, whose
+    objective then holds the loss too) does not depend on the rank count."""
     a, b, d = sims
     train = {"epochs": 2, "ensemble": 1, "dtype": "float64", "seed": 7, "bare_steps": 1,
              "kspace_loss": {"enabled": True, "chunk": 3000}}
-    cfg = write_config(d / f"k{comm.size}.yaml", a, [b], train=train, run={"log_level": "WARNING", "figures": False})
-    s = run(comm, cfg, out=d / f"k_run{comm.size}")
-    ref = self_run(comm, run, cfg, out=d / f"k_ref{comm.size}")
+    if polish:
+        train.update(constraint="projection", grid_loss="poisson", polish={"evaluations": 4, "check_every": 2})
+    tag = f"{comm.size}{'p' if polish else ''}"
+    cfg = write_config(d / f"k{tag}.yaml", a, [b], train=train, run={"log_level": "WARNING", "figures": False})
+    s = run(comm, cfg, out=d / f"k_run{tag}")
+    ref = self_run(comm, run, cfg, out=d / f"k_ref{tag}")
     h, r = s["loss_history"][0], ref["loss_history"][0]
+    if polish:
+        rec, rec1 = h["polish"], r["polish"]
+        assert rec["evaluations"][-1] >= 2 and rec["train_loss"][-1] < rec["train_loss"][0]
+        assert np.allclose(rec["train_loss"], rec1["train_loss"], rtol=1e-6)
     assert len(h["kspace_loss"]) == 2 and s["kspace_k_cut"] == pytest.approx(1 / 16.0)
     for key in ("train_loss", "val_loss", "kspace_loss"):
         assert np.allclose(h[key], r[key], rtol=1e-6, atol=0, equal_nan=True), key

@@ -223,8 +223,8 @@ class KSpaceLossConfig:
 @dataclass(frozen=True)
 class PolishConfig:
     """The full-batch phase after the epochs (beyond the paper, off by default: ``evaluations`` 0):
-    L-BFGS on the grid term of the whole training set with f scaled to its true sum
-    (:mod:`lagbias_mpi.training.polish`), ``evaluations`` evaluations of the objective and its
+    L-BFGS on the grid term of the whole training set with f scaled to its true sum (plus the
+    Fourier-space loss when ``kspace_loss`` is on; :mod:`lagbias_mpi.training.polish`), ``evaluations`` evaluations of the objective and its
     gradient in all (the line search's included: each a forward pass and a forward and backward pass
     over all selected particles, about an epoch's arithmetic without the optimiser steps), a
     checkpoint written and the validation objective (when validation sets are at hand) checked every
@@ -313,9 +313,6 @@ class TrainConfig:
         if self.polish.evaluations > 0 and self.constraint != "projection":
             raise ValueError("train.polish needs train.constraint: projection (the phase fits f scaled to the "
                              "true sum, as projection does; the penalty's eps has no place in it)")
-        if self.polish.evaluations > 0 and self.kspace_loss.enabled:
-            raise ValueError("train.polish and train.kspace_loss cannot be combined (the phase fits the "
-                             "real-space grid term only)")
 
     @property
     def epoch_decay(self) -> float:

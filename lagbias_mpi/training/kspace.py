@@ -87,23 +87,43 @@ def kspace_loss_and_gradient(comm, fft: SlabFFT, cut: np.ndarray, residual: np.n
     return float(power / n_cut), (2.0 * float(fft.n) ** 3 / n_cut) * fft.backward(cut * rk)
 
 
-def _model_field(model, fs: FieldSet, chunk: int) -> np.ndarray:
-    """Flat local slab of delta_model (no gradient): scale * sum of f in the cell - 1."""
+def _cell_sums(model, fs: FieldSet, chunk: int) -> np.ndarray:
+    """Flat local slab of sum_{i in j} f_i over the selected particles of each owned cell (no gradient)."""
     cellsum = np.zeros(len(fs.scale))
     with torch.no_grad():
         for lo in range(0, len(fs.idx), chunk):
             f = f_of_y(model(fs.x[lo:lo + chunk])).double().cpu().numpy().reshape(-1)
             np.add.at(cellsum, fs.idx[lo:lo + chunk], f)
-    return fs.scale * cellsum - 1.0
+    return cellsum
+
+
+@dataclass(frozen=True)
+class KSpaceTerms:
+    """weight * L_k of f scaled by c, its per-particle coefficients and its derivative in c."""
+
+    loss: float
+    coef: np.ndarray  # (n_particles_local,) weight c scale_j dL_k/dr_j of each particle's cell (0: not selected)
+    dloss_dc: float  # global weight sum_j dL_k/dr_j scale_j sum_{i in j} f_i
+
+
+def kspace_terms(comm, model, fs: FieldSet, weight: float, chunk: int, c: float = 1.0) -> KSpaceTerms:
+    """:class:`KSpaceTerms` of the model field delta_model = c scale_j sum_{i in j} f_i - 1 (collective,
+    no autograd). With c held fixed, sum_i coef_i df_i/dtheta is the parameter gradient of
+    weight * L_k; the full-batch phase (:mod:`lagbias_mpi.training.polish`) adds the part through
+    its c = T / S from ``dloss_dc``."""
+    cellsum = _cell_sums(model, fs, chunk)
+    r = redistribute_ranges(comm, c * fs.scale * cellsum - 1.0 - fs.target, fs.ownership.edges, fs.slab_edges)
+    loss, grad = kspace_loss_and_gradient(comm, fs.fft, fs.cut, r)
+    grad = redistribute_ranges(comm, grad, fs.slab_edges, fs.ownership.edges)
+    coef = np.zeros(fs.n_particles_local)
+    coef[fs.sel] = weight * c * (fs.scale * grad)[fs.idx]
+    dloss_dc = float(global_sum(comm, np.float64(weight * np.sum(grad * fs.scale * cellsum))))
+    return KSpaceTerms(weight * loss, coef, dloss_dc)
 
 
 def kspace_coefficients(comm, model, fs: FieldSet, weight: float, chunk: int) -> tuple[float, np.ndarray]:
     """(weight * L_k of the current model, c) with c_i = weight * scale_j dL_k/dr_j for each of the
     rank's particles of the simulation (0 for those not selected): sum_i c_i df_i/dtheta is the
-    parameter gradient of weight * L_k (collective, no autograd)."""
-    r = redistribute_ranges(comm, _model_field(model, fs, chunk) - fs.target, fs.ownership.edges, fs.slab_edges)
-    loss, grad = kspace_loss_and_gradient(comm, fs.fft, fs.cut, r)
-    grad = redistribute_ranges(comm, grad, fs.slab_edges, fs.ownership.edges)
-    coef = np.zeros(fs.n_particles_local)
-    coef[fs.sel] = weight * (fs.scale * grad)[fs.idx]
-    return weight * loss, coef
+    parameter gradient of weight * L_k (collective, no autograd; the epochs' coefficients)."""
+    terms = kspace_terms(comm, model, fs, weight, chunk)
+    return terms.loss, terms.coef

@@ -120,7 +120,7 @@ def train_member(comm, member: int, shape: dict, train_set: BatchSet, val_sets: 
                         config_hash, shape, stop, field_sets, partial, ckpt_running, ckpt_norms)
         if tcfg.polish.evaluations > 0:
             _polish(comm, member, model, train_set, val_sets, tcfg, path, final, history, stop,
-                    ckpt.get("polish") if ckpt is not None else None)
+                    ckpt.get("polish") if ckpt is not None else None, field_sets)
     except BaseException as exc:
         traceback.clear_frames(exc.__traceback__)  # the frames would keep the DDP wrapper alive
         raise
@@ -130,7 +130,8 @@ def train_member(comm, member: int, shape: dict, train_set: BatchSet, val_sets: 
     return MemberResult({k: v.detach().cpu().clone() for k, v in model.state_dict().items()}, history)
 
 
-def _polish(comm, member, model, train_set, val_sets, tcfg, path, final: dict, history: dict, stop, resume_state):
+def _polish(comm, member, model, train_set, val_sets, tcfg, path, final: dict, history: dict, stop, resume_state,
+            field_sets=None):
     """The full-batch phase after the epochs (:mod:`lagbias_mpi.training.polish`), checkpointed after
     every check in the last epoch's checkpoint (``final``) with a ``polish`` entry; a finished phase
     (``resume_state["finished"]``) is not run again."""
@@ -145,7 +146,8 @@ def _polish(comm, member, model, train_set, val_sets, tcfg, path, final: dict, h
         state = {**state, "finished": finished}
         save_checkpoint(comm, path, {**final, "model": model.state_dict(), "history": history,
                                      "done": finished, "polish": state})
-    history["polish"] = polish_member(comm, member, model, train_set, val_sets, tcfg, save, resume_state, stop)
+    history["polish"] = polish_member(comm, member, model, train_set, val_sets, tcfg, save, resume_state, stop,
+                                       field_sets)
     save({"record": history["polish"]}, finished=True)
 
 

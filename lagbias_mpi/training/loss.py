@@ -99,10 +99,10 @@ def through_scale(dgdc: float, c: float, s_glob: float) -> float:
 
 def scaled_terms(model, batch: Batch, guard_y: float, c: float = 1.0, grid_loss: str = "mse"):
     """Local (grid term of f scaled by the constant ``c``, guard term, S_local = sum_i w_i f_i, cell
-    sums of f) of one batch (the full-batch phase, :mod:`lagbias_mpi.training.polish`)."""
-    _, cellsum, s_local, guard = _forward(model, batch, guard_y)
+    sums of f, f) of one batch (the full-batch phase, :mod:`lagbias_mpi.training.polish`)."""
+    f, cellsum, s_local, guard = _forward(model, batch, guard_y)
     grid = grid_per_cell(model_cells(batch, cellsum, c), 1.0 + batch.target, grid_loss).sum()
-    return grid, guard, s_local, cellsum
+    return grid, guard, s_local, cellsum, f
 
 
 def _terms_and_f(model, batch: Batch, guard_y: float, comm=None, grid_loss: str = "mse"):
@@ -280,7 +280,7 @@ def set_statistics(comm, model, batches: BatchSet, guard_y: float, grid_loss: st
     cellsums, s_local, guard = [], 0.0, 0.0
     with torch.no_grad():
         for batch in batches.batches:
-            _, g, s, cs = scaled_terms(model, batch, guard_y, 1.0, grid_loss)
+            _, g, s, cs, _ = scaled_terms(model, batch, guard_y, 1.0, grid_loss)
             cellsums.append(cs)
             s_local += float(s)
             guard += float(g)

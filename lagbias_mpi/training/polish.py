@@ -22,6 +22,12 @@ a forward pass over the batches without gradient (c, K, L), a forward and backwa
 batch (activations of one batch alive), one Reduce + Bcast of the gradient and L (bit-identical on
 every rank, so that every rank's L-BFGS takes the same branches and steps).
 
+With ``train.kspace_loss`` the objective adds the Fourier-space loss of the same scaled field,
+weight L_k(c f) (:func:`lagbias_mpi.training.kspace.kspace_terms`: one more forward pass without
+gradient per evaluation, and per particle its coefficient a_i = weight c scale_j dL_k/dr_j in the
+backward pass, plus dL_k/dc in K): the phase fits the low-k residual the epochs' loss aimed at,
+instead of undoing it.
+
 Every ``check_every`` evaluations the same objective is evaluated on the validation sets; the phase
 keeps the model with the lowest validation value, the epochs' model included (early stopping: a
 phase that only fits the training box's noise changes nothing). Written by hand: torch's L-BFGS
@@ -30,6 +36,7 @@ drives it; what no library does is the distributed, batch-streamed, projected cl
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -37,31 +44,56 @@ from mpi4py import MPI
 
 from lagbias_mpi.core.logs import get_logger
 from lagbias_mpi.training.batches import BatchSet
-from lagbias_mpi.training.loss import output_bias, scaled_terms, set_statistics
+from lagbias_mpi.training.kspace import FieldSet, kspace_terms
+from lagbias_mpi.training.loss import output_bias, scaled_terms, set_statistics, through_scale
 from lagbias_mpi.training.stopping import StopRequested
 
 log = get_logger("polish")
 
 
-def set_loss(comm, model, batches: BatchSet, guard_y: float, grid_loss: str) -> float:
+@dataclass(frozen=True)
+class KSpaceTerm:
+    """The Fourier-space loss in the phase's objective: the training simulations' field sets (in the
+    order of the batches' ``box``), ``train.kspace_loss``'s weight and forward chunk."""
+
+    field_sets: list[FieldSet]
+    weight: float
+    chunk: int
+
+
+def set_loss(comm, model, batches: BatchSet, guard_y: float, grid_loss: str,
+             kspace: KSpaceTerm | None = None) -> float:
     """The phase's objective L of the whole set (no gradient; collective)."""
     st = set_statistics(comm, model, batches, guard_y, grid_loss)
-    return st.grid + st.guard
+    extra = 0.0 if kspace is None else sum(
+        kspace_terms(comm, model, fs, kspace.weight, kspace.chunk, st.c).loss for fs in kspace.field_sets)
+    return st.grid + st.guard + extra
 
 
-def set_loss_and_gradient(comm, model, batches: BatchSet, guard_y: float, grid_loss: str) -> float:
+def set_loss_and_gradient(comm, model, batches: BatchSet, guard_y: float, grid_loss: str,
+                          kspace: KSpaceTerm | None = None) -> float:
     """L of the whole set, with its gradient in the parameters' ``.grad`` (summed over ranks and
     bit-identical on every rank; the output bias's is 0). Collective."""
     st = set_statistics(comm, model, batches, guard_y, grid_loss)
-    c, k, grid, guard = st.c, st.k, st.grid, st.guard
+    c, k, total_loss = st.c, st.k, st.grid + st.guard
+    coefs = None
+    if kspace is not None:
+        terms = [kspace_terms(comm, model, fs, kspace.weight, kspace.chunk, c) for fs in kspace.field_sets]
+        total_loss += sum(t.loss for t in terms)
+        k += through_scale(sum(t.dloss_dc for t in terms), c, st.s)  # L_k's part through c = T / S
+        coefs = [t.coef for t in terms]
     params = list(model.parameters())
     for p in params:
         p.grad = torch.zeros_like(p)
     for batch in batches.batches:
-        g, gd, s_local, _ = scaled_terms(model, batch, guard_y, c, grid_loss)
-        (g + gd + k * s_local).backward()
+        g, gd, s_local, _, f = scaled_terms(model, batch, guard_y, c, grid_loss)
+        obj = g + gd + k * s_local
+        if coefs is not None:
+            a = torch.as_tensor(coefs[batch.box][batch.pidx], dtype=f.dtype, device=f.device)
+            obj = obj + (a * f.reshape(-1)).sum()
+        obj.backward()
     output_bias(model).grad.zero_()
-    loss = [grid + guard if comm.rank == 0 else 0.0]  # global already: rank 0's value for everybody
+    loss = [total_loss if comm.rank == 0 else 0.0]  # global already: rank 0's value for everybody
     flat = np.concatenate([p.grad.detach().cpu().numpy().ravel().astype(np.float64) for p in params] + [loss])
     total = np.empty_like(flat) if comm.rank == 0 else None
     comm.Reduce(flat, total, op=MPI.SUM, root=0)
@@ -88,16 +120,19 @@ def _state(model) -> dict:
 
 
 def polish_member(comm, member: int, model, train_set: BatchSet, val_sets: list[BatchSet], tcfg, save,
-                  resume_state: dict | None = None, stop=None) -> dict:
+                  resume_state: dict | None = None, stop=None, field_sets: list[FieldSet] | None = None) -> dict:
     """Run the phase on ``model`` (in place; collective). ``save(polish_state)`` checkpoints after
     every check (the caller stores the model beside it); ``resume_state`` continues from such a state,
-    ``model`` holding the model saved with it. Returns the phase's record (also the
+    ``model`` holding the model saved with it. ``field_sets`` (with ``train.kspace_loss``): the
+    Fourier-space loss joins the training objective (not the validation value). Returns the phase's record (also the
     ``polish`` entry of the member's history): per check the iterations and evaluations so far, the
     training and validation objectives and the wall time, which check's model was kept, and
     ``stopped`` (why) when a check did not lower the set's objective (a stalled or failed line
     search, f overflowing): its steps are undone and the phase ends, so that it never leaves a worse
     model nor spends evaluations where it makes no progress."""
     pcfg = tcfg.polish
+    kspace = (KSpaceTerm(list(field_sets), tcfg.kspace_loss.weight, tcfg.kspace_loss.chunk)
+              if field_sets else None)
     with torch.no_grad():  # the ranks start from identical bits (DDP keeps them equal up to rounding)
         for p in model.parameters():
             flat = p.detach().cpu().numpy().copy()
@@ -108,7 +143,7 @@ def polish_member(comm, member: int, model, train_set: BatchSet, val_sets: list[
                             line_search_fn="strong_wolfe", tolerance_grad=0.0, tolerance_change=0.0)
 
     def closure():
-        loss = set_loss_and_gradient(comm, model, train_set, tcfg.guard_y, tcfg.grid_loss)
+        loss = set_loss_and_gradient(comm, model, train_set, tcfg.guard_y, tcfg.grid_loss, kspace)
         if np.isfinite(loss):
             return loss
         for p in model.parameters():  # f overflowed at this trial point: the line search backs off
@@ -117,7 +152,7 @@ def polish_member(comm, member: int, model, train_set: BatchSet, val_sets: list[
 
     if resume_state is None:
         t0 = time.perf_counter()
-        train0 = set_loss(comm, model, train_set, tcfg.guard_y, tcfg.grid_loss)
+        train0 = set_loss(comm, model, train_set, tcfg.guard_y, tcfg.grid_loss, kspace)
         val0 = validation_value(comm, model, val_sets, tcfg.guard_y, tcfg.grid_loss)
         record = {"check": [0], "iterations": [0], "evaluations": [0], "train_loss": [train0], "val_loss": [val0],
                   "wall_s": [comm.allreduce(time.perf_counter() - t0, op=MPI.MAX)], "kept": 0}
@@ -135,7 +170,7 @@ def polish_member(comm, member: int, model, train_set: BatchSet, val_sets: list[
         t0, before, previous = time.perf_counter(), _state(model), record["train_loss"][-1]
         opt.step(closure)
         st = opt.state[opt.param_groups[0]["params"][0]]  # L-BFGS keeps its state on its first parameter
-        train_loss = set_loss(comm, model, train_set, tcfg.guard_y, tcfg.grid_loss)
+        train_loss = set_loss(comm, model, train_set, tcfg.guard_y, tcfg.grid_loss, kspace)
         if not train_loss < previous:  # no decrease (stalled), worse or non-finite: undo, end the phase
             model.load_state_dict(before)
             record["stopped"] = (f"check {len(record['check'])}: the set loss went from {previous:.6g} to "
