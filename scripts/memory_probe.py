@@ -50,13 +50,13 @@ def _train(world, cfg, timer, trs, orth, scratch: Path) -> None:
     from lagbias_mpi.bias.model import network_shape
     from lagbias_mpi.training import ddp
     from lagbias_mpi.training.stopping import StopControl
-    from lagbias_mpi.workflows.train import _drop_spilled, _train_members
+    from lagbias_mpi.workflows.train import drop_spilled, train_members
 
     ddp.configure_torch(cfg.train.threads)
     with ddp.process_group(world):
-        _train_members(world, timer, cfg, trs, network_shape(orth.matrix.shape[0], cfg.model), scratch, scratch,
+        train_members(world, timer, cfg, trs, network_shape(orth.matrix.shape[0], cfg.model), scratch, scratch,
                        getattr(torch, cfg.train.dtype), ddp.device_for(world), False, StopControl())
-        _drop_spilled(trs)
+        drop_spilled(trs)
 
 
 def probe(args) -> None:
@@ -64,11 +64,10 @@ def probe(args) -> None:
 
     from mpi4py import MPI
 
-    from lagbias_mpi.bias.prepare import prepare_training
+    from lagbias_mpi.bias.prepare import prepare_training, validate_inputs
     from lagbias_mpi.config.train import load_train_config
     from lagbias_mpi.core.memory import heap_info, tune_malloc
     from lagbias_mpi.mpi import comm as mc
-    from lagbias_mpi.bias.prepare import _validate_inputs
 
     tune_malloc()
     world = MPI.COMM_WORLD
@@ -98,7 +97,7 @@ def probe(args) -> None:
             wrap(module, name)
     prepare = importlib.import_module("lagbias_mpi.bias.prepare")
     cfg = load_train_config(args.config, args.set)
-    specs, _ = _validate_inputs(world, cfg, ROOT)
+    specs, _ = validate_inputs(world, cfg, ROOT)
     timer = mc.StageTimer(world, track_rss=True)
     base = mc.current_rss_mb()
     trs, orth, *_ = prepare.prepare_training(world, timer, cfg, specs, {}, scratch=Path(args.scratch))

@@ -26,7 +26,7 @@ from lagbias_mpi.mpi.comm import global_sum
 log = get_logger("train")
 
 
-def _validate_inputs(comm, cfg: TrainRunConfig, base_dir: Path):
+def validate_inputs(comm, cfg: TrainRunConfig, base_dir: Path):
     """Resolve the simulations and check what can be checked before any heavy work."""
     train_specs, val_specs, metas = sources.resolve_checked(comm, cfg.simulation, base_dir)
     radii = cfg.features.radii

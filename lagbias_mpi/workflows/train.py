@@ -19,7 +19,7 @@ from lagbias_mpi.bias.evaluate import evaluate_simulation, member_health, member
 from lagbias_mpi.bias.model import network_shape
 from lagbias_mpi.bias.prepare import (
     _exchange_summary,
-    _validate_inputs,
+    validate_inputs,
     eval_nmesh,
     prepare_simulation,
     prepare_training,
@@ -62,7 +62,7 @@ def run(comm, config_path, overrides=None, out=None, resume=False, stop_after_ep
     base_dir = Path(base_dir) if base_dir is not None else Path.cwd()
     name = cfg.run.name or Path(config_path).stem
     run_dir = Path(out) if out is not None else base_dir / "runs" / name
-    train_specs, val_specs = _validate_inputs(comm, cfg, base_dir)
+    train_specs, val_specs = validate_inputs(comm, cfg, base_dir)
     if comm.rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
     comm.Barrier()
@@ -84,7 +84,8 @@ def _positions_aside(boxes, directory: Path, rank: int) -> None:
         box.set_positions_aside(directory, rank)
 
 
-def _drop_spilled(boxes) -> None:
+def drop_spilled(boxes) -> None:
+    """Remove the files of the boxes' positions set aside (a run that stops before evaluating)."""
     for box in boxes:
         box.drop_spilled()
 
@@ -199,7 +200,7 @@ def _run(comm, cfg, run_dir, train_specs, val_specs, resume, stop: StopControl):
     scratch = Path(cfg.run.scratch_dir) if cfg.run.scratch_dir else run_dir / "scratch"
     trs, orth, moments, names = prepare_training(comm, timer, cfg, train_specs, exch, scratch=scratch)
     shape = network_shape(orth.matrix.shape[0], cfg.model)
-    trained = _train_members(comm, timer, cfg, trs, shape, run_dir, scratch, dtype, device, resume, stop)
+    trained = train_members(comm, timer, cfg, trs, shape, run_dir, scratch, dtype, device, resume, stop)
     if trained is None:
         remove_empty_dir(comm, scratch)
         return None
@@ -235,8 +236,8 @@ def _run(comm, cfg, run_dir, train_specs, val_specs, resume, stop: StopControl):
     return summary
 
 
-def _train_members(comm, timer, cfg, trs, shape, run_dir, scratch, dtype, device, resume,
-                   stop: StopControl) -> TrainedMembers | None:
+def train_members(comm, timer, cfg, trs, shape, run_dir, scratch, dtype, device, resume,
+                  stop: StopControl) -> TrainedMembers | None:
     """The train stage: the training boxes' positions go to ``scratch`` while the ensemble trains
     (checkpoints in ``run_dir/checkpoints``); None when training stopped early or failed (the files
     set aside are removed)."""
@@ -249,7 +250,7 @@ def _train_members(comm, timer, cfg, trs, shape, run_dir, scratch, dtype, device
                                          dtype, device, resume, stop)
         finally:
             if trained is None:  # stopped or failed: the files set aside go
-                _drop_spilled(trs)
+                drop_spilled(trs)
         if trained is None:
             return None
         states, histories, batch_info, train_bytes, failures = trained
