@@ -80,6 +80,33 @@ def test_full_batch_phase_in_time_and_memory():
     assert all(m_on[st] == m_off[st] for st in hpc_planner.STAGES if st != "train")
 
 
+def test_fourier_space_loss_in_time_and_memory():
+    """train.kspace_loss: a refresh (a forward pass over the selected particles and two FFTs of the
+    training grid) every refresh_steps batches and one per evaluation of the phase; the field sets'
+    bytes in the train stage only; the sizes read from the config."""
+    off, on = _size(polish_evaluations=10), _size(polish_evaluations=10, kspace_refresh_steps=3)
+    assert on.n_batches == max(round(on.n_selected / on.batch_size), 1) > 3
+    assert on.kspace_refreshes_per_epoch == -(-on.n_batches // 3) and off.kspace_refreshes_per_epoch == 0
+    P, c = 8, hpc_planner.DEFAULT_COSTS
+    t_off, t_on = hpc_planner.time_per_stage(off, P), hpc_planner.time_per_stage(on, P)
+    n3 = float(on.train_nmesh) ** 3
+    refresh = c["kspace_s_per_particle_refresh"] * on.n_selected / P + 2 * c["fft_s_per_cell_log2"] * n3 * np.log2(n3) / P
+    assert np.isclose(t_on["epoch_s"] - t_off["epoch_s"], on.kspace_refreshes_per_epoch * refresh)
+    assert np.isclose(t_on["seconds"]["train"] - t_off["seconds"]["train"],
+                      on.ensemble * (on.epochs * on.kspace_refreshes_per_epoch + 10) * refresh)
+    m_off, m_on = (hpc_planner.memory_per_rank(s, P, imbalance=1.0)["bytes"] for s in (off, on))
+    c_tr = -(-on.train_nmesh // P) * on.train_nmesh**2
+    sel, n_p = on.n_selected / P, on.n_particles / P
+    expected = (4 * on.n_inputs + 16) * sel + 8 * n_p + 40 * on.train_nmesh**3 / P + 40 * c_tr
+    assert np.isclose(m_on["train"] - m_off["train"], expected)
+    assert all(m_on[st] == m_off[st] for st in hpc_planner.STAGES if st != "train")
+    cfg = {"simulation": {"simulate": "configs/simulate_default.yaml"},
+           "train": {"kspace_loss": {"enabled": True, "refresh_steps": 2}}}
+    assert hpc_problem.sizes_from_dict(cfg, REPO).kspace_refresh_steps == 2
+    cfg["train"]["kspace_loss"]["enabled"] = False
+    assert hpc_problem.sizes_from_dict(cfg, REPO).kspace_refresh_steps == 0
+
+
 def test_fit_and_smallest_fit():
     s = _size()
     p = hpc_planner.plan_job(s, 1, 4, 8.0)

@@ -93,6 +93,10 @@ DEFAULT_COSTS = {
     # (5.7e-6 / 7.3e-6 and 6.1e-6 / 6.3e-6 core-seconds per particle; the mean of the two counts)
     "train_s_per_particle_epoch": 6.5e-6,
     "polish_s_per_particle_eval": 6.2e-6,
+    # one refresh of the Fourier-space loss's coefficients (train.kspace_loss), per selected
+    # particle: a forward pass without gradient and the cell sums (its two FFTs of the training grid
+    # are counted with fft_s_per_cell_log2)
+    "kspace_s_per_particle_refresh": 1.7e-6,
     "build_s_per_particle": 2.5e-6,      # per-cell sub-sampling and batch construction, per particle
     "eval_s_per_particle_member": 1.0e-5,  # network, CIC paint and spectra per particle per member
     "eval_fixed_s": 2.0,                 # figures and spectra files
@@ -211,6 +215,12 @@ def memory_per_rank(size: ProblemSize, ranks: int, imbalance: float | None = Non
     batches = 4 * sel + 20 * c_tr  # int32 row per selected particle; first row, scale, weight, target per cell
     # the full-batch phase (train.polish) keeps every batch's cell sums of f (float32) per evaluation
     polish = 4 * c_tr if size.polish_evaluations else 0
+    # the Fourier-space loss (train.kspace_loss, training.kspace.FieldSet): a copy of the selected
+    # particles' inputs with their int64 index and cell (4 m + 16 B), the float64 coefficient of
+    # every particle, per owned cell scale, truth, cell sums and the residual there and back (40 B),
+    # per FFT slab cell the cut, the residual, its transform and gradient (float64 / complex128: 40 B)
+    kspace = ((4 * m + 16) * sel + 8 * n_e + 40 * n_cells / P * imbalance + 40 * c_tr
+              if size.kspace_refresh_steps else 0)
     select = 1 * n_e + steps  # the selection mask; sub-sampling and batch sort a chunk of cells at a time
     acts = size.batch_size / P * imbalance * size.depth * size.width * 4 * B["act_copies"]
     acts += (4 * m + 16) * size.batch_size / P * imbalance  # the batch's gathered inputs, f and cell index
@@ -224,7 +234,7 @@ def memory_per_rank(size: ProblemSize, ranks: int, imbalance: float | None = Non
         "features": base + halos + features,  # Lagrangian routing, then the columns read out
         "routing": base + keep + halos + eulerian + truth,
         "orthogonalise": base + keep + halos + lag_set + 8 * F * min(n_p, COV_CHUNK_ROWS),
-        "train": base + keep + halos + training_set + truth + batches + polish + max(select, acts),
+        "train": base + keep + halos + training_set + truth + batches + polish + kspace + max(select, acts),
         "evaluate": base + keep + halos + truth + evaluate,
     }
     stages = {k: v + RUNTIME_MB[k] * MB for k, v in stages.items()}
@@ -254,6 +264,14 @@ def time_per_stage(size: ProblemSize, ranks: int, nodes: int = 1, costs: dict | 
     # the full-batch phase (train.polish): per evaluation a forward pass and a forward and backward
     # pass over the selected particles, one Reduce + Bcast of the gradient
     per_eval = c["polish_s_per_particle_eval"] * size.n_selected / P / speedup
+    # the Fourier-space loss: per refresh a forward pass over the selected particles and two FFTs of
+    # the training grid, ``kspace_refreshes_per_epoch`` per epoch and one per evaluation of the phase
+    n3_tr = float(size.train_nmesh) ** 3
+    per_refresh = (c["kspace_s_per_particle_refresh"] * size.n_selected / P / speedup
+                   + 2 * c["fft_s_per_cell_log2"] * n3_tr * math.log2(max(n3_tr, 2.0)) / P)
+    if size.kspace_refresh_steps:
+        per_epoch += size.kspace_refreshes_per_epoch * per_refresh
+        per_eval += per_refresh
     train = size.ensemble * (size.epochs * per_epoch + size.polish_evaluations * per_eval
                              + c["build_s_per_particle"] * n_p * S) + c["train_fixed_s"]
     evaluate = S * c["eval_s_per_particle_member"] * n_p * size.ensemble + c["eval_fixed_s"]
@@ -331,6 +349,9 @@ def format_table(size: ProblemSize, plan: dict, best: dict | None) -> str:
     lines.append(f"time per epoch: {t['epoch_s']:.4g} s")
     if t.get("polish_s"):
         lines.append(f"full-batch phase per member: {t['polish_s']:.4g} s ({size.polish_evaluations} evaluations)")
+    if size.kspace_refresh_steps:
+        lines.append(f"Fourier-space loss: {size.kspace_refreshes_per_epoch} refreshes per epoch of "
+                     f"{size.n_batches} batches (in the time per epoch)")
     if best is None:
         lines.append("smallest node count that fits: none up to the search limit")
     else:

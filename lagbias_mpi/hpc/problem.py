@@ -9,7 +9,7 @@ from pathlib import Path
 
 from lagbias_mpi.config.loader import apply_overrides, load_yaml
 from lagbias_mpi.core.logs import get_logger
-from lagbias_mpi.training.sampling import resolve_frac
+from lagbias_mpi.training.sampling import n_batches_for, resolve_frac
 
 log = get_logger("plan")
 
@@ -38,6 +38,7 @@ class ProblemSize:
     fft_precision: str = "float64"  # features.fft_precision
     density_components: object = "paper"  # features.density_components (paper, all or a number)
     polish_evaluations: int = 0  # train.polish.evaluations (the full-batch phase per member)
+    kspace_refresh_steps: int = 0  # train.kspace_loss.refresh_steps (0: the Fourier-space loss is off)
 
     @property
     def n_raw(self) -> int:
@@ -57,6 +58,16 @@ class ProblemSize:
         occ = self.n_particles / cells
         occupied = cells * (1.0 - math.exp(-occ))
         return int(max(self.frac * self.n_particles, min(occupied, self.n_particles)))
+
+    @property
+    def n_batches(self) -> int:
+        """Batches per epoch (as :func:`lagbias_mpi.training.sampling.n_batches_for`)."""
+        return n_batches_for(self.n_selected, self.batch_size)
+
+    @property
+    def kspace_refreshes_per_epoch(self) -> int:
+        """Fourier-space loss coefficients computed per epoch (0 when the loss is off)."""
+        return -(-self.n_batches // self.kspace_refresh_steps) if self.kspace_refresh_steps else 0
 
 
 ABACUS_SUBSAMPLE_FRACTION = {"A": 0.03, "B": 0.07, "AB": 0.10}
@@ -142,7 +153,8 @@ def sizes_from_dict(data: dict, base_dir: Path | None = None) -> ProblemSize:
         width=int(cfg.model.width), depth=int(cfg.model.depth), n_val=int(n_val),
         n_halos=_halo_estimate(float(box)), source=source, fft_precision=cfg.features.fft_precision,
         density_components=cfg.features.density_components,
-        polish_evaluations=int(cfg.train.polish.evaluations))
+        polish_evaluations=int(cfg.train.polish.evaluations),
+        kspace_refresh_steps=int(cfg.train.kspace_loss.refresh_steps) if cfg.train.kspace_loss.enabled else 0)
 
 
 def builtin_sizes(simulate_config, simulate_set=()) -> tuple[float, int, int]:

@@ -220,6 +220,7 @@ def _epochs(comm, member, dmodel, model, opt, sched, history, start, path, train
                 continue
             batch = train_set.batches[b]
             if field_sets and (coefs is None or i % kcfg.refresh_steps == 0):
+                coefs = None  # the previous coefficients (8 B per particle) freed before the new ones
                 kl, coefs = zip(*[kspace_coefficients(comm, model, fs, kcfg.weight, kcfg.chunk) for fs in field_sets])
                 if not np.isfinite(sum(kl)):
                     raise TrainingDiverged(f"Fourier-space loss {sum(kl):.4g} at member {member}, epoch {epoch}")
