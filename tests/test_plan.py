@@ -105,6 +105,12 @@ def test_fourier_space_loss_in_time_and_memory():
     assert hpc_problem.sizes_from_dict(cfg, REPO).kspace_refresh_steps == 2
     cfg["train"]["kspace_loss"]["enabled"] = False
     assert hpc_problem.sizes_from_dict(cfg, REPO).kspace_refresh_steps == 0
+    # in the full-batch phase only: no refresh in the epochs, one per evaluation, the same bytes
+    phase = _size(polish_evaluations=10, kspace_refresh_steps=3, kspace_in_epochs=False)
+    t_phase = hpc_planner.time_per_stage(phase, P)
+    assert phase.kspace_refreshes_per_epoch == 0 and t_phase["epoch_s"] == t_off["epoch_s"]
+    assert np.isclose(t_phase["seconds"]["train"] - t_off["seconds"]["train"], on.ensemble * 10 * refresh)
+    assert hpc_planner.memory_per_rank(phase, P, imbalance=1.0)["bytes"] == m_on
 
 
 def test_fit_and_smallest_fit():

@@ -117,3 +117,42 @@ def test_kspace_training_rank_invariant(comm, sims, polish):
     for key in ("train_loss", "val_loss", "kspace_loss"):
         assert np.allclose(h[key], r[key], rtol=1e-6, atol=0, equal_nan=True), key
     assert np.isclose(s["pk_ratio_lowk_val"], ref["pk_ratio_lowk_val"], rtol=1e-6)
+
+
+@pytest.mark.mpi
+def test_kspace_loss_in_the_full_batch_phase_only(comm, sims):
+    """kspace_loss.in_epochs false: the epochs are those of a training without the loss (the same
+    losses up to rounding), the full-batch phase's objective holds it (its start above the plain
+    run's by the Fourier-space loss of the epochs' model); the run does not depend on the rank count."""
+    a, b, d = sims
+    train = {"epochs": 2, "ensemble": 1, "dtype": "float64", "seed": 7, "bare_steps": 1, "constraint": "projection",
+             "grid_loss": "poisson", "polish": {"evaluations": 4, "check_every": 2}}
+    quiet = {"log_level": "WARNING", "figures": False}
+    plain = write_config(d / f"kp_plain{comm.size}.yaml", a, [b], train=train, run=quiet)
+    only = write_config(d / f"kp_only{comm.size}.yaml", a, [b], run=quiet, train={
+        **train, "kspace_loss": {"enabled": True, "chunk": 3000, "in_epochs": False}})
+    h0 = run(comm, plain, out=d / f"kp_plain_run{comm.size}")["loss_history"][0]
+    s = run(comm, only, out=d / f"kp_only_run{comm.size}")
+    h1 = s["loss_history"][0]
+    assert "kspace_loss" not in h1 and s["kspace_k_cut"] == pytest.approx(1 / 16.0)
+    for key in ("train_loss", "mean_f"):  # (the last val_loss is the final model's: after the phase)
+        assert np.allclose(h1[key], h0[key], rtol=1e-10), key
+    assert h1["polish"]["train_loss"][0] > h0["polish"]["train_loss"][0] * (1 + 1e-6)
+    # the loss of the epochs' model is ~100x the grid term here: the first line search runs out of
+    # its check's evaluations while extending the step and the second steps into overflow; the
+    # phase keeps the lower point found, backs off from the overflow and goes on (it stalled before)
+    rec = h1["polish"]
+    assert "stopped" not in rec and rec["check"] == [0, 1, 2], rec.get("stopped")
+    assert rec["train_loss"][2] < 0.5 * rec["train_loss"][1] < 0.5 * rec["train_loss"][0]
+    ref = self_run(comm, run, only, out=d / f"kp_only_ref{comm.size}")["loss_history"][0]
+    assert np.allclose(h1["polish"]["train_loss"], ref["polish"]["train_loss"], rtol=1e-6)
+
+
+def test_kspace_loss_only_in_the_phase_needs_the_phase():
+    from lagbias_mpi.config.train import KSpaceLossConfig, PolishConfig, TrainConfig
+
+    with pytest.raises(ValueError, match="in_epochs"):
+        TrainConfig(constraint="projection", kspace_loss=KSpaceLossConfig(enabled=True, in_epochs=False))
+    cfg = TrainConfig(constraint="projection", polish=PolishConfig(evaluations=3),
+                      kspace_loss=KSpaceLossConfig(enabled=True, in_epochs=False))
+    assert not cfg.kspace_loss.in_epochs

@@ -270,7 +270,7 @@ def time_per_stage(size: ProblemSize, ranks: int, nodes: int = 1, costs: dict | 
     per_refresh = (c["kspace_s_per_particle_refresh"] * size.n_selected / P / speedup
                    + 2 * c["fft_s_per_cell_log2"] * n3_tr * math.log2(max(n3_tr, 2.0)) / P)
     if size.kspace_refresh_steps:
-        per_epoch += size.kspace_refreshes_per_epoch * per_refresh
+        per_epoch += size.kspace_refreshes_per_epoch * per_refresh  # 0 with in_epochs false
         per_eval += per_refresh
     train = size.ensemble * (size.epochs * per_epoch + size.polish_evaluations * per_eval
                              + c["build_s_per_particle"] * n_p * S) + c["train_fixed_s"]
@@ -351,7 +351,7 @@ def format_table(size: ProblemSize, plan: dict, best: dict | None) -> str:
         lines.append(f"full-batch phase per member: {t['polish_s']:.4g} s ({size.polish_evaluations} evaluations)")
     if size.kspace_refresh_steps:
         lines.append(f"Fourier-space loss: {size.kspace_refreshes_per_epoch} refreshes per epoch of "
-                     f"{size.n_batches} batches (in the time per epoch)")
+                     f"{size.n_batches} batches (in the time per epoch) and one per evaluation of the phase")
     if best is None:
         lines.append("smallest node count that fits: none up to the search limit")
     else:

@@ -39,6 +39,7 @@ class ProblemSize:
     density_components: object = "paper"  # features.density_components (paper, all or a number)
     polish_evaluations: int = 0  # train.polish.evaluations (the full-batch phase per member)
     kspace_refresh_steps: int = 0  # train.kspace_loss.refresh_steps (0: the Fourier-space loss is off)
+    kspace_in_epochs: bool = True  # train.kspace_loss.in_epochs (false: in the full-batch phase only)
 
     @property
     def n_raw(self) -> int:
@@ -67,7 +68,9 @@ class ProblemSize:
     @property
     def kspace_refreshes_per_epoch(self) -> int:
         """Fourier-space loss coefficients computed per epoch (0 when the loss is off)."""
-        return -(-self.n_batches // self.kspace_refresh_steps) if self.kspace_refresh_steps else 0
+        if not (self.kspace_refresh_steps and self.kspace_in_epochs):
+            return 0
+        return -(-self.n_batches // self.kspace_refresh_steps)
 
 
 ABACUS_SUBSAMPLE_FRACTION = {"A": 0.03, "B": 0.07, "AB": 0.10}
@@ -154,7 +157,8 @@ def sizes_from_dict(data: dict, base_dir: Path | None = None) -> ProblemSize:
         n_halos=_halo_estimate(float(box)), source=source, fft_precision=cfg.features.fft_precision,
         density_components=cfg.features.density_components,
         polish_evaluations=int(cfg.train.polish.evaluations),
-        kspace_refresh_steps=int(cfg.train.kspace_loss.refresh_steps) if cfg.train.kspace_loss.enabled else 0)
+        kspace_refresh_steps=int(cfg.train.kspace_loss.refresh_steps) if cfg.train.kspace_loss.enabled else 0,
+        kspace_in_epochs=bool(cfg.train.kspace_loss.in_epochs))
 
 
 def builtin_sizes(simulate_config, simulate_set=()) -> tuple[float, int, int]:

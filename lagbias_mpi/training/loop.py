@@ -92,8 +92,8 @@ def train_member(comm, member: int, shape: dict, train_set: BatchSet, val_sets: 
 
     ``field_sets`` (one per training simulation): with ``tcfg.kspace_loss.enabled``, the Fourier-space
     loss of the whole training grids, its coefficients computed from the current model every
-    ``kspace_loss.refresh_steps`` steps and applied in every batch step (:mod:`lagbias_mpi.training.kspace`).
-
+    ``kspace_loss.refresh_steps`` steps and applied in every batch step (:mod:`lagbias_mpi.training.kspace`;
+    not with ``kspace_loss.in_epochs`` false), and in the full-batch phase's objective.
     """
     model = build_model(shape, seed=tcfg.seed * 1000 + member, dtype=dtype).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=tcfg.lr)
@@ -117,7 +117,8 @@ def train_member(comm, member: int, shape: dict, train_set: BatchSet, val_sets: 
     stop = stop or StopControl()
     try:
         final = _epochs(comm, member, dmodel, model, opt, sched, history, start, path, train_set, val_sets, tcfg,
-                        config_hash, shape, stop, field_sets, partial, ckpt_running, ckpt_norms)
+                        config_hash, shape, stop, field_sets if tcfg.kspace_loss.in_epochs else None, partial,
+                        ckpt_running, ckpt_norms)
         if tcfg.polish.evaluations > 0:
             _polish(comm, member, model, train_set, val_sets, tcfg, path, final, history, stop,
                     ckpt.get("polish") if ckpt is not None else None, field_sets)

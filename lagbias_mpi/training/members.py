@@ -82,8 +82,9 @@ def train_ensemble(comm, cfg, trs: list, vals: list, shape: dict, ckpt_dir: Path
     tcfg = cfg.train
     k_cut = tcfg.kspace_loss.kcut(cfg.features.radii)
     if tcfg.kspace_loss.enabled:
-        log.info(f"Fourier-space loss: weight {tcfg.kspace_loss.weight}, k <= {k_cut:.4g} h/Mpc, "
-                 f"coefficients refreshed every {tcfg.kspace_loss.refresh_steps} step(s)")
+        where = (f"coefficients refreshed every {tcfg.kspace_loss.refresh_steps} step(s)"
+                 if tcfg.kspace_loss.in_epochs else "in the full-batch phase only")
+        log.info(f"Fourier-space loss: weight {tcfg.kspace_loss.weight}, k <= {k_cut:.4g} h/Mpc, {where}")
     states, histories, batch_info, train_bytes, failures = [], [], {}, 0, {}
     for member in range(tcfg.ensemble):
         def batches(s, box=0):

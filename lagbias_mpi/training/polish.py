@@ -30,7 +30,11 @@ instead of undoing it.
 
 Every ``check_every`` evaluations the same objective is evaluated on the validation sets; the phase
 keeps the model with the lowest validation value, the epochs' model included (early stopping: a
-phase that only fits the training box's noise changes nothing). Written by hand: torch's L-BFGS
+phase that only fits the training box's noise changes nothing). Inside a check torch's line search
+has the check's evaluations only: where f overflows the closure returns a large finite value (an
+inf makes torch's interpolation nan), a lower point the last search evaluated but dropped is kept
+(:func:`_take_best_on_line`), and a check that still stalls gets one iteration with a full line
+search before it ends the phase. Written by hand: torch's L-BFGS
 drives it; what no library does is the distributed, batch-streamed, projected closure.
 """
 from __future__ import annotations
@@ -119,6 +123,57 @@ def _state(model) -> dict:
     return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
 
+LINE_SEARCH_EVALS = 25  # torch's own bound on a strong-Wolfe line search
+OVERFLOW_FACTOR = 1e3  # the objective reported where f overflows, in units of the check's start
+
+
+def _lbfgs_check(opt, closure, best_seen: dict, model, objective) -> float:
+    """One ``opt.step`` (a check's iterations), then the lowest point its last line search evaluated
+    if the search did not return it (:func:`_take_best_on_line`); returns the objective there."""
+    start = best_seen.get("start", 1.0)
+    best_seen.clear()
+    best_seen["start"] = start
+    opt.step(closure)
+    value = objective()
+    st = opt.state[opt.param_groups[0]["params"][0]]
+    if best_seen.get("loss", float("inf")) < value and _take_best_on_line(model, st, best_seen["flat"]):
+        value = objective()
+    return value
+
+
+def _flat(model) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()]).clone()
+
+
+def _take_best_on_line(model, lbfgs_state: dict, best: torch.Tensor) -> bool:
+    """Move to ``best``, a point the last line search evaluated and lowered the objective at but
+    did not return: torch's strong-Wolfe search, when its evaluation budget (``max_eval`` of the
+    check) runs out while it is still extending the step, returns the step 0 and drops the lower
+    point it found (measured: a first step 1 / |g|_1 far too short on a steep objective, 475558 ->
+    339127 found, 475558 kept, and the phase ended as stalled). The point lies on the search's line
+    x_init + t d: L-BFGS's state gets its t, so that the next iteration's curvature pair (s = t d,
+    y = g(best) - g(x_init)) is the true one. Returns False (nothing changed) when ``best`` is not on
+    the line of the state's direction."""
+    d, t = lbfgs_state.get("d"), lbfgs_state.get("t")
+    if d is None or t is None:
+        return False
+    delta = best - _flat(model)
+    dd = float(d.dot(d))
+    if not dd > 0:
+        return False
+    t_add = float(delta.dot(d)) / dd
+    if float((delta - t_add * d).norm()) > 1e-6 * max(float(delta.norm()), 1e-300):
+        return False
+    with torch.no_grad():
+        lo = 0
+        for p in model.parameters():
+            n = p.numel()
+            p.copy_(best[lo:lo + n].reshape(p.shape))
+            lo += n
+    lbfgs_state["t"] = float(t) + t_add
+    return True
+
+
 def polish_member(comm, member: int, model, train_set: BatchSet, val_sets: list[BatchSet], tcfg, save,
                   resume_state: dict | None = None, stop=None, field_sets: list[FieldSet] | None = None) -> dict:
     """Run the phase on ``model`` (in place; collective). ``save(polish_state)`` checkpoints after
@@ -142,13 +197,24 @@ def polish_member(comm, member: int, model, train_set: BatchSet, val_sets: list[
                             history_size=pcfg.history,
                             line_search_fn="strong_wolfe", tolerance_grad=0.0, tolerance_change=0.0)
 
+    best_seen = {}  # the lowest objective evaluated in the current check and its parameters
+
     def closure():
         loss = set_loss_and_gradient(comm, model, train_set, tcfg.guard_y, tcfg.grid_loss, kspace)
         if np.isfinite(loss):
+            if loss < best_seen.get("loss", float("inf")):
+                best_seen.update(loss=loss, flat=_flat(model))
             return loss
-        for p in model.parameters():  # f overflowed at this trial point: the line search backs off
-            p.grad.zero_()           # (the same on every rank: the loss is rank 0's)
-        return float("inf")
+        # f overflowed at this trial point: a finite value far above the check's start, with no
+        # gradient, from which the strong-Wolfe search backs off (about 10x in the step per
+        # evaluation; an inf there turns its cubic interpolation, and then every later trial
+        # point, into nan: measured, a stalled phase). The same on every rank: the loss is rank 0's.
+        for p in model.parameters():
+            p.grad.zero_()
+        return OVERFLOW_FACTOR * max(abs(best_seen.get("start", 1.0)), 1.0)
+
+    def objective():
+        return set_loss(comm, model, train_set, tcfg.guard_y, tcfg.grid_loss, kspace)
 
     if resume_state is None:
         t0 = time.perf_counter()
@@ -168,9 +234,17 @@ def polish_member(comm, member: int, model, train_set: BatchSet, val_sets: list[
             raise StopRequested(f"stopped by {stop.reason()} in member {member}'s polish after "
                                 f"{record['evaluations'][-1]} evaluations")
         t0, before, previous = time.perf_counter(), _state(model), record["train_loss"][-1]
-        opt.step(closure)
+        best_seen["start"] = previous
+        train_loss = _lbfgs_check(opt, closure, best_seen, model, objective)
+        if np.isfinite(train_loss) and not train_loss < previous:
+            # stalled: the line search ran out of the check's evaluations before it found a lower
+            # point; one more iteration whose line search may take LINE_SEARCH_EVALS
+            group = opt.param_groups[0]
+            budget = group["max_iter"], group["max_eval"]
+            group["max_iter"], group["max_eval"] = 1, LINE_SEARCH_EVALS
+            train_loss = _lbfgs_check(opt, closure, best_seen, model, objective)
+            group["max_iter"], group["max_eval"] = budget
         st = opt.state[opt.param_groups[0]["params"][0]]  # L-BFGS keeps its state on its first parameter
-        train_loss = set_loss(comm, model, train_set, tcfg.guard_y, tcfg.grid_loss, kspace)
         if not train_loss < previous:  # no decrease (stalled), worse or non-finite: undo, end the phase
             model.load_state_dict(before)
             record["stopped"] = (f"check {len(record['check'])}: the set loss went from {previous:.6g} to "
