@@ -64,7 +64,7 @@ def probe(args) -> None:
 
     from mpi4py import MPI
 
-    from lagbias_mpi.bias.prepare import prepare_training, validate_inputs
+    from lagbias_mpi.bias.prepare import validate_inputs
     from lagbias_mpi.config.train import load_train_config
     from lagbias_mpi.core.memory import heap_info, tune_malloc
     from lagbias_mpi.mpi import comm as mc

@@ -127,16 +127,28 @@ LINE_SEARCH_EVALS = 25  # torch's own bound on a strong-Wolfe line search
 OVERFLOW_FACTOR = 1e3  # the objective reported where f overflows, in units of the check's start
 
 
-def _lbfgs_check(opt, closure, best_seen: dict, model, objective) -> float:
+@dataclass
+class _CheckTrace:
+    """What the closure saw in one check: the objective the check started from (the scale of the
+    value reported where f overflows) and the lowest objective evaluated, with its parameters."""
+
+    start: float = 1.0
+    best: float = float("inf")
+    best_flat: torch.Tensor | None = None
+
+    def seen(self, loss: float, model) -> None:
+        if loss < self.best:
+            self.best, self.best_flat = loss, _flat(model)
+
+
+def _lbfgs_check(opt, closure, trace: _CheckTrace, model, objective) -> float:
     """One ``opt.step`` (a check's iterations), then the lowest point its last line search evaluated
     if the search did not return it (:func:`_take_best_on_line`); returns the objective there."""
-    start = best_seen.get("start", 1.0)
-    best_seen.clear()
-    best_seen["start"] = start
+    trace.best, trace.best_flat = float("inf"), None
     opt.step(closure)
     value = objective()
     st = opt.state[opt.param_groups[0]["params"][0]]
-    if best_seen.get("loss", float("inf")) < value and _take_best_on_line(model, st, best_seen["flat"]):
+    if trace.best < value and _take_best_on_line(model, st, trace.best_flat):
         value = objective()
     return value
 
@@ -197,13 +209,12 @@ def polish_member(comm, member: int, model, train_set: BatchSet, val_sets: list[
                             history_size=pcfg.history,
                             line_search_fn="strong_wolfe", tolerance_grad=0.0, tolerance_change=0.0)
 
-    best_seen = {}  # the lowest objective evaluated in the current check and its parameters
+    trace = _CheckTrace()
 
     def closure():
         loss = set_loss_and_gradient(comm, model, train_set, tcfg.guard_y, tcfg.grid_loss, kspace)
         if np.isfinite(loss):
-            if loss < best_seen.get("loss", float("inf")):
-                best_seen.update(loss=loss, flat=_flat(model))
+            trace.seen(loss, model)
             return loss
         # f overflowed at this trial point: a finite value far above the check's start, with no
         # gradient, from which the strong-Wolfe search backs off (about 10x in the step per
@@ -211,7 +222,7 @@ def polish_member(comm, member: int, model, train_set: BatchSet, val_sets: list[
         # point, into nan: measured, a stalled phase). The same on every rank: the loss is rank 0's.
         for p in model.parameters():
             p.grad.zero_()
-        return OVERFLOW_FACTOR * max(abs(best_seen.get("start", 1.0)), 1.0)
+        return OVERFLOW_FACTOR * max(abs(trace.start), 1.0)
 
     def objective():
         return set_loss(comm, model, train_set, tcfg.guard_y, tcfg.grid_loss, kspace)
@@ -234,15 +245,15 @@ def polish_member(comm, member: int, model, train_set: BatchSet, val_sets: list[
             raise StopRequested(f"stopped by {stop.reason()} in member {member}'s polish after "
                                 f"{record['evaluations'][-1]} evaluations")
         t0, before, previous = time.perf_counter(), _state(model), record["train_loss"][-1]
-        best_seen["start"] = previous
-        train_loss = _lbfgs_check(opt, closure, best_seen, model, objective)
+        trace.start = previous
+        train_loss = _lbfgs_check(opt, closure, trace, model, objective)
         if np.isfinite(train_loss) and not train_loss < previous:
             # stalled: the line search ran out of the check's evaluations before it found a lower
             # point; one more iteration whose line search may take LINE_SEARCH_EVALS
             group = opt.param_groups[0]
             budget = group["max_iter"], group["max_eval"]
             group["max_iter"], group["max_eval"] = 1, LINE_SEARCH_EVALS
-            train_loss = _lbfgs_check(opt, closure, best_seen, model, objective)
+            train_loss = _lbfgs_check(opt, closure, trace, model, objective)
             group["max_iter"], group["max_eval"] = budget
         st = opt.state[opt.param_groups[0]["params"][0]]  # L-BFGS keeps its state on its first parameter
         if not train_loss < previous:  # no decrease (stalled), worse or non-finite: undo, end the phase
